@@ -1,0 +1,3 @@
+from ra_cli.cli import app
+
+app()

@@ -1,0 +1,159 @@
+"""Chat over a stored context: append a question, stream an answer, keep the conversation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ra_cli.engine.cache import ContextCache
+from ra_cli.engine.generate import Sampling, decode, prefill
+from ra_cli.ingest import stored_kv_to_tensor
+from ra_cli.model import LoadedModel
+from ra_cli.prompt import Prompter, PromptLayout
+from ra_cli.store import ContextStore
+
+CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation after the document
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    tokens: int
+    seconds: float
+    prompt_tokens: int
+    prompt_seconds: float
+    stop_reason: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode_seconds = self.seconds - self.prompt_seconds
+        return self.tokens / decode_seconds if decode_seconds > 0 and self.tokens else 0.0
+
+    def as_json(self) -> dict:
+        return {
+            "question": self.question, "answer": self.text, "tokens": self.tokens,
+            "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 2),
+            "prompt_tokens": self.prompt_tokens, "prompt_seconds": round(self.prompt_seconds, 3),
+            "stop_reason": self.stop_reason,
+        }
+
+
+def full_attention_cache(loaded: LoadedModel, store: ContextStore) -> ContextCache:
+    """Every stored key and value on the compute device: exact attention."""
+    cache = ContextCache.full(loaded.model.config, capacity=store.n_tokens + CONVERSATION_ROOM)
+    for index, layer in enumerate(cache.layers):
+        keys = stored_kv_to_tensor(store.keys(index), store.kv_dtype, loaded.device, loaded.dtype)[None]
+        values = stored_kv_to_tensor(store.values(index), store.kv_dtype, loaded.device, loaded.dtype)[None]
+        layer.load(keys, values)
+    return cache
+
+
+class TextStream:
+    """Incremental detokenization: yields only text that can no longer change."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.emitted = ""
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def push(self, tokens: list[int], stops: list[str] = ()) -> str:
+        """New printable text; a tail that could be the start of a stop string is held back."""
+        text = self.text(tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""  # a multi-byte character is still incomplete, or detokenization shifted
+        safe = len(text)
+        for stop in stops:
+            for size in range(min(len(stop), len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    safe = min(safe, len(text) - size)
+                    break
+        new = text[len(self.emitted):safe]
+        self.emitted += new
+        return new
+
+
+@dataclass
+class ChatSession:
+    loaded: LoadedModel
+    store: ContextStore
+    cache: ContextCache
+    turns: int = 0
+    unfed: list[int] = field(default_factory=list)  # sampled tokens not yet in the cache
+    history: list[Answer] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.layout = PromptLayout.from_dict(self.store.manifest["prompt"])
+        self.prompter = Prompter(self.loaded.tokenizer, self.layout)
+        self.document_tokens = self.store.n_tokens
+        self.prefilled_tokens = 0  # tokens run through the model in this session (never the document)
+        tokenizer = self.loaded.tokenizer
+        self.stop_ids = set()
+        eos = self.loaded.model.generation_config.eos_token_id
+        for token in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id]:
+            if token is not None:
+                self.stop_ids.add(int(token))
+        if self.layout.style == "chat":
+            # The template's own end-of-turn marker ends an answer even when it is not the eos token.
+            close_ids = tokenizer(self.layout.turn_open, add_special_tokens=False).input_ids
+            if close_ids and close_ids[0] in set(tokenizer.all_special_ids):
+                self.stop_ids.add(close_ids[0])
+
+    def clear(self) -> None:
+        """Forget the conversation, keep the document."""
+        self.cache.truncate(self.document_tokens)
+        self.turns = 0
+        self.unfed = []
+
+    def ask(self, question: str, max_new_tokens: int = 256, sampling: Sampling | None = None, raw: bool = False,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        sampling = sampling or Sampling()
+        started = time.perf_counter()
+        prompt = self.unfed + self.prompter.question_tokens(question, first_turn=self.turns == 0, raw=raw)
+        self.unfed = []
+        logits = prefill(self.loaded.model, self.cache, prompt)
+        self.prefilled_tokens += len(prompt)
+        prompt_seconds = time.perf_counter() - started
+        stream = TextStream(self.loaded.tokenizer)
+        stops = [] if raw else self.layout.stop_strings
+
+        def on_token(tokens: list[int]) -> bool:
+            if stops and any(s in stream.text(tokens) for s in stops):
+                return True
+            piece = stream.push(tokens, stops)
+            if piece and on_text is not None:
+                on_text(piece)
+            return False
+
+        decoded = decode(self.loaded.model, self.cache, logits, max_new_tokens, self.stop_ids, sampling, on_token)
+        self.prefilled_tokens += decoded.fed
+        tokens = decoded.tokens
+        text = stream.text(tokens)
+        for stop in stops:
+            if stop in text:
+                # Drop the stop marker from the answer and from the cache: the next turn writes its own.
+                while tokens and stop in stream.text(tokens):
+                    tokens = tokens[:-1]
+                self.cache.truncate(self.cache.length - max(0, decoded.fed - len(tokens)))
+                decoded.fed = min(decoded.fed, len(tokens))
+                text = stream.text(tokens)
+        tail = text[len(stream.emitted):] if text.startswith(stream.emitted) else ""
+        if tail and on_text is not None:
+            on_text(tail)
+        self.unfed = tokens[decoded.fed:]
+        self.turns += 1
+        answer = Answer(question, text, len(decoded.tokens), time.perf_counter() - started, len(prompt),
+                        prompt_seconds, decoded.stop_reason)
+        self.history.append(answer)
+        return answer
+
+    def stats(self) -> dict:
+        return {
+            "document_tokens": self.document_tokens,
+            "conversation_tokens": self.cache.length - self.document_tokens + len(self.unfed),
+            "turns": self.turns,
+            "prefilled_tokens_this_session": self.prefilled_tokens,
+        }

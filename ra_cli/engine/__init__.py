@@ -1,0 +1,1 @@
+"""Inference engine: attention dispatch, caches, prefill and decode."""

@@ -1,0 +1,115 @@
+"""The attention function ra registers with transformers, and the exact attention math it uses.
+
+We do not fork model code: transformers calls `ra_attention` for every attention layer (registered
+through AttentionInterface), and it hands the work to the layer object of the active
+`ContextCache`. A full-attention layer attends to all of its KV on the compute device; a retrieval
+layer (see engine/retrieval.py) attends to a static set on the device plus keys retrieved from CPU
+memory and merges the two exactly by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "ra"
+_active_cache: contextvars.ContextVar = contextvars.ContextVar("ra_active_cache", default=None)
+
+
+def install(model) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, ra_attention)
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+@contextlib.contextmanager
+def active(cache):
+    """Route the model's attention through `cache` for the duration of one or more forwards."""
+    token = _active_cache.set(cache)
+    try:
+        yield cache
+    finally:
+        _active_cache.reset(token)
+
+
+def ra_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cache = _active_cache.get()
+    if cache is None:
+        raise RuntimeError("ra attention called outside engine.attention.active(cache)")
+    layer = cache.layers[module.layer_idx]
+    output = layer.attend(
+        query,
+        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
+    # transformers expects [batch, q_len, heads, head_dim]
+    return output.transpose(1, 2).contiguous(), None
+
+
+def causal_mask(q_len: int, q_offset: int, kv_len: int, kv_offset: int = 0, sliding_window: int | None = None,
+                device=None) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask: True where query (absolute position q_offset+i) may see key
+    (absolute position kv_offset+j). Sliding windows follow transformers: key > query - window."""
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+    k_pos = torch.arange(kv_offset, kv_offset + kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offset: int = 0,
+                    sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D]."""
+    q_len, kv_len = query.shape[2], keys.shape[2]
+    needs_mask = q_len > 1 or (sliding_window is not None and kv_len > sliding_window)
+    if softcap is not None:
+        out, _ = attention_with_lse(query, keys, values, scaling,
+                                    causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device),
+                                    softcap)
+        return out
+    mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                          enable_gqa=keys.shape[1] != query.shape[1])
+
+
+def expand_kv(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B,KVH,n,D] -> [B,H,n,D] view-free repeat for grouped-query attention."""
+    groups = heads // tensor.shape[1]
+    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def attention_with_lse(query, keys, values, scaling: float, mask: torch.Tensor | None = None,
+                       softcap: float | None = None):
+    """Attention over one key set, returning (output [B,H,q,D], log-sum-exp [B,H,q]) in float32.
+
+    Rows whose mask is all False get output 0 and lse -inf, so they vanish in `merge_partial`.
+    """
+    heads = query.shape[1]
+    q = query.float()
+    k = expand_kv(keys, heads).float()
+    v = expand_kv(values, heads).float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(weights, v), lse
+
+
+def merge_partial(outputs: list[torch.Tensor], lses: list[torch.Tensor]):
+    """Exact merge of attentions over disjoint key sets: o = sum_j exp(s_j - s) o_j, s = logsumexp_j s_j."""
+    stacked_lse = torch.stack(lses)
+    total = torch.logsumexp(stacked_lse, dim=0)
+    safe_total = torch.where(torch.isinf(total), 0.0, total)
+    merged = torch.zeros_like(outputs[0])
+    for out, lse in zip(outputs, lses):
+        merged += torch.exp(lse - safe_total)[..., None] * out
+    return merged, total

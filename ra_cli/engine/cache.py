@@ -1,0 +1,129 @@
+"""KV caches that plug into transformers' Cache API and own the attention of their layer.
+
+`ContextCache` is one object per conversation. Each of its layers both stores KV (transformers
+calls `update`) and computes attention (our registered attention function calls `attend`), so a
+layer type *is* an attention mode: `DeviceKVLayer` is exact full attention over KV kept on the
+compute device; the retrieval layer of engine/retrieval.py keeps only a static set there.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ra_cli.engine.attention import exact_attention
+
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding-window size per decoder layer (None for global layers), from a transformers config."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    count = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * count
+    window = getattr(config, "sliding_window", None)
+    return [window if kind in ("sliding_attention", "chunked_attention") and window else None for kind in types]
+
+
+class DeviceKVLayer(CacheLayerMixin):
+    """All KV of one layer on the compute device, in a buffer that grows by doubling.
+
+    transformers' DynamicLayer concatenates on every step, which copies the whole cache per token;
+    an in-place write into spare capacity keeps a decode step O(new tokens) in memory traffic.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, layer_idx: int, sliding_window: int | None = None, capacity: int = 256):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.capacity = capacity  # first allocation, in tokens
+        self.length = 0
+        self.observer: Callable | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
+        self.is_initialized = True
+
+    def reserve(self, capacity: int) -> None:
+        if self.keys.shape[2] >= capacity:
+            return
+        grown_k = self.keys.new_empty((*self.keys.shape[:2], capacity, self.keys.shape[3]))
+        grown_v = self.values.new_empty((*self.values.shape[:2], capacity, self.values.shape[3]))
+        grown_k[:, :, : self.length] = self.keys[:, :, : self.length]
+        grown_v[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = grown_k, grown_v
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self.keys.shape[2]:
+            self.reserve(max(end, 2 * self.keys.shape[2], self.capacity))
+        self.keys[:, :, self.length:end] = key_states
+        self.values[:, :, self.length:end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fill an empty layer with stored KV [B,KVH,n,D]."""
+        self.lazy_initialization(keys, values)
+        self.reserve(max(self.capacity, keys.shape[2]))
+        self.update(keys, values)
+
+    def attend(self, query, scaling, sliding_window=None, softcap=None):
+        q_offset = self.length - query.shape[2]
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        kv_offset = 0
+        if sliding_window is not None and q_offset + 1 > sliding_window:
+            # Keys older than the first query's window are invisible to every query: skip them.
+            kv_offset = q_offset + 1 - sliding_window
+            keys, values = keys[:, :, kv_offset:], values[:, :, kv_offset:]
+        if self.observer is not None:
+            self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
+        return exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class ContextCache(Cache):
+    """The KV of one conversation: stored document prefix + everything said since."""
+
+    def __init__(self, layers: list[CacheLayerMixin]):
+        super().__init__(layers=layers)
+
+    @classmethod
+    def full(cls, config, capacity: int = 256) -> "ContextCache":
+        """Exact attention over all KV on the compute device; `capacity` tokens allocated up front."""
+        return cls([DeviceKVLayer(i, window, capacity) for i, window in enumerate(layer_windows(config))])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].get_seq_length()
+
+    def truncate(self, length: int) -> None:
+        """Forget every token at position >= length in every layer (/clear keeps only the document;
+        an interrupted forward may have reached only some layers)."""
+        for layer in self.layers:
+            excess = layer.get_seq_length() - length
+            if excess > 0:
+                layer.crop(-excess)

@@ -1,0 +1,96 @@
+"""Prefill and decode as plain functions over a model and a ContextCache (gpt-fast style)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ra_cli.engine.attention import active
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def base_model(model):
+    return getattr(model, model.base_model_prefix, model)
+
+
+@torch.inference_mode()
+def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool = True) -> torch.Tensor | None:
+    """Run tokens through the model, appending their KV to `cache`. Returns last-position logits
+    [vocab] (float32) or None; without logits the LM head is skipped entirely."""
+    ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
+    ids = ids.reshape(1, -1).to(model.device)
+    with active(cache):
+        if not want_logits:
+            target = base_model(model)
+            target(input_ids=ids, use_cache=True, **{_cache_kwarg(target): cache})
+            return None
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+    return out.logits[0, -1].float()
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        probs /= probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # every sampled token except a final stop token
+    stop_reason: str  # "stop", "length" or "interrupted"
+    fed: int  # how many of `tokens` are in the cache (the last sampled one usually is not)
+
+
+def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int], sampling: Sampling,
+           on_token: Callable[[list[int]], bool] | None = None) -> Decoded:
+    """Sample up to max_new_tokens after `logits`. `on_token(tokens)` may return True to stop early.
+
+    Ctrl-C stops the reply, not the program: the cache is rolled back to its last whole step.
+    """
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator().manual_seed(sampling.seed)
+    tokens: list[int] = []
+    fed = 0
+    try:
+        while len(tokens) < max_new_tokens:
+            token = sample(logits, sampling, generator)
+            if token in stop_ids:
+                return Decoded(tokens, "stop", fed)
+            tokens.append(token)
+            if on_token is not None and on_token(tokens):
+                return Decoded(tokens, "stop", fed)
+            if len(tokens) == max_new_tokens:
+                break
+            length = cache.length
+            try:
+                logits = prefill(model, cache, [token])
+            except KeyboardInterrupt:
+                cache.truncate(length)
+                raise
+            fed += 1
+        return Decoded(tokens, "length", fed)
+    except KeyboardInterrupt:
+        return Decoded(tokens, "interrupted", fed)

@@ -1,0 +1,143 @@
+"""Document -> tokens -> chunked prefill -> context store on disk (resumable)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ra_cli.document import Document
+from ra_cli.engine.cache import ContextCache, layer_windows
+from ra_cli.engine.generate import prefill
+from ra_cli.errors import RaError
+from ra_cli.model import LoadedModel, dtype_name
+from ra_cli.paths import contexts_dir
+from ra_cli.prompt import Prompter, layout_for
+from ra_cli.store import ContextStore, LayerShape, StoreWriter, numpy_storage_dtype
+
+
+@dataclass
+class IngestOptions:
+    chunk_size: int = 512
+    kv_dtype: str = "auto"  # auto = the model's compute dtype, so reloaded KV is bit-identical
+
+    def content_params(self, model_dtype: str) -> dict:
+        """Parameters that change what is stored (a resumed or cached store must match them)."""
+        return {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype}
+
+
+@dataclass
+class IngestResult:
+    path: Path
+    n_tokens: int
+    reused_tokens: int
+    prefilled_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.prefilled_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def layer_shapes(config) -> list[LayerShape]:
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return [LayerShape(kv_heads, head_dim, window) for window in layer_windows(text)]
+
+
+def store_header(loaded: LoadedModel, document: Document, options: IngestOptions, layout: dict) -> dict:
+    return {
+        "document": {"name": document.name, "sha256": document.sha256, "kind": document.kind,
+                     "pages": len(document.pages), "characters": len(document.text)},
+        "model": {**loaded.fingerprint.as_dict(), "fingerprint": loaded.fingerprint.digest},
+        "prompt": layout,
+        "params": options.content_params(dtype_name(loaded.dtype)),
+    }
+
+
+def cached_context_path(loaded: LoadedModel, document: Document, options: IngestOptions) -> Path:
+    """Where `ra chat DOCUMENT` keeps its context: keyed by document + model + stored parameters."""
+    key = json.dumps({"doc": document.sha256, "model": loaded.fingerprint.digest,
+                      "params": options.content_params(dtype_name(loaded.dtype))}, sort_keys=True)
+    return contexts_dir() / (Path(document.name).stem[:40] + "-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".idx")
+
+
+def _to_numpy(tensor: torch.Tensor, storage) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    return tensor.detach().to("cpu").numpy().astype(storage, copy=False)
+
+
+def stored_kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype) -> torch.Tensor:
+    """Stored (possibly memory-mapped, read-only) KV -> a tensor of its own on `device`."""
+    owned = np.array(array, copy=True)
+    if kv_dtype == "bfloat16":
+        tensor = torch.from_numpy(owned.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(owned)
+    return tensor.to(device=device, dtype=dtype)
+
+
+def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: IngestOptions | None = None,
+           on_progress: Callable[[int, int, int], None] | None = None) -> IngestResult:
+    """Prefill `document` in chunks and store its KV at `out`. `on_progress(done, total, reused)`
+    is called after every chunk. A partial store from an earlier run with equal inputs is resumed."""
+    options = options or IngestOptions()
+    if options.chunk_size < 1:
+        raise RaError("--chunk-size must be at least 1")
+    out = Path(out)
+    layout = layout_for(loaded.tokenizer)
+    prompter = Prompter(loaded.tokenizer, layout)
+    tokens, pages = prompter.document_tokens(document.text, [p.char_start for p in document.pages])
+    header = store_header(loaded, document, options, layout.as_dict())
+    kv_dtype = header["params"]["kv_dtype"]
+    storage = numpy_storage_dtype(kv_dtype)
+    shapes = layer_shapes(loaded.model.config)
+    writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype)
+    n = len(tokens)
+    cache = ContextCache.full(loaded.model.config, capacity=n)
+    start = writer.tokens_done
+    if start:
+        for index, layer in enumerate(cache.layers):
+            keys = stored_kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
+            values = stored_kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
+            layer.load(keys, values)
+    if on_progress is not None:
+        on_progress(start, n, writer.resumed_from)
+    began = time.perf_counter()
+    while start < n:
+        end = min(n, start + options.chunk_size)
+        prefill(loaded.model, cache, tokens[start:end], want_logits=False)
+        for index, layer in enumerate(cache.layers):
+            writer.write(index, start, _to_numpy(layer.keys[0, :, start:end], storage),
+                         _to_numpy(layer.values[0, :, start:end], storage))
+        writer.commit(end)
+        start = end
+        if on_progress is not None:
+            on_progress(end, n, writer.resumed_from)
+    seconds = time.perf_counter() - began
+    extra = {"ingest": {"chunk_size": options.chunk_size, "seconds": round(seconds, 3),
+                        "prefilled_tokens": n - writer.resumed_from}}
+    path = writer.publish(extra)
+    return IngestResult(path, n, writer.resumed_from, n - writer.resumed_from, seconds)
+
+
+def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptions | None = None,
+                   on_progress=None) -> tuple[ContextStore, IngestResult | None]:
+    """The cached context for `document`, ingesting (or finishing an ingest) when needed."""
+    options = options or IngestOptions()
+    path = cached_context_path(loaded, document, options)
+    if (path / "manifest.json").is_file():
+        try:
+            return ContextStore.open(path, loaded.fingerprint), None
+        except RaError:
+            pass  # damaged cache entry: rebuild it below
+    result = ingest(loaded, document, path, options, on_progress)
+    return ContextStore.open(path, loaded.fingerprint), result

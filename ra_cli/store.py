@@ -1,0 +1,264 @@
+"""On-disk context store: the prefilled KV of a document, memory-mappable, no pickle anywhere.
+
+Layout of a store directory (spec: docs/store-format.md):
+
+    manifest.json          written last; its presence means "complete"
+    tokens.npy             int32 [N]      token ids of the stored prefix
+    token_pages.npy        int32 [N]      1-based page per token, 0 for template tokens
+    kv/k_LLL.npy, v_LLL.npy               [kv_heads, N, head_dim] per layer (bfloat16 as uint16)
+    index/...              attention-aware search indexes (engine/index), listed in the manifest
+
+A store is written into `<OUT>.partial/` with a progress file, so a killed ingest resumes where it
+stopped and never leaves anything at `<OUT>` that loads as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ra_cli.errors import RaError
+
+FORMAT_NAME = "ra-context"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+# Files above this size are checked by size on open and fully hashed only on request (`verify`).
+HASH_ON_OPEN_LIMIT = 1 << 26
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def numpy_storage_dtype(dtype_name: str):
+    try:
+        return _NUMPY_DTYPES[dtype_name]
+    except KeyError:
+        raise RaError(f"unsupported KV dtype {dtype_name}; use float32, float16 or bfloat16")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class LayerShape:
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+class StoreWriter:
+    """Streams a context into `<out>.partial/`; `publish()` makes it a complete store at `out`."""
+
+    def __init__(self, out: Path, header: dict, tokens: list[int], token_pages: list[int],
+                 layers: list[LayerShape], kv_dtype: str):
+        self.out = Path(out)
+        self.dir = partial_path(self.out)
+        self.header = header
+        self.n_tokens = len(tokens)
+        self.layers = layers
+        self.kv_dtype = kv_dtype
+        self.tokens_done = 0
+        self.resumed_from = 0
+        self._check_destination()
+        storage = numpy_storage_dtype(kv_dtype)
+        progress = self._read_progress()
+        if progress is not None and progress.get("header") == header and self._kv_files_ok(storage):
+            self.tokens_done = self.resumed_from = int(progress["tokens_done"])
+            mode = "r+"
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            (self.dir / "kv").mkdir(parents=True)
+            np.save(self.dir / "tokens.npy", np.asarray(tokens, dtype=np.int32))
+            np.save(self.dir / "token_pages.npy", np.asarray(token_pages, dtype=np.int32))
+            mode = "w+"
+        self.keys = []
+        self.values = []
+        for index, shape in enumerate(layers):
+            full = (shape.kv_heads, self.n_tokens, shape.head_dim)
+            self.keys.append(np.lib.format.open_memmap(self._kv_path("k", index), mode=mode, dtype=storage, shape=full if mode == "w+" else None))
+            self.values.append(np.lib.format.open_memmap(self._kv_path("v", index), mode=mode, dtype=storage, shape=full if mode == "w+" else None))
+        if mode == "w+":
+            self.commit(0)
+
+    def _check_destination(self) -> None:
+        if self.out.exists() and not (self.out / MANIFEST).is_file():
+            raise RaError(f"{self.out} exists and is not an ra context; choose another --save path or remove it")
+        if self.out.exists() and not self.out.is_dir():
+            raise RaError(f"{self.out} exists and is a file; choose another --save path")
+
+    def _kv_path(self, kind: str, layer: int) -> Path:
+        return self.dir / "kv" / f"{kind}_{layer:03d}.npy"
+
+    def _read_progress(self) -> dict | None:
+        try:
+            return json.loads((self.dir / PROGRESS).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _kv_files_ok(self, storage) -> bool:
+        for index, shape in enumerate(self.layers):
+            for kind in ("k", "v"):
+                try:
+                    arr = np.load(self._kv_path(kind, index), mmap_mode="r", allow_pickle=False)
+                except (OSError, ValueError):
+                    return False
+                if arr.shape != (shape.kv_heads, self.n_tokens, shape.head_dim) or arr.dtype != storage:
+                    return False
+        return True
+
+    def write(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store KV [kv_heads, n, head_dim] of tokens start..start+n for one layer."""
+        end = start + keys.shape[1]
+        self.keys[layer][:, start:end] = keys
+        self.values[layer][:, start:end] = values
+
+    def commit(self, tokens_done: int) -> None:
+        """Record that every layer holds tokens [0, tokens_done): after a crash, resume from there."""
+        for array in (*self.keys, *self.values):
+            array.flush()
+        self.tokens_done = tokens_done
+        write_json_atomic(self.dir / PROGRESS, {"header": self.header, "tokens_done": tokens_done,
+                                                "updated": time.time()})
+
+    def add_file(self, relative: str) -> Path:
+        path = self.dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, extra: dict | None = None) -> Path:
+        if self.tokens_done != self.n_tokens:
+            raise RuntimeError("publish() before every token was written")
+        for array in (*self.keys, *self.values):
+            array.flush()
+        self.keys.clear()
+        self.values.clear()
+        files = {}
+        for path in sorted(self.dir.rglob("*")):
+            if path.is_file() and path.name not in (PROGRESS, MANIFEST):
+                relative = path.relative_to(self.dir).as_posix()
+                files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.header,
+            "n_tokens": self.n_tokens,
+            "kv_dtype": self.kv_dtype,
+            "layers": [{"kv_heads": s.kv_heads, "head_dim": s.head_dim, "sliding_window": s.sliding_window,
+                        "keys": f"kv/k_{i:03d}.npy", "values": f"kv/v_{i:03d}.npy"} for i, s in enumerate(self.layers)],
+            **(extra or {}),
+            "files": files,
+        }
+        (self.dir / PROGRESS).unlink(missing_ok=True)
+        write_json_atomic(self.dir / MANIFEST, manifest)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + f".old{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.dir, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+class ContextStore:
+    """A complete store opened for reading; KV arrays are memory-mapped, never loaded whole."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.n_tokens = int(manifest["n_tokens"])
+        self.kv_dtype = manifest["kv_dtype"]
+        self.tokens = np.load(path / "tokens.npy", allow_pickle=False)
+        self.token_pages = np.load(path / "token_pages.npy", allow_pickle=False)
+        self.layers = [LayerShape(entry["kv_heads"], entry["head_dim"], entry["sliding_window"]) for entry in manifest["layers"]]
+        self._keys = [np.load(path / entry["keys"], mmap_mode="r", allow_pickle=False) for entry in manifest["layers"]]
+        self._values = [np.load(path / entry["values"], mmap_mode="r", allow_pickle=False) for entry in manifest["layers"]]
+        storage = numpy_storage_dtype(self.kv_dtype)
+        for index, shape in enumerate(self.layers):
+            expected = (shape.kv_heads, self.n_tokens, shape.head_dim)
+            for array in (self._keys[index], self._values[index]):
+                if array.shape != expected or array.dtype != storage:
+                    raise RaError(f"{path}: layer {index} KV has shape {array.shape}, expected {expected}; the store is damaged — ingest again")
+
+    @classmethod
+    def open(cls, path: str | Path, fingerprint=None, verify: bool = False) -> "ContextStore":
+        path = Path(path)
+        if not path.exists():
+            if partial_path(path).exists():
+                raise RaError(f"{path}: ingest did not finish; run `ra ingest` again with the same arguments to resume")
+            raise RaError(f"{path}: no such context; create it with `ra ingest DOCUMENT --save {path}`")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise RaError(f"{path}: not a complete ra context (no manifest.json); ingest again")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RaError(f"{path}: manifest.json is unreadable ({exc}); ingest again")
+        if manifest.get("format") != FORMAT_NAME:
+            raise RaError(f"{path}: not an ra context (format {manifest.get('format')!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise RaError(
+                f"{path}: context format version {manifest.get('format_version')} but this ra reads version "
+                f"{FORMAT_VERSION}; ingest the document again"
+            )
+        if fingerprint is not None:
+            stored = manifest.get("model", {})
+            differing = fingerprint.differences(stored)
+            if differing:
+                raise RaError(
+                    f"{path}: made by a different model ({stored.get('source')}, {stored.get('dtype')}; differs in "
+                    f"{', '.join(differing)}) than the one loaded ({fingerprint.source}, {fingerprint.dtype}); "
+                    "use that model (--model/--dtype) or ingest again"
+                )
+        _check_files(path, manifest, verify)
+        return cls(path, manifest)
+
+    def keys(self, layer: int) -> np.ndarray:
+        return self._keys[layer]
+
+    def values(self, layer: int) -> np.ndarray:
+        return self._values[layer]
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+
+def _check_files(path: Path, manifest: dict, verify: bool) -> None:
+    for relative, meta in manifest.get("files", {}).items():
+        file = path / relative
+        if not file.is_file():
+            raise RaError(f"{path}: missing {relative}; the context is incomplete — ingest again")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise RaError(f"{path}: {relative} is {size} bytes, expected {meta['bytes']}; the context is damaged — ingest again")
+        # KV files can be many GB: check their size on open, their hash on request. Everything
+        # else (tokens, indexes) is always hashed before use.
+        hashed = verify or size <= HASH_ON_OPEN_LIMIT or not relative.startswith("kv/")
+        if hashed and sha256_file(file) != meta["sha256"]:
+            raise RaError(f"{path}: {relative} fails its checksum; the context is damaged — ingest again")

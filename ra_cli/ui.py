@@ -1,0 +1,75 @@
+"""Terminal presentation: status and progress on stderr, so stdout carries only answers/JSON."""
+
+from __future__ import annotations
+
+import contextlib
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+stderr = Console(stderr=True, highlight=False)
+
+
+class RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.fields.get("rate")
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"– {self.unit}/s", style="cyan")
+
+
+def progress(unit: str) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=stderr, transient=False,
+    )
+
+
+@contextlib.contextmanager
+def page_progress(description: str = "reading"):
+    """A progress bar for PDF pages; yields the callback document.load_document expects."""
+    with progress("pages") as bar:
+        task = bar.add_task(description, total=None)
+
+        def on_page(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, rate=None)
+
+        yield on_page
+
+
+class TokenProgress:
+    """Progress bar for prefill; the rate counts only tokens prefilled in this run."""
+
+    def __init__(self, description: str = "prefill"):
+        import time
+
+        self._clock = time.perf_counter
+        self.description = description
+        self.bar = progress("tok")
+        self.task = None
+        self.started = None
+        self.first_done = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, done: int, total: int, reused: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(self.description, total=total)
+            self.started, self.first_done = self._clock(), done
+        elapsed = self._clock() - self.started
+        rate = (done - self.first_done) / elapsed if elapsed > 0 and done > self.first_done else None
+        self.bar.update(self.task, completed=done, total=total, rate=rate)
+
+
+def status(message: str) -> None:
+    stderr.print(f"[dim]{message}[/dim]")
