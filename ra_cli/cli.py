@@ -40,6 +40,17 @@ def user_errors(command):
     return wrapper
 
 
+def _check_ingest_options(chunk_size: int, kv_dtype: str, dtype: str) -> None:
+    """Reject bad options before any slow work starts."""
+    from ra_cli.model import check_dtype_name
+
+    check_dtype_name(dtype)
+    if chunk_size < 1:
+        raise RaError("--chunk-size must be at least 1")
+    if kv_dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise RaError(f"unknown --kv-dtype '{kv_dtype}'; use auto, float32, float16 or bfloat16")
+
+
 def _load_document(path: Path, encoding: str):
     from ra_cli.document import load_document
     from ra_cli.ui import page_progress
@@ -87,6 +98,7 @@ def ingest_command(
     from ra_cli.ingest import IngestOptions, cached_context_path
     from ra_cli.ui import stderr
 
+    _check_ingest_options(chunk_size, kv_dtype, dtype)
     doc = _load_document(document, encoding)
     loaded = _load_model(model, device, dtype)
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype)
@@ -163,6 +175,7 @@ def chat_command(
     from ra_cli.chat import ChatSession, full_attention_cache
     from ra_cli.engine.generate import Sampling
 
+    _check_ingest_options(chunk_size, kv_dtype, dtype)
     if max_new_tokens < 1:
         raise RaError("--max-new-tokens must be at least 1")
     if temperature < 0 or not 0 < top_p <= 1:

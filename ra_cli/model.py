@@ -7,8 +7,10 @@ cache; later processes load that in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -140,9 +142,18 @@ def pick_device(requested: str = "auto"):
     return device
 
 
+DTYPE_NAMES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+
+
+def check_dtype_name(requested: str) -> None:
+    if requested not in DTYPE_NAMES:
+        raise RaError(f"unknown dtype '{requested}'; use auto, float32, float16 or bfloat16")
+
+
 def pick_dtype(requested: str, device):
     import torch
 
+    check_dtype_name(requested)
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if requested == "auto":
@@ -150,8 +161,6 @@ def pick_dtype(requested: str, device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # CPU matmuls in half precision are slow without AMX; float32 is the fast path here.
         return torch.float32
-    if requested not in names:
-        raise RaError(f"unknown dtype '{requested}'; use auto, float32, float16 or bfloat16")
     return names[requested]
 
 
@@ -269,8 +278,10 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
 
     Console(stderr=True).print(f"[dim]converting {gguf.name} once (dequantizing GGUF; later starts are fast)…[/dim]")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers draws its own per-tensor progress bar here; ours says enough.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
         raise RaError(f"cannot load GGUF {gguf}: {str(exc).splitlines()[0][:200]} (needs `pip install gguf accelerate`)")
     # The dequantized model is ordinary float32 weights; drop the GGUF marker so it can be saved.

@@ -194,11 +194,11 @@ class ContextStore:
         self.manifest = manifest
         self.n_tokens = int(manifest["n_tokens"])
         self.kv_dtype = manifest["kv_dtype"]
-        self.tokens = np.load(path / "tokens.npy", allow_pickle=False)
-        self.token_pages = np.load(path / "token_pages.npy", allow_pickle=False)
+        self.tokens = _load_array(path, "tokens.npy")
+        self.token_pages = _load_array(path, "token_pages.npy")
         self.layers = [LayerShape(entry["kv_heads"], entry["head_dim"], entry["sliding_window"]) for entry in manifest["layers"]]
-        self._keys = [np.load(path / entry["keys"], mmap_mode="r", allow_pickle=False) for entry in manifest["layers"]]
-        self._values = [np.load(path / entry["values"], mmap_mode="r", allow_pickle=False) for entry in manifest["layers"]]
+        self._keys = [_load_array(path, entry["keys"], mmap=True) for entry in manifest["layers"]]
+        self._values = [_load_array(path, entry["values"], mmap=True) for entry in manifest["layers"]]
         storage = numpy_storage_dtype(self.kv_dtype)
         for index, shape in enumerate(self.layers):
             expected = (shape.kv_heads, self.n_tokens, shape.head_dim)
@@ -247,6 +247,14 @@ class ContextStore:
 
     def file(self, relative: str) -> Path:
         return self.path / relative
+
+
+def _load_array(root: Path, relative: str, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(root / relative, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        # allow_pickle=False: an object array (which needs unpickling) lands here, unloaded.
+        raise RaError(f"{root}: {relative} is not a plain numeric array ({str(exc).splitlines()[0][:80]}); ingest again")
 
 
 def _check_files(path: Path, manifest: dict, verify: bool) -> None:

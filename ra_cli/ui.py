@@ -22,18 +22,18 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"– {self.unit}/s", style="cyan")
 
 
-def progress(unit: str) -> Progress:
+def progress(unit: str, transient: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=stderr, transient=False,
+        console=stderr, transient=transient,
     )
 
 
 @contextlib.contextmanager
 def page_progress(description: str = "reading"):
     """A progress bar for PDF pages; yields the callback document.load_document expects."""
-    with progress("pages") as bar:
+    with progress("pages", transient=True) as bar:
         task = bar.add_task(description, total=None)
 
         def on_page(done: int, total: int) -> None:

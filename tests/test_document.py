@@ -1,0 +1,122 @@
+"""Document extraction: real text out, and a one-line RaError for every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import SHARED_PDFS
+from pdf_maker import make_encrypted_pdf, make_text_pdf
+from ra_cli.document import PAGE_SEPARATOR, load_document
+from ra_cli.errors import RaError
+
+
+def test_pdf_pages_and_page_map(tmp_path):
+    path = make_text_pdf(tmp_path / "three.pdf", [["First page text."], ["Second page (middle)."], ["Third final page."]])
+    seen = []
+    doc = load_document(path, on_page=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert doc.kind == "pdf" and [p.number for p in doc.pages] == [1, 2, 3]
+    assert [doc.text[p.char_start:p.char_end] for p in doc.pages] == [
+        "First page text.", "Second page (middle).", "Third final page."]
+    assert doc.text == PAGE_SEPARATOR.join(["First page text.", "Second page (middle).", "Third final page."])
+    assert len(doc.sha256) == 64
+
+
+def test_blank_pages_keep_their_numbers(tmp_path):
+    path = make_text_pdf(tmp_path / "gap.pdf", [["Alpha."], [], ["Gamma."]])
+    doc = load_document(path)
+    assert [(p.number, doc.text[p.char_start:p.char_end]) for p in doc.pages] == [(1, "Alpha."), (2, ""), (3, "Gamma.")]
+
+
+def test_text_and_markdown(tmp_path):
+    (tmp_path / "a.md").write_bytes("\ufeff# Title\r\nbody ünïcode\r\n".encode("utf-8"))
+    doc = load_document(tmp_path / "a.md")
+    assert doc.text == "# Title\nbody ünïcode\n" and doc.kind == "text" and len(doc.pages) == 1
+
+
+def test_utf16_with_bom(tmp_path):
+    (tmp_path / "u16.txt").write_bytes("hello wörld".encode("utf-16"))
+    assert load_document(tmp_path / "u16.txt").text == "hello wörld"
+
+
+def test_explicit_encoding(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("café au lait".encode("latin-1"))
+    assert load_document(tmp_path / "latin.txt", encoding="latin-1").text == "café au lait"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"", "the file is empty"),
+    ("blank.txt", b"  \n\n \t\n", "the document is empty"),
+    ("binary.txt", bytes(range(256)) * 4, "looks like binary data"),
+    ("controls.txt", b"ab\x01\x02\x03\x04\x05\x06\x07\x08" * 50, "looks like binary data"),
+    ("bad.txt", b"caf\xe9 au lait", "not valid utf-8 (byte 0xe9 at offset 3)"),
+    ("book.epub", b"PK\x03\x04", "unsupported file type '.epub'"),
+    ("noext", b"hello", "unsupported file type '(none)'"),
+])
+def test_bad_text_inputs(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(RaError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_document(tmp_path / name)
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_utf8_message_says_what_to_do(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(RaError, match="--encoding"):
+        load_document(tmp_path / "bad.txt")
+
+
+def test_unknown_encoding(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(RaError, match="unknown encoding 'klingon'"):
+        load_document(tmp_path / "a.txt", encoding="klingon")
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(RaError, match="no such file"):
+        load_document(tmp_path / "nope.pdf")
+    with pytest.raises(RaError, match="is a directory"):
+        load_document(tmp_path)
+
+
+def test_encrypted_pdf(tmp_path):
+    plain = make_text_pdf(tmp_path / "plain.pdf", [["Secret text."]])
+    with pytest.raises(RaError, match="password-protected; decrypt it first"):
+        load_document(make_encrypted_pdf(tmp_path / "locked.pdf", plain))
+
+
+def test_image_only_pdf_suggests_ocr(tmp_path):
+    path = make_text_pdf(tmp_path / "scan.pdf", [[], []])
+    with pytest.raises(RaError, match=r"no extractable text in 2 page\(s\).*OCR"):
+        load_document(path)
+
+
+@pytest.mark.parametrize("content", [b"%PDF-1.4\n garbage garbage", b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog"])
+def test_broken_pdf(tmp_path, content):
+    (tmp_path / "broken.pdf").write_bytes(content)
+    with pytest.raises(RaError, match="cannot read this PDF .*damaged"):
+        load_document(tmp_path / "broken.pdf")
+
+
+shared = pytest.mark.skipif(not SHARED_PDFS.is_dir(), reason="../shared corpus not present")
+
+
+@shared
+@pytest.mark.parametrize("name,message", [
+    ("libreoffice-writer-password.pdf", "password-protected"),
+    ("imagemagick-lzw.pdf", "no extractable text"),
+    ("grayscale-image.pdf", "no extractable text"),
+    ("unreadablemetadata.pdf", "cannot read this PDF"),
+])
+def test_real_world_bad_pdfs(name, message):
+    with pytest.raises(RaError, match=message):
+        load_document(SHARED_PDFS / name)
+
+
+@shared
+def test_real_world_long_pdf_keeps_output_quiet(capfd):
+    doc = load_document(SHARED_PDFS / "GeoTopo-komprimiert.pdf")
+    assert len(doc.pages) == 117 and len(doc.text) > 130_000
+    assert "Topologische Räume" in doc.text
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -1,0 +1,100 @@
+"""The attention engine against transformers' own sdpa path and against exact math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ra_cli.engine.attention import attention_with_lse, causal_mask, exact_attention, install, merge_partial
+from ra_cli.engine.cache import ContextCache
+from ra_cli.engine.generate import prefill
+
+
+def _sdpa_logits(model, ids):
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            return model(ids).logits[0]
+    finally:
+        install(model)
+
+
+def test_chunked_prefill_matches_transformers_single_pass(loaded):
+    model = loaded.model
+    ids = torch.randint(100, 40000, (1, 300), generator=torch.Generator().manual_seed(1))
+    reference = _sdpa_logits(model, ids)
+    cache = ContextCache.full(model.config)
+    for start in range(0, 299, 64):
+        prefill(model, cache, ids[0, start:min(start + 64, 299)], want_logits=False)
+    last = prefill(model, cache, ids[0, 299:])
+    assert cache.length == 300
+    torch.testing.assert_close(last, reference[-1].float(), atol=2e-4, rtol=0)
+
+
+def test_merge_of_disjoint_key_sets_is_exact():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 3, 16, generator=g)
+    k = torch.randn(1, 2, 40, 16, generator=g) * 3
+    v = torch.randn(1, 2, 40, 16, generator=g)
+    mask = causal_mask(3, 37, 40)
+    full, full_lse = attention_with_lse(q, k, v, 0.25, mask)
+    perm = torch.randperm(40, generator=g)
+    a, b = perm[:11], perm[11:]
+    out_a, lse_a = attention_with_lse(q, k[:, :, a], v[:, :, a], 0.25, mask[:, a])
+    out_b, lse_b = attention_with_lse(q, k[:, :, b], v[:, :, b], 0.25, mask[:, b])
+    merged, lse = merge_partial([out_a, out_b], [lse_a, lse_b])
+    torch.testing.assert_close(merged, full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse, atol=1e-6, rtol=1e-6)
+    reference = exact_attention(q, k, v, 0.25, q_offset=37)
+    torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_key_set_vanishes_in_merge():
+    q = torch.randn(1, 2, 1, 8)
+    k = torch.randn(1, 2, 5, 8)
+    v = torch.randn(1, 2, 5, 8)
+    out, lse = attention_with_lse(q, k, v, 1.0)
+    none_out, none_lse = attention_with_lse(q, k[:, :, :0], v[:, :, :0], 1.0)
+    assert torch.isinf(none_lse).all() and not torch.isnan(none_out).any()
+    merged, _ = merge_partial([out, none_out], [lse, none_lse])
+    torch.testing.assert_close(merged, out)
+
+
+def test_sliding_window_mask_follows_transformers():
+    mask = causal_mask(q_len=3, q_offset=5, kv_len=8, sliding_window=3)
+    # query at position 5 sees keys 3,4,5; at 6 sees 4,5,6; at 7 sees 5,6,7
+    assert mask.nonzero().tolist() == [[0, 3], [0, 4], [0, 5], [1, 4], [1, 5], [1, 6], [2, 5], [2, 6], [2, 7]]
+
+
+def test_hybrid_sliding_model_matches_transformers():
+    """Gemma 3 style: sliding-window and global layers, GQA, custom scaling — random tiny weights."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                              max_position_embeddings=256)
+    model = Gemma3ForCausalLM(config).eval()
+    install(model)
+    ids = torch.randint(0, 256, (1, 40))
+    reference = _sdpa_logits(model, ids)
+    cache = ContextCache.full(model.config)
+    outputs = [prefill(model, cache, ids[0, :13])]
+    for position in range(13, 40, 9):
+        outputs.append(prefill(model, cache, ids[0, position:position + 9]))
+    torch.testing.assert_close(outputs[-1], reference[-1].float(), atol=1e-4, rtol=1e-4)
+    # one token at a time too (decode path, q_len = 1, window smaller than the cache)
+    cache = ContextCache.full(model.config)
+    prefill(model, cache, ids[0, :30], want_logits=False)
+    for position in range(30, 40):
+        last = prefill(model, cache, ids[0, position:position + 1])
+    torch.testing.assert_close(last, reference[-1].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_truncate_rewinds_every_layer(loaded):
+    cache = ContextCache.full(loaded.model.config)
+    prefill(loaded.model, cache, list(range(100, 140)), want_logits=False)
+    cache.layers[3].crop(-5)  # as if an interrupted forward had stopped mid-way
+    cache.truncate(30)
+    assert {layer.get_seq_length() for layer in cache.layers} == {30}
