@@ -63,45 +63,46 @@ def causal_mask(q_len: int, q_offset: int, kv_len: int, kv_offset: int = 0, slid
     return mask
 
 
+# Up to this many query positions, attention runs as grouped matmuls over the cache in place;
+# above it (prefill chunks), through scaled_dot_product_attention's fused kernels.
+SMALL_QUERY = 16
+
+
 def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offset: int = 0,
                     sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D]."""
     q_len, kv_len = query.shape[2], keys.shape[2]
-    needs_mask = q_len > 1 or (sliding_window is not None and kv_len > sliding_window)
-    if softcap is not None:
-        out, _ = attention_with_lse(query, keys, values, scaling,
-                                    causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device),
-                                    softcap)
-        return out
+    needs_mask = q_len > 1 or (sliding_window is not None and q_offset - kv_offset >= sliding_window)
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
+    if q_len <= SMALL_QUERY or softcap is not None:
+        out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)
+        return out.to(query.dtype)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                           enable_gqa=keys.shape[1] != query.shape[1])
 
 
-def expand_kv(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B,KVH,n,D] -> [B,H,n,D] view-free repeat for grouped-query attention."""
-    groups = heads // tensor.shape[1]
-    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
-
-
 def attention_with_lse(query, keys, values, scaling: float, mask: torch.Tensor | None = None,
                        softcap: float | None = None):
-    """Attention over one key set, returning (output [B,H,q,D], log-sum-exp [B,H,q]) in float32.
+    """Attention over one key set, returning (output [B,H,q,D] float32, log-sum-exp [B,H,q] float32).
 
-    Rows whose mask is all False get output 0 and lse -inf, so they vanish in `merge_partial`.
+    Grouped-query heads are handled by viewing the G query heads of a KV head as G*q rows against
+    that head's keys, so strided cache views are read in place and never expanded or copied.
+    `mask` is [q, n] (True = visible), shared by all heads. Rows with no visible key get output 0
+    and lse -inf, so they vanish in `merge_partial`.
     """
-    heads = query.shape[1]
-    q = query.float()
-    k = expand_kv(keys, heads).float()
-    v = expand_kv(values, heads).float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    batch, heads, q_len, dim = query.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    rows = query.reshape(batch, kv_heads, groups * q_len, dim)
+    scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask.repeat(groups, 1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.matmul(weights, v), lse
+    out = torch.matmul(weights.to(values.dtype), values).float()
+    return out.reshape(batch, heads, q_len, -1), lse.reshape(batch, heads, q_len)
 
 
 def merge_partial(outputs: list[torch.Tensor], lses: list[torch.Tensor]):
