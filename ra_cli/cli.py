@@ -161,6 +161,7 @@ def chat_command(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (default)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise the answer's recent tokens (1.1 stops small models looping; 1 = off)."),
     raw: bool = typer.Option(False, "--raw", help="Append the text right after the document, no chat template (plain continuation)."),
     attention: str = typer.Option("full", "--attention", help="Attention at decode: full (exact, all KV on the device)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
@@ -178,8 +179,8 @@ def chat_command(
     _check_ingest_options(chunk_size, kv_dtype, dtype)
     if max_new_tokens < 1:
         raise RaError("--max-new-tokens must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise RaError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if temperature < 0 or not 0 < top_p <= 1 or repeat_penalty <= 0:
+        raise RaError("--temperature must be >= 0, --top-p in (0, 1] and --repeat-penalty > 0")
     if attention != "full":
         raise RaError(f"unknown --attention '{attention}'; choose full")
     if not source.exists() and not source.with_name(source.name + ".partial").exists():
@@ -187,7 +188,7 @@ def chat_command(
     loaded = _load_model(model, device, dtype)
     store = _open_source(source, loaded, encoding, chunk_size, kv_dtype)
     session = ChatSession(loaded, store, full_attention_cache(loaded, store))
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
 
     def answer(question: str) -> None:
         streaming = not as_json

@@ -98,3 +98,16 @@ def test_truncate_rewinds_every_layer(loaded):
     cache.layers[3].crop(-5)  # as if an interrupted forward had stopped mid-way
     cache.truncate(30)
     assert {layer.get_seq_length() for layer in cache.layers} == {30}
+
+
+def test_sampling_rules():
+    from ra_cli.engine.generate import Sampling, sample
+
+    logits = torch.tensor([1.0, 3.0, 2.9, -1.0])
+    assert sample(logits, Sampling()) == 1
+    # the answer already said token 1: a penalty of 1.1 makes 3.0/1.1 < 2.9
+    assert sample(logits, Sampling(repeat_penalty=1.1), recent=[1]) == 2
+    assert sample(logits, Sampling(repeat_penalty=1.1), recent=[0]) == 1
+    # top-p keeps only the head of the distribution
+    picks = {sample(torch.tensor([5.0, 4.9, -9.0, -9.0]), Sampling(temperature=1.0, top_p=0.5, seed=s)) for s in range(20)}
+    assert picks <= {0, 1}

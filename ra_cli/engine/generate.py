@@ -16,6 +16,8 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    repeat_penalty: float = 1.0  # >1 discourages tokens of the answer's last `repeat_window` tokens
+    repeat_window: int = 64
 
 
 def _cache_kwarg(model) -> str:
@@ -43,7 +45,15 @@ def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool
     return out.logits[0, -1].float()
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
+           recent: list[int] = ()) -> int:
+    if sampling.repeat_penalty != 1.0 and recent:
+        # llama.cpp-style penalty over the answer's own recent tokens (not the document: quoting
+        # the document is what the user wants).
+        ids = torch.tensor(sorted(set(recent[-sampling.repeat_window:])), dtype=torch.long, device=logits.device)
+        picked = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(picked > 0, picked / sampling.repeat_penalty, picked * sampling.repeat_penalty)
     if sampling.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
@@ -76,7 +86,7 @@ def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids: se
     fed = 0
     try:
         while len(tokens) < max_new_tokens:
-            token = sample(logits, sampling, generator)
+            token = sample(logits, sampling, generator, tokens)
             if token in stop_ids:
                 return Decoded(tokens, "stop", fed)
             tokens.append(token)
