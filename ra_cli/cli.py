@@ -22,6 +22,7 @@ DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on
 EncodingOpt = typer.Option("utf-8", "--encoding", help="Encoding of .txt/.md files (default: strict UTF-8).")
 ChunkOpt = typer.Option(512, "--chunk-size", help="Tokens per prefill chunk.")
 KvDtypeOpt = typer.Option("auto", "--kv-dtype", help="Stored KV dtype: auto (= compute dtype), float32, float16, bfloat16.")
+IndexOpt = typer.Option("graph", "--index", help="Search index: graph (attention-aware, ours), hnsw (hnswlib on centred keys), flat (exact, nothing to build).")
 
 
 def user_errors(command):
@@ -40,11 +41,14 @@ def user_errors(command):
     return wrapper
 
 
-def _check_ingest_options(chunk_size: int, kv_dtype: str, dtype: str) -> None:
+def _check_ingest_options(chunk_size: int, kv_dtype: str, dtype: str, index: str = "graph") -> None:
     """Reject bad options before any slow work starts."""
+    from ra_cli.index import KINDS
     from ra_cli.model import check_dtype_name
 
     check_dtype_name(dtype)
+    if index not in KINDS:
+        raise RaError(f"unknown --index '{index}'; choose {', '.join(KINDS)}")
     if chunk_size < 1:
         raise RaError("--chunk-size must be at least 1")
     if kv_dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -88,6 +92,7 @@ def ingest_command(
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
     chunk_size: int = ChunkOpt,
     kv_dtype: str = KvDtypeOpt,
+    index: str = IndexOpt,
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -95,19 +100,21 @@ def ingest_command(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ):
     """Extract text, prefill it in chunks and save the KV cache (resumable: rerun after Ctrl-C)."""
+    from ra_cli.index import IndexParams
     from ra_cli.ingest import IngestOptions, cached_context_path
     from ra_cli.ui import stderr
 
-    _check_ingest_options(chunk_size, kv_dtype, dtype)
+    _check_ingest_options(chunk_size, kv_dtype, dtype, index)
     doc = _load_document(document, encoding)
     loaded = _load_model(model, device, dtype)
-    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype)
+    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype, index=IndexParams(kind=index))
     out = save or cached_context_path(loaded, doc, options)
     result = _run_ingest(loaded, doc, out, options)
     summary = {
         "context": str(result.path), "document": doc.name, "pages": len(doc.pages), "tokens": result.n_tokens,
-        "reused_tokens": result.reused_tokens, "prefilled_tokens": result.prefilled_tokens,
-        "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1),
+        "reused_tokens": result.reused_tokens, "prefilled_tokens": result.prefilled_tokens, "index": index,
+        "seconds": round(result.seconds, 3), "prefill_seconds": round(result.prefill_seconds, 3),
+        "index_seconds": round(result.index_seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1),
     }
     if as_json:
         print(json.dumps(summary))
@@ -241,3 +248,73 @@ def _repl(session, answer) -> None:
             stderr.print(f"unknown command {line.split()[0]}; /help lists them")
         else:
             answer(line)
+
+
+def parse_tokens(text: str) -> int:
+    """'16k' -> 16384, '128K' -> 131072, '5000' -> 5000."""
+    value = text.strip().lower()
+    try:
+        return int(float(value[:-1]) * 1024) if value.endswith("k") else int(value)
+    except ValueError:
+        raise RaError(f"cannot read '{text}' as a token count; use e.g. 4096, 16k or 128k")
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    recall: bool = typer.Option(False, "--recall", help="Index quality: Recall@100 and keys scanned vs hnswlib and exact search."),
+    context: str = typer.Option("16k", "--context", help="Context length in tokens (e.g. 8k, 16k, 32k)."),
+    document: Optional[Path] = typer.Option(None, "--document", help="Text to use (default: the shipped sample, repeated)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to evaluate (default: every 4th), or 'all'."),
+    queries: int = typer.Option(256, "--queries", help="Held-out decode-time queries."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Measure ra: index recall and cost (--recall)."""
+    from ra_cli.ui import TokenProgress, status
+
+    if not recall:
+        raise RaError("choose what to measure: --recall")
+    from ra_cli.bench.recall import RecallBenchConfig, run_recall_bench
+
+    config = RecallBenchConfig(context=parse_tokens(context), queries=queries, document=document)
+    if layers and layers != "all":
+        try:
+            config.layers = [int(part) for part in layers.split(",")]
+        except ValueError:
+            raise RaError("--layers takes comma-separated layer numbers, e.g. 2,15,28, or 'all'")
+    loaded = _load_model(model, device, dtype)
+    if layers == "all":
+        from ra_cli.engine.cache import layer_windows
+
+        config.layers = [i for i, w in enumerate(layer_windows(loaded.model.config)) if w is None]
+    with TokenProgress("prefill") as bar:
+        report = run_recall_bench(loaded, config, on_progress=bar, status=status)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_recall_table(report)
+
+
+def _print_recall_table(report: dict) -> None:
+    from rich.table import Table
+
+    from ra_cli.ui import stderr
+
+    table = Table(title=f"Recall@100 on {report['context_tokens']:,} tokens ({report['indexed_keys']:,} indexed keys, "
+                        f"{report['held_out_queries']} held-out queries, layers {report['layers']})")
+    for column in ("index", "recall@100", "worst head", "evaluations/query", "scanned", "evals for 0.95", "build s", "bytes"):
+        table.add_column(column, justify="right")
+    for kind, row in report["indexes"].items():
+        at = row["evaluations_at_target"]
+        table.add_row(kind, f"{row['recall_at_100']:.3f}", f"{row['worst_head_recall_at_100']:.3f}",
+                      f"{row['evaluations_per_query']:,.0f}", f"{row['scanned_fraction']:.1%}",
+                      "-" if at is None else f"{at:,.0f}", f"{row['build_seconds']:.1f}", f"{row['index_bytes']:,}")
+    stderr.print(table)
+    stderr.print(f"hnsw/graph evaluations at 0.95: {report['hnsw_to_graph_scan_ratio']}; "
+                 f"centred hnsw/graph: {report['hnsw_centered_to_graph_scan_ratio']}")
+    for layer, mass in report["attention_mass"].items():
+        stderr.print(f"layer {layer}: static mass {mass['static_mean']:.3f} (min head {mass['static_min_head']:.3f}), "
+                     f"static+top100 {mass['static_top100_mean']:.3f} (min head {mass['static_top100_min_head']:.3f})")

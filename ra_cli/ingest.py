@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +16,8 @@ from ra_cli.document import Document
 from ra_cli.engine.cache import ContextCache, layer_windows
 from ra_cli.engine.generate import prefill
 from ra_cli.errors import RaError
+from ra_cli.index import IndexParams, build_store_indexes
+from ra_cli.index.collect import PrefillCollector
 from ra_cli.model import LoadedModel, dtype_name
 from ra_cli.paths import contexts_dir
 from ra_cli.prompt import Prompter, layout_for
@@ -26,10 +28,11 @@ from ra_cli.store import ContextStore, LayerShape, StoreWriter, numpy_storage_dt
 class IngestOptions:
     chunk_size: int = 512
     kv_dtype: str = "auto"  # auto = the model's compute dtype, so reloaded KV is bit-identical
+    index: IndexParams = field(default_factory=IndexParams)
 
     def content_params(self, model_dtype: str) -> dict:
         """Parameters that change what is stored (a resumed or cached store must match them)."""
-        return {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype}
+        return {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype, "index": self.index.as_dict()}
 
 
 @dataclass
@@ -38,18 +41,25 @@ class IngestResult:
     n_tokens: int
     reused_tokens: int
     prefilled_tokens: int
-    seconds: float
+    seconds: float  # prefill + index build
+    prefill_seconds: float = 0.0
+    index_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.prefilled_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def layer_shapes(config) -> list[LayerShape]:
+def model_shape(config) -> dict:
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return [LayerShape(kv_heads, head_dim, window) for window in layer_windows(text)]
+    return {"layers": text.num_hidden_layers, "heads": text.num_attention_heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def layer_shapes(config) -> list[LayerShape]:
+    shape = model_shape(config)
+    return [LayerShape(shape["kv_heads"], shape["head_dim"], window) for window in layer_windows(config.get_text_config(decoder=True))]
 
 
 def store_header(loaded: LoadedModel, document: Document, options: IngestOptions, layout: dict) -> dict:
@@ -57,6 +67,7 @@ def store_header(loaded: LoadedModel, document: Document, options: IngestOptions
         "document": {"name": document.name, "sha256": document.sha256, "kind": document.kind,
                      "pages": len(document.pages), "characters": len(document.text)},
         "model": {**loaded.fingerprint.as_dict(), "fingerprint": loaded.fingerprint.digest},
+        "model_shape": model_shape(loaded.model.config),
         "prompt": layout,
         "params": options.content_params(dtype_name(loaded.dtype)),
     }
@@ -86,17 +97,28 @@ def stored_kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype) -> torc
 
 
 def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: IngestOptions | None = None,
-           on_progress: Callable[[int, int, int], None] | None = None) -> IngestResult:
-    """Prefill `document` in chunks and store its KV at `out`. `on_progress(done, total, reused)`
-    is called after every chunk. A partial store from an earlier run with equal inputs is resumed."""
+           on_progress: Callable[[int, int, int], None] | None = None,
+           on_index: Callable[[int, int], None] | None = None) -> IngestResult:
+    """Prefill `document` in chunks and store its KV (and search index) at `out`.
+
+    `on_progress(done, total, reused)` is called after every chunk, `on_index(done, total)` after
+    each layer's index is built. A partial store from an earlier run with equal inputs is resumed.
+    """
     options = options or IngestOptions()
-    if options.chunk_size < 1:
-        raise RaError("--chunk-size must be at least 1")
-    out = Path(out)
     layout = layout_for(loaded.tokenizer)
     prompter = Prompter(loaded.tokenizer, layout)
     tokens, pages = prompter.document_tokens(document.text, [p.char_start for p in document.pages])
     header = store_header(loaded, document, options, layout.as_dict())
+    return write_context(loaded, tokens, pages, header, out, options, on_progress, on_index)
+
+
+def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], header: dict, out: str | Path,
+                  options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
+    """Prefill `tokens` in chunks, streaming their KV (and what the index learns from) to disk,
+    build the search index and publish the store at `out`."""
+    if options.chunk_size < 1:
+        raise RaError("--chunk-size must be at least 1")
+    out = Path(out)
     kv_dtype = header["params"]["kv_dtype"]
     storage = numpy_storage_dtype(kv_dtype)
     shapes = layer_shapes(loaded.model.config)
@@ -104,6 +126,13 @@ def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: In
     n = len(tokens)
     cache = ContextCache.full(loaded.model.config, capacity=n)
     start = writer.tokens_done
+    collector = None
+    if options.index.kind == "graph":
+        shape = header["model_shape"]
+        collector = PrefillCollector(writer.dir / "work", n, [s.sliding_window for s in shapes], shape["heads"],
+                                     shape["kv_heads"], shape["head_dim"], options.index, resume=start > 0)
+        for layer in cache.layers:
+            layer.observer = collector.observe
     if start:
         for index, layer in enumerate(cache.layers):
             keys = stored_kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
@@ -118,15 +147,24 @@ def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: In
         for index, layer in enumerate(cache.layers):
             writer.write(index, start, _to_numpy(layer.keys[0, :, start:end], storage),
                          _to_numpy(layer.values[0, :, start:end], storage))
+        if collector is not None:
+            collector.flush()
         writer.commit(end)
         start = end
         if on_progress is not None:
             on_progress(end, n, writer.resumed_from)
+    prefill_seconds = time.perf_counter() - began
+    del cache
+    index_began = time.perf_counter()
+    section = build_store_indexes(writer, collector, options.index, header["model_shape"]["heads"], on_index)
+    index_seconds = time.perf_counter() - index_began
     seconds = time.perf_counter() - began
-    extra = {"ingest": {"chunk_size": options.chunk_size, "seconds": round(seconds, 3),
+    extra = {"index": section,
+             "ingest": {"chunk_size": options.chunk_size, "seconds": round(seconds, 3),
+                        "prefill_seconds": round(prefill_seconds, 3), "index_seconds": round(index_seconds, 3),
                         "prefilled_tokens": n - writer.resumed_from}}
     path = writer.publish(extra)
-    return IngestResult(path, n, writer.resumed_from, n - writer.resumed_from, seconds)
+    return IngestResult(path, n, writer.resumed_from, n - writer.resumed_from, seconds, prefill_seconds, index_seconds)
 
 
 def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptions | None = None,

@@ -153,6 +153,7 @@ class StoreWriter:
     def publish(self, extra: dict | None = None) -> Path:
         if self.tokens_done != self.n_tokens:
             raise RuntimeError("publish() before every token was written")
+        shutil.rmtree(self.dir / "work", ignore_errors=True)  # build-time scratch, not part of a store
         for array in (*self.keys, *self.values):
             array.flush()
         self.keys.clear()

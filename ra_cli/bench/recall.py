@@ -1,0 +1,253 @@
+"""`ra bench --recall`: how well each index finds decode queries' exact top-100 keys, and at what cost.
+
+Protocol (docs/benchmarks.md): a real document is cut to `context` tokens and ingested with the
+graph index, exactly as `ra ingest` does. The next `queries` tokens of the same text are then run
+through the model with full attention over the stored context; their post-RoPE queries are the
+held-out decode-time queries (never seen by any index). For the chosen layers, every index
+searches them and is compared with the exact top-100 by inner product over the indexed keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ra_cli.chat import full_attention_cache
+from ra_cli.engine.generate import prefill
+from ra_cli.errors import RaError
+from ra_cli.index import IndexParams, indexed_range, open_layer_index
+from ra_cli.index.base import float32_keys
+from ra_cli.index.flat import FlatLayerIndex
+from ra_cli.index.graph import recall
+from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
+from ra_cli.ingest import IngestOptions, model_shape, store_header, write_context
+from ra_cli.paths import contexts_dir
+from ra_cli.prompt import layout_for
+from ra_cli.store import ContextStore
+
+K = 100
+EF_SWEEP = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+TARGET = 0.95
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "ra-handbook.md"
+
+
+@dataclass
+class RecallBenchConfig:
+    context: int = 16384
+    queries: int = 256
+    layers: list[int] | None = None  # None: every 4th global layer
+    document: Path | None = None
+    chunk_size: int = 512
+    params: IndexParams = field(default_factory=IndexParams)
+
+
+def bench_text(document: Path | None) -> tuple[str, str]:
+    """(name, text) of the benchmark document: the shipped sample unless one is given."""
+    path = Path(document) if document else SAMPLE
+    if not path.is_file():
+        raise RaError(f"benchmark document {path} not found; pass --document FILE")
+    from ra_cli.document import load_document
+
+    return path.name, load_document(path).text
+
+
+def context_tokens(loaded, text: str, total: int) -> tuple[list[int], dict]:
+    """Template opening + document tokens, the document repeated until `total` tokens exist."""
+    layout = layout_for(loaded.tokenizer)
+    doc_ids = loaded.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    ids = [layout.bos_token_id] if layout.bos_token_id is not None else []
+    ids += loaded.tokenizer(layout.opening, add_special_tokens=False).input_ids if layout.opening else []
+    while len(ids) < total:
+        ids.extend(doc_ids)
+    return ids[:total], layout.as_dict()
+
+
+def ingest_for_bench(loaded, name: str, text: str, config: RecallBenchConfig, on_progress=None, on_index=None):
+    tokens, layout = context_tokens(loaded, text, config.context + config.queries)
+    context, held_out = tokens[: config.context], tokens[config.context:]
+    options = IngestOptions(chunk_size=config.chunk_size, index=config.params)
+    key = hashlib.sha256(json.dumps([context, loaded.fingerprint.digest, options.content_params(str(loaded.dtype))],
+                                    default=str).encode()).hexdigest()[:16]
+    path = contexts_dir() / f"bench-{Path(name).stem[:24]}-{config.context}-{key}.idx"
+    result = None
+    if not (path / "manifest.json").is_file():
+        from ra_cli.document import Document
+
+        document = Document(name=f"{name} (bench, {config.context} tokens)", sha256=key, kind="text", text="")
+        header = store_header(loaded, document, options, layout)
+        result = write_context(loaded, context, [0] * len(context), header, path, options, on_progress, on_index)
+    return ContextStore.open(path, loaded.fingerprint), held_out, result
+
+
+def capture_decode_queries(loaded, store: ContextStore, held_out: list[int], layers: list[int], hi: int, lo: int):
+    """Run the held-out tokens with full attention; return per layer the queries [H, q, D] float32
+    and the attention mass that static tokens (and static + exact top-100) hold."""
+    cache = full_attention_cache(loaded, store)
+    captured = {layer: [] for layer in layers}
+    mass = {layer: {"static": [], "static_top100": []} for layer in layers}
+
+    def observer(layer, query, keys, q_offset, kv_offset, scaling):
+        if layer not in captured:
+            return
+        q = query[0].float()
+        captured[layer].append(q.cpu().numpy())
+        heads, count, _ = q.shape
+        kv = keys[0].float()
+        groups = heads // kv.shape[0]
+        scores = torch.matmul(q.reshape(kv.shape[0], groups * count, -1), kv.transpose(-1, -2)).reshape(heads, count, -1)
+        scores = scores * scaling
+        positions = torch.arange(kv_offset, kv_offset + kv.shape[1])
+        query_positions = torch.arange(q_offset, q_offset + count)
+        scores.masked_fill_(positions[None, None, :] > query_positions[None, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        static = (positions < lo) | (positions >= hi)
+        static_mass = probs[..., static].sum(-1)
+        indexed = probs[..., lo - kv_offset: hi - kv_offset]
+        top = torch.topk(scores[..., lo - kv_offset: hi - kv_offset], min(K, hi - lo), dim=-1).indices
+        top_mass = torch.gather(indexed, -1, top).sum(-1)
+        mass[layer]["static"].append(static_mass.mean(1).numpy())
+        mass[layer]["static_top100"].append((static_mass + top_mass).mean(1).numpy())
+
+    for layer in cache.layers:
+        layer.observer = observer
+    for start in range(0, len(held_out), 64):
+        prefill(loaded.model, cache, held_out[start:start + 64], want_logits=False)
+    queries = {layer: np.concatenate(parts, axis=1) for layer, parts in captured.items()}
+    masses = {layer: {name: np.mean(values, axis=0).tolist() for name, values in m.items()} for layer, m in mass.items()}
+    return queries, masses
+
+
+def evaluations_at(target: float, curve: list[dict]) -> float | None:
+    """Evaluations needed to reach `target` recall, interpolated along an ef sweep (None: never)."""
+    previous = None
+    for point in curve:
+        if point["recall"] >= target:
+            if previous is None or point["recall"] == previous["recall"]:
+                return point["evaluations"]
+            fraction = (target - previous["recall"]) / (point["recall"] - previous["recall"])
+            return previous["evaluations"] + fraction * (point["evaluations"] - previous["evaluations"])
+        previous = point
+    return None
+
+
+def _pooled(results: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """results: per layer (found ids [H,q,k], truth [H,q,k], evaluations [H,q]) -> pooled stats."""
+    per_head = []
+    evaluations = []
+    hits = 0.0
+    total = 0
+    for found, truth, evals in results:
+        for h in range(found.shape[0]):
+            r = recall(found[h], truth[h])
+            per_head.append(r)
+            hits += r * found.shape[1]
+            total += found.shape[1]
+        evaluations.append(evals.mean())
+    return hits / total, min(per_head), float(np.mean(evaluations))
+
+
+def run_recall_bench(loaded, config: RecallBenchConfig, on_progress=None, on_index=None, status=print) -> dict:
+    name, text = bench_text(config.document)
+    started = time.perf_counter()
+    store, held_out, ingest_result = ingest_for_bench(loaded, name, text, config, on_progress, on_index)
+    section = store.manifest["index"]
+    lo, hi = section["lo"], section["hi"]
+    n_indexed = hi - lo
+    if n_indexed < 2 * K:
+        raise RaError(f"--context {config.context} leaves only {n_indexed} indexed keys; use at least {K * 2 + 640}")
+    shape = model_shape(loaded.model.config)
+    heads = shape["heads"]
+    global_layers = [int(layer) for layer in section["layers"]]
+    layers = config.layers or global_layers[::4]
+    unknown = [layer for layer in layers if layer not in global_layers]
+    if unknown:
+        raise RaError(f"--layers {unknown}: not global attention layers of this model (0..{shape['layers'] - 1})")
+    status(f"capturing {len(held_out)} held-out decode queries on layers {layers}")
+    queries, masses = capture_decode_queries(loaded, store, held_out, layers, hi, lo)
+    kinds = ("graph", "hnsw", "hnsw_centered", "flat")
+    per_kind = {kind: {"operating": [], "sweep": {ef: [] for ef in EF_SWEEP}, "build_seconds": 0.0, "index_bytes": 0}
+                for kind in kinds}
+    work = Path(tempfile.mkdtemp(prefix="ra-bench-"))
+    try:
+        for layer in layers:
+            status(f"layer {layer}: searching")
+            keys = float32_keys(np.asarray(store.keys(layer)[:, lo:hi]), store.kv_dtype)
+            q = queries[layer]
+            truth = FlatLayerIndex(keys).search(q, K).ids
+            indexes = {"graph": open_layer_index(store, layer), "flat": FlatLayerIndex(keys)}
+            entry = section["layers"][str(layer)]
+            per_kind["graph"]["build_seconds"] += entry.get("build_seconds", 0.0)
+            per_kind["graph"]["index_bytes"] += sum(store.file(f).stat().st_size for f in entry["files"].values())
+            for kind, centered in (("hnsw", False), ("hnsw_centered", True)):
+                params = IndexParams(kind="hnsw", hnsw_centered=centered)
+                graphs = []
+                for g in range(keys.shape[0]):
+                    path = work / f"{kind}_{layer}_{g}.bin"
+                    per_kind[kind]["build_seconds"] += build_hnsw_file(keys[g], path, params)
+                    per_kind[kind]["index_bytes"] += path.stat().st_size
+                    graphs.append(parse_hnsw_file(path, keys.shape[2]))
+                indexes[kind] = HnswLayerIndex(graphs, keys, heads)
+            for kind, index in indexes.items():
+                if kind == "flat":
+                    result = index.search(q, K)
+                    per_kind[kind]["operating"].append((result.ids, truth, result.evaluations))
+                    continue
+                for ef in EF_SWEEP:
+                    result = index.search(q, K, ef)
+                    per_kind[kind]["sweep"][ef].append((result.ids, truth, result.evaluations))
+                if kind == "graph":
+                    result = index.search(q, K)  # the per-layer ef calibrated at ingest: what chat uses
+                    per_kind[kind]["operating"].append((result.ids, truth, result.evaluations))
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "context_tokens": store.n_tokens, "indexed_keys": n_indexed, "held_out_queries": len(held_out),
+        "layers": layers, "document": name, "k": K, "target_recall": TARGET,
+        "ingest": store.manifest.get("ingest"), "indexes": {},
+    }
+    for kind in kinds:
+        data = per_kind[kind]
+        curve = []
+        if kind != "flat":
+            for ef in EF_SWEEP:
+                r, worst, evals = _pooled(data["sweep"][ef])
+                curve.append({"ef": ef, "recall": round(r, 4), "worst_head_recall": round(worst, 4),
+                              "evaluations": round(evals, 1)})
+        if data["operating"]:
+            r, worst, evals = _pooled(data["operating"])
+            operating = {"ef": "calibrated per layer" if kind == "graph" else None}
+        else:
+            reaching = next((p for p in curve if p["recall"] >= TARGET), curve[-1])
+            r, worst, evals = reaching["recall"], reaching["worst_head_recall"], reaching["evaluations"]
+            operating = {"ef": reaching["ef"]}
+        report["indexes"][kind] = {
+            "recall_at_100": round(r, 4), "worst_head_recall_at_100": round(worst, 4),
+            "evaluations_per_query": round(evals, 1), "scanned_fraction": round(evals / n_indexed, 4),
+            "build_seconds": round(data["build_seconds"], 3), "index_bytes": data["index_bytes"],
+            "evaluations_at_target": (None if kind == "flat" else evaluations_at(TARGET, curve)),
+            **operating, "sweep": curve,
+        }
+    graph_cost = report["indexes"]["graph"]["evaluations_at_target"]
+    if report["indexes"]["graph"]["recall_at_100"] >= TARGET:
+        graph_cost = min(filter(None, [graph_cost, report["indexes"]["graph"]["evaluations_per_query"]]))
+    for kind in ("hnsw", "hnsw_centered"):
+        other = report["indexes"][kind]["evaluations_at_target"]
+        report[f"{kind}_to_graph_scan_ratio"] = (round(other / graph_cost, 2) if other and graph_cost else None)
+    fp16_kv = 2 * 2 * shape["kv_heads"] * shape["head_dim"] * n_indexed * len(layers)
+    report["graph_index_bytes_per_fp16_kv_byte"] = round(report["indexes"]["graph"]["index_bytes"] / fp16_kv, 3)
+    report["attention_mass"] = {str(layer): {"static_mean": round(float(np.mean(m["static"])), 4),
+                                             "static_min_head": round(float(np.min(m["static"])), 4),
+                                             "static_top100_mean": round(float(np.mean(m["static_top100"])), 4),
+                                             "static_top100_min_head": round(float(np.min(m["static_top100"])), 4)}
+                                for layer, m in masses.items()}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report

@@ -1,0 +1,109 @@
+"""Search indexes over the stored keys of each global attention layer: graph (ours), hnsw, flat.
+
+Every layer index answers `search(queries [H, q, D], k, ef) -> SearchResult` with ids into the
+layer's indexed range [lo, hi) (position = lo + id), raw scores and counted distance evaluations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ra_cli.errors import RaError
+from ra_cli.index.base import KINDS, IndexParams, SearchResult, float32_keys, indexed_range
+from ra_cli.index.flat import FlatLayerIndex
+from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer
+from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
+
+__all__ = ["KINDS", "IndexParams", "SearchResult", "indexed_range", "build_store_indexes", "open_layer_index",
+           "index_files"]
+
+
+def index_files(kind: str, layer: int, kv_heads: int) -> dict[str, str]:
+    if kind == "graph":
+        return {name: f"index/{name}_{layer:03d}.npy" for name in ("graph", "router", "entries")}
+    if kind == "hnsw":
+        return {f"hnsw{g}": f"index/hnsw_{layer:03d}_{g}.bin" for g in range(kv_heads)}
+    return {}
+
+
+def layer_keys(store, layer: int, lo: int, hi: int) -> np.ndarray:
+    return float32_keys(store.keys(layer)[:, lo:hi], store.kv_dtype)
+
+
+def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_layer=None) -> dict:
+    """Build the index of every global layer from the written KV (and, for graph, the collector's
+    work files) into the writer's directory. Returns the manifest's "index" section."""
+    lo, hi = indexed_range(writer.n_tokens, params)
+    section = {"kind": params.kind, "params": params.as_dict(), "lo": lo, "hi": hi, "layers": {}}
+    global_layers = [i for i, shape in enumerate(writer.layers) if shape.sliding_window is None]
+    for count, layer in enumerate(global_layers):
+        keys = float32_keys(np.asarray(writer.keys[layer][:, lo:hi]), writer.kv_dtype)
+        entry: dict = {}
+        files = index_files(params.kind, layer, keys.shape[0])
+        if params.kind == "graph":
+            built = build_graph_layer(collector.lists[layer], collector.queries[layer], collector.knn[layer],
+                                      collector.sample_positions(), keys, hi, params)
+            np.save(writer.add_file(files["graph"]), built.adjacency)
+            np.save(writer.add_file(files["router"]), built.centroids)
+            np.save(writer.add_file(files["entries"]), built.entries)
+            entry = {"ef": built.ef, "validation_recall": built.validation_recall,
+                     "validation_evaluations": built.validation_evaluations,
+                     "build_seconds": round(built.build_seconds, 3)}
+        elif params.kind == "hnsw":
+            seconds = sum(build_hnsw_file(keys[g], writer.add_file(files[f"hnsw{g}"]), params)
+                          for g in range(keys.shape[0]))
+            entry = {"ef": 128, "build_seconds": round(seconds, 3)}
+        entry["files"] = files
+        section["layers"][str(layer)] = entry
+        if on_layer is not None:
+            on_layer(count + 1, len(global_layers))
+    return section
+
+
+def open_layer_index(store, layer: int):
+    """The search index of one layer of a store, or None for sliding-window layers."""
+    section = store.manifest.get("index")
+    if section is None:
+        raise RaError(f"{store.path}: this context has no search index; ingest it again with `--index graph`")
+    entry = section["layers"].get(str(layer))
+    if entry is None:
+        return None
+    params = IndexParams.from_dict(section["params"])
+    keys = layer_keys(store, layer, section["lo"], section["hi"])
+    heads = store.manifest["model_shape"]["heads"]
+    kind = section["kind"]
+    if kind == "flat":
+        return FlatLayerIndex(keys)
+    files = entry["files"]
+    if kind == "graph":
+        graph = GraphLayer(
+            adjacency=_load(store, files["graph"], mmap=True),
+            centroids=_load(store, files["router"]),
+            entries=_load(store, files["entries"]),
+            ef=int(entry["ef"]),
+        )
+        _check_graph(store, graph, heads, keys.shape[1])
+        return GraphLayerIndex(graph, keys, params)
+    if kind == "hnsw":
+        graphs = [parse_hnsw_file(store.file(files[f"hnsw{g}"]), keys.shape[2]) for g in range(keys.shape[0])]
+        return HnswLayerIndex(graphs, keys, heads, int(entry["ef"]))
+    raise RaError(f"{store.path}: unknown index kind {kind!r}; ingest again")
+
+
+def _load(store, relative: str, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(store.file(relative), mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RaError(f"{store.path}: cannot read {relative} ({exc}); ingest again")
+
+
+def _check_graph(store, graph: GraphLayer, heads: int, n: int) -> None:
+    adjacency = graph.adjacency
+    if adjacency.ndim != 3 or adjacency.shape[:2] != (heads, n):
+        raise RaError(f"{store.path}: graph has shape {adjacency.shape}, expected ({heads}, {n}, M); ingest again")
+    if graph.entries.shape[0] != heads or graph.centroids.shape[0] != heads:
+        raise RaError(f"{store.path}: graph router does not match the model's {heads} heads; ingest again")
+    if graph.entries.size and (graph.entries.max() >= n):
+        raise RaError(f"{store.path}: graph entry ids out of range; the index is damaged — ingest again")

@@ -1,0 +1,178 @@
+"""`graph`: the attention-aware index (ours). One graph per query head, built from prefill queries.
+
+Build (per layer, once prefill is done, from PrefillCollector's work files):
+1. co-selection counts: keys adjacent in a prefill query's exact top-k list are linked (numba);
+2. adjacency: each key's most co-selected keys + its nearest preceding keys by L2, every key
+   reachable;
+3. router: k-means of the normalised prefill queries; each cluster's most selected keys are the
+   entry points for decode queries that fall in it;
+4. ef: the smallest beam width whose recall on held-out prefill queries (those in the final
+   window, which see every indexed key) reaches the target, per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ra_cli.index.base import IndexParams, SearchBuffers, SearchResult, outputs
+from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency
+from ra_cli.index.kernels import search_heads_routed
+
+EF_CANDIDATES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
+CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
+NO_NEIGHBOR_16 = np.iinfo(np.uint16).max
+
+
+def adjacency_dtype(n: int):
+    return np.uint16 if n < NO_NEIGHBOR_16 else np.int32
+
+
+@dataclass
+class GraphLayer:
+    adjacency: np.ndarray  # [H, n, M] uint16 (65535 = empty) or int32 (-1 = empty)
+    centroids: np.ndarray  # [H, C, D] float32
+    entries: np.ndarray  # [H, C, E] int32
+    ef: int
+    validation_recall: float | None = None
+    validation_evaluations: float | None = None
+    build_seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.adjacency.nbytes + self.centroids.nbytes + self.entries.nbytes
+
+
+def kmeans_router(queries: np.ndarray, lists: np.ndarray, n: int, params: IndexParams, seed: int = 0):
+    """Cluster normalised queries [H, s, D]; entries = each cluster's most frequent top-2 keys."""
+    heads, _, dim = queries.shape
+    clusters = params.clusters
+    centroids = np.zeros((heads, clusters, dim), np.float32)
+    entries = np.full((heads, clusters, params.entries_per_cluster), -1, np.int32)
+    generator = torch.Generator().manual_seed(seed)
+    for h in range(heads):
+        valid = lists[h, :, 0] >= 0
+        x = torch.from_numpy(queries[h][valid].astype(np.float32))
+        if x.shape[0] == 0:
+            continue
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        count = min(clusters, x.shape[0])
+        centre = x[torch.randperm(x.shape[0], generator=generator)[:count]].clone()
+        for _ in range(8):
+            assign = torch.argmax(x @ centre.T, dim=1)
+            sums = torch.zeros_like(centre).index_add_(0, assign, x)
+            sizes = torch.bincount(assign, minlength=count)
+            moved = sizes > 0
+            centre[moved] = sums[moved] / sizes[moved, None]
+            centre = centre / centre.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        assign = torch.argmax(x @ centre.T, dim=1).numpy()
+        centroids[h, :count] = centre.numpy()
+        tops = lists[h][valid][:, :2]
+        for c in range(count):
+            picked = tops[assign == c].reshape(-1)
+            picked = picked[picked >= 0]
+            if picked.size:
+                frequency = np.bincount(picked, minlength=n)
+                best = np.argsort(-frequency, kind="stable")[: params.entries_per_cluster]
+                best = best[frequency[best] > 0]
+                entries[h, c, : best.size] = best
+    return centroids, entries
+
+
+def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, sample_positions: np.ndarray,
+                      keys: np.ndarray, hi: int, params: IndexParams) -> GraphLayer:
+    """lists [H, s, L], queries [H, s, D], knn [KVH, n, NK] from the collector; keys [KVH, n, D] float32."""
+    started = time.perf_counter()
+    heads = lists.shape[0]
+    kv_heads, n, _ = keys.shape
+    kv_of_head = np.arange(heads, dtype=np.int64) // (heads // kv_heads)
+    train = sample_positions < hi
+    train_lists = np.ascontiguousarray(lists[:, train])
+    table_ids = np.full((heads, n, params.slots), -1, np.int32)
+    table_counts = np.zeros((heads, n, params.slots), np.int32)
+    absorb_lists(train_lists, table_ids, table_counts)
+    adjacency = np.full((heads, n, params.degree), -1, np.int32)
+    assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]), kv_of_head, n,
+                       params.degree - params.knn, adjacency)
+    del table_ids, table_counts
+    dtype = adjacency_dtype(n)
+    if dtype == np.uint16:
+        adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
+    centroids, entries = kmeans_router(np.asarray(queries[:, train]), train_lists, n, params)
+    layer = GraphLayer(adjacency, centroids, entries, ef=128)
+    held_out = np.nonzero(~train)[0][-CALIBRATION_QUERIES:]
+    if held_out.size:
+        truth = np.asarray(lists[:, held_out])
+        probe = np.asarray(queries[:, held_out]).astype(np.float32)
+        layer.ef, layer.validation_recall, layer.validation_evaluations = calibrate_ef(
+            GraphLayerIndex(layer, keys, params), probe, truth, params.target_recall)
+    layer.build_seconds = time.perf_counter() - started
+    return layer
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / |truth| (ignoring -1 padding in truth)."""
+    hits, total = 0, 0
+    for f, t in zip(found.reshape(-1, found.shape[-1]), truth.reshape(-1, truth.shape[-1])):
+        t = t[t >= 0]
+        hits += np.isin(t, f).sum()
+        total += t.size
+    return hits / total if total else 1.0
+
+
+def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float):
+    """Smallest ef in EF_CANDIDATES reaching `target` recall on the probe queries (bisection:
+    recall grows with ef). Returns (ef, recall, mean evaluations)."""
+    k = truth.shape[-1]
+    measured = {}
+
+    def measure(position):
+        if position not in measured:
+            ef = max(EF_CANDIDATES[position], k)
+            result = index.search(probe, k, ef)
+            measured[position] = (ef, recall(result.ids, truth), float(result.evaluations.mean()))
+        return measured[position]
+
+    low, high = 0, len(EF_CANDIDATES) - 1
+    if measure(high)[1] < target:
+        return measure(high)
+    while low < high:
+        middle = (low + high) // 2
+        if measure(middle)[1] >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return measure(low)
+
+
+class GraphLayerIndex:
+    """Search over one layer's graphs; keys [KVH, n, D] float32 are shared by the GQA group."""
+
+    kind = "graph"
+
+    def __init__(self, layer: GraphLayer, keys: np.ndarray, params: IndexParams):
+        self.layer = layer
+        self.keys = keys
+        self.params = params
+        self.heads = layer.adjacency.shape[0]
+        self.n = keys.shape[1]
+        self.kv_of_head = np.arange(self.heads, dtype=np.int64) // (self.heads // keys.shape[0])
+        self.buffers = SearchBuffers(self.heads, self.n)
+
+    @property
+    def default_ef(self) -> int:
+        return self.layer.ef
+
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
+        heads, count, _ = queries.shape
+        ids, scores, evaluations = outputs(heads, count, k)
+        if self.n == 0:
+            return SearchResult(ids, scores, evaluations)
+        search_heads_routed(np.ascontiguousarray(queries, dtype=np.float32), self.keys, self.kv_of_head,
+                            self.layer.adjacency, self.n, self.layer.centroids, self.layer.entries,
+                            min(self.params.route, self.layer.centroids.shape[1]), max(ef or self.layer.ef, k), k,
+                            self.buffers.visited, self.buffers.epochs, ids, scores, evaluations)
+        return SearchResult(ids, scores, evaluations)
