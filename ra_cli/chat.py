@@ -8,6 +8,8 @@ from typing import Callable
 
 from ra_cli.engine.cache import ContextCache
 from ra_cli.engine.generate import Sampling, decode, prefill
+from ra_cli.engine.retrieval import RetrievalSettings, retrieval_cache
+from ra_cli.errors import RaError
 from ra_cli.ingest import stored_kv_to_tensor
 from ra_cli.model import LoadedModel
 from ra_cli.prompt import Prompter, PromptLayout
@@ -76,11 +78,27 @@ class TextStream:
         return new
 
 
+def open_cache(loaded: LoadedModel, store: ContextStore, attention: str = "retrieval",
+               settings: RetrievalSettings | None = None) -> ContextCache:
+    """The conversation cache for an attention mode: full (all KV on the device), retrieval (the
+    store's index), flat (exact top-k search, the reference for retrieval)."""
+    if attention == "full":
+        return full_attention_cache(loaded, store)
+    if "index" not in store.manifest:
+        raise RaError(f"{store.path}: this context has no index section; ingest it again")
+    kind = store.manifest["index"]["kind"]
+    if attention not in ("retrieval", "flat", kind):
+        raise RaError(f"--attention {attention}: this context was indexed with {kind}; "
+                      f"use --attention retrieval, flat or full, or ingest again with --index {attention}")
+    return retrieval_cache(loaded, store, settings or RetrievalSettings(), "flat" if attention == "flat" else None)
+
+
 @dataclass
 class ChatSession:
     loaded: LoadedModel
     store: ContextStore
     cache: ContextCache
+    rebuild: Callable[[], ContextCache] | None = None  # a fresh cache, for /clear when truncation cannot
     turns: int = 0
     unfed: list[int] = field(default_factory=list)  # sampled tokens not yet in the cache
     history: list[Answer] = field(default_factory=list)
@@ -104,7 +122,10 @@ class ChatSession:
 
     def clear(self) -> None:
         """Forget the conversation, keep the document."""
-        self.cache.truncate(self.document_tokens)
+        if self.rebuild is not None:
+            self.cache = self.rebuild()  # retrieval caches may have moved conversation into the index
+        else:
+            self.cache.truncate(self.document_tokens)
         self.turns = 0
         self.unfed = []
 
@@ -151,9 +172,29 @@ class ChatSession:
         return answer
 
     def stats(self) -> dict:
-        return {
+        stats = {
             "document_tokens": self.document_tokens,
             "conversation_tokens": self.cache.length - self.document_tokens + len(self.unfed),
             "turns": self.turns,
             "prefilled_tokens_this_session": self.prefilled_tokens,
+            "device_memory_mb": round(device_memory_bytes(self.cache, self.loaded) / 2**20, 1),
         }
+        retrieval = getattr(self.cache, "retrieval_stats", None)
+        if retrieval is not None:
+            stats.update(retrieval.as_dict())
+            stats["indexed_keys_per_head"] = retrieval.indexed_keys + retrieval.evicted
+        return stats
+
+
+def device_memory_bytes(cache: ContextCache, loaded: LoadedModel) -> int:
+    """Bytes of KV the cache holds on the compute device (plus, on CUDA, what torch allocated)."""
+    import torch
+
+    if loaded.device.type == "cuda":
+        return torch.cuda.memory_allocated(loaded.device)
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -93,6 +93,8 @@ def ingest_command(
     chunk_size: int = ChunkOpt,
     kv_dtype: str = KvDtypeOpt,
     index: str = IndexOpt,
+    sinks: int = typer.Option(128, "--sinks", help="First tokens kept on the device at chat time, never indexed."),
+    window: int = typer.Option(512, "--window", help="Last tokens kept on the device at chat time, never indexed."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -107,7 +109,9 @@ def ingest_command(
     _check_ingest_options(chunk_size, kv_dtype, dtype, index)
     doc = _load_document(document, encoding)
     loaded = _load_model(model, device, dtype)
-    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype, index=IndexParams(kind=index))
+    if sinks < 0 or window < 0:
+        raise RaError("--sinks and --window must be at least 0")
+    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype, index=IndexParams(kind=index, sinks=sinks, window=window))
     out = save or cached_context_path(loaded, doc, options)
     result = _run_ingest(loaded, doc, out, options)
     summary = {
@@ -125,7 +129,7 @@ def ingest_command(
                      f"{result.tokens_per_second:,.0f} tok/s")
 
 
-def _open_source(source: Path, loaded, encoding: str, chunk_size: int, kv_dtype: str):
+def _open_source(source: Path, loaded, encoding: str, chunk_size: int, kv_dtype: str, index_params):
     """A saved context directory, or a document ingested into (or reused from) the cache."""
     from ra_cli.ingest import IngestOptions, ensure_context
     from ra_cli.store import MANIFEST, ContextStore, partial_path
@@ -138,7 +142,7 @@ def _open_source(source: Path, loaded, encoding: str, chunk_size: int, kv_dtype:
         status(f"context {source}: {store.n_tokens:,} tokens of {store.manifest['document']['name']}")
         return store
     doc = _load_document(source, encoding)
-    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype)
+    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype, index=index_params)
     try:
         with TokenProgress("prefill") as bar:
             store, result = ensure_context(loaded, doc, options, bar)
@@ -170,7 +174,12 @@ def chat_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise the answer's recent tokens (1.1 stops small models looping; 1 = off)."),
     raw: bool = typer.Option(False, "--raw", help="Append the text right after the document, no chat template (plain continuation)."),
-    attention: str = typer.Option("full", "--attention", help="Attention at decode: full (exact, all KV on the device)."),
+    attention: str = typer.Option("retrieval", "--attention", help="retrieval (static set on the device + index search, default), full (all KV on the device), flat (exact top-k search), or the context's index kind (graph, hnsw)."),
+    top_k: int = typer.Option(100, "--top-k", help="Keys retrieved per query head per layer."),
+    ef: Optional[int] = typer.Option(None, "--ef", help="Search beam width (default: calibrated per layer at ingest)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Recent tokens kept on the device; older ones move into the index (default: as ingested, 512)."),
+    sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens kept on the device; fixed when the document is ingested (default 128)."),
+    index: str = IndexOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
     chunk_size: int = ChunkOpt,
     kv_dtype: str = KvDtypeOpt,
@@ -180,21 +189,34 @@ def chat_command(
     encoding: str = EncodingOpt,
 ):
     """Chat with a document: interactive, or scripted with --ask."""
-    from ra_cli.chat import ChatSession, full_attention_cache
+    from ra_cli.index import IndexParams
+    from ra_cli.chat import ChatSession, open_cache
     from ra_cli.engine.generate import Sampling
+    from ra_cli.engine.retrieval import RetrievalSettings
 
-    _check_ingest_options(chunk_size, kv_dtype, dtype)
+    _check_ingest_options(chunk_size, kv_dtype, dtype, index)
     if max_new_tokens < 1:
         raise RaError("--max-new-tokens must be at least 1")
     if temperature < 0 or not 0 < top_p <= 1 or repeat_penalty <= 0:
         raise RaError("--temperature must be >= 0, --top-p in (0, 1] and --repeat-penalty > 0")
-    if attention != "full":
-        raise RaError(f"unknown --attention '{attention}'; choose full")
+    if attention not in ("retrieval", "full", "flat", "graph", "hnsw"):
+        raise RaError(f"unknown --attention '{attention}'; choose retrieval, full, flat, graph or hnsw")
+    if top_k < 1 or (ef is not None and ef < 1) or (window or 0) < 0 or (sinks or 0) < 0:
+        raise RaError("--top-k and --ef must be at least 1, --window and --sinks at least 0")
     if not source.exists() and not source.with_name(source.name + ".partial").exists():
         raise RaError(f"{source}: no such file or context")
     loaded = _load_model(model, device, dtype)
-    store = _open_source(source, loaded, encoding, chunk_size, kv_dtype)
-    session = ChatSession(loaded, store, full_attention_cache(loaded, store))
+    defaults = IndexParams()
+    index_params = IndexParams(kind=index, sinks=defaults.sinks if sinks is None else sinks,
+                               window=defaults.window if window is None else window)
+    store = _open_source(source, loaded, encoding, chunk_size, kv_dtype, index_params)
+    stored = store.manifest.get("index", {}).get("params", {})
+    if sinks is not None and stored and stored["sinks"] != sinks:
+        raise RaError(f"{source} was ingested with --sinks {stored['sinks']}; sinks are fixed at ingest — "
+                      "ingest again to change them")
+    settings = RetrievalSettings(top_k=top_k, ef=ef, window=stored.get("window", index_params.window) if window is None else window)
+    session = ChatSession(loaded, store, open_cache(loaded, store, attention, settings),
+                          rebuild=(lambda: open_cache(loaded, store, attention, settings)) if attention != "full" else None)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
 
     def answer(question: str) -> None:

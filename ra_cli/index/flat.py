@@ -17,6 +17,10 @@ class FlatLayerIndex:
         self.n = keys.shape[1]
         self.heads = None
 
+    def grow(self, keys: np.ndarray, n: int) -> None:
+        self.keys = keys[:, :n]
+        self.n = n
+
     def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
         heads, count, dim = queries.shape
         ids, scores, evaluations = outputs(heads, count, k)

@@ -20,7 +20,7 @@ import torch
 
 from ra_cli.index.base import IndexParams, SearchBuffers, SearchResult, outputs
 from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency
-from ra_cli.index.kernels import search_heads_routed
+from ra_cli.index.kernels import insert_nodes, search_heads_routed
 
 EF_CANDIDATES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
@@ -165,6 +165,24 @@ class GraphLayerIndex:
     @property
     def default_ef(self) -> int:
         return self.layer.ef
+
+    def grow(self, keys: np.ndarray, n: int) -> None:
+        """Index keys [self.n, n) of `keys` (which holds at least n keys per KV head)."""
+        if n <= self.n:
+            return
+        adjacency = self.layer.adjacency
+        if adjacency.dtype != np.int32 or adjacency.shape[1] < n or not adjacency.flags.writeable:
+            capacity = max(n, adjacency.shape[1] + 1024)
+            grown = np.full((adjacency.shape[0], capacity, adjacency.shape[2]), -1, np.int32)
+            old = np.asarray(adjacency[:, : self.n]).astype(np.int32)
+            if adjacency.dtype == np.uint16:
+                old[old == NO_NEIGHBOR_16] = -1
+            grown[:, : self.n] = old
+            self.layer.adjacency = grown
+        self.keys = keys
+        self.buffers.grow(n)
+        insert_nodes(keys, self.kv_of_head, self.layer.adjacency, self.n, n, 64, self.buffers.visited, self.buffers.epochs)
+        self.n = n
 
     def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
         heads, count, _ = queries.shape

@@ -18,7 +18,7 @@ import numpy as np
 
 from ra_cli.errors import RaError
 from ra_cli.index.base import IndexParams, SearchBuffers, SearchResult, outputs
-from ra_cli.index.kernels import search_heads_hnsw
+from ra_cli.index.kernels import insert_nodes, search_heads_hnsw
 
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 
@@ -124,6 +124,26 @@ class HnswLayerIndex:
             self.upper_rows[g] = graph.upper_rows
             self.entry[g] = graph.entry_point
         self.buffers = SearchBuffers(heads, self.n)
+
+    def grow(self, keys: np.ndarray, n: int) -> None:
+        """New keys join layer 0 only (as hnswlib inserts would, at level 0 for most keys)."""
+        if n <= self.n:
+            return
+        if self.base.shape[1] < n:
+            grown = np.full((self.base.shape[0], max(n, self.base.shape[1] + 1024), self.base.shape[2]), -1, np.int32)
+            grown[:, : self.n] = self.base[:, : self.n]
+            self.base = grown
+            levels = np.zeros((self.levels.shape[0], grown.shape[1]), np.int32)
+            levels[:, : self.n] = self.levels[:, : self.n]
+            rows = np.full((self.levels.shape[0], grown.shape[1]), -1, np.int32)
+            rows[:, : self.n] = self.upper_rows[:, : self.n]
+            self.levels, self.upper_rows = levels, rows
+        self.keys = keys
+        self.buffers.grow(n)
+        graph_buffers = SearchBuffers(self.base.shape[0], n)
+        insert_nodes(keys, np.arange(self.base.shape[0], dtype=np.int64), self.base, self.n, n, 64,
+                     graph_buffers.visited, graph_buffers.epochs)
+        self.n = n
 
     def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
         heads, count, _ = queries.shape

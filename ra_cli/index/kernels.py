@@ -128,31 +128,47 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch,
         res_size = _heap_push_min(res_keys, res_ids, res_size, score, node)
         if res_size > ef:
             res_size = _heap_pop_min(res_keys, res_ids, res_size)
-    while cand_size > 0:
-        best_score = cand_keys[0]
-        node = cand_ids[0]
-        if res_size >= ef and best_score < res_keys[0]:
-            break
-        cand_size = _heap_pop_max(cand_keys, cand_ids, cand_size)
-        for j in range(width):
-            neighbor = adjacency[node, j]
-            # padding is -1 (int32) or the dtype's max (uint16): both end the row
-            if neighbor < 0 or neighbor >= n_valid:
+    cursor = 0
+    while True:
+        while cand_size > 0:
+            best_score = cand_keys[0]
+            node = cand_ids[0]
+            if res_size >= ef and best_score < res_keys[0]:
                 break
-            if visited[neighbor] == epoch:
-                continue
-            visited[neighbor] = epoch
-            score = _dot(query, keys[neighbor])
-            evaluations += 1
-            if res_size < ef or score > res_keys[0]:
-                if cand_size == cand_cap:
-                    cand_keys = np.concatenate((cand_keys, np.empty(cand_cap, np.float32)))
-                    cand_ids = np.concatenate((cand_ids, np.empty(cand_cap, np.int32)))
-                    cand_cap *= 2
-                cand_size = _heap_push_max(cand_keys, cand_ids, cand_size, score, neighbor)
-                res_size = _heap_push_min(res_keys, res_ids, res_size, score, neighbor)
-                if res_size > ef:
-                    res_size = _heap_pop_min(res_keys, res_ids, res_size)
+            cand_size = _heap_pop_max(cand_keys, cand_ids, cand_size)
+            for j in range(width):
+                neighbor = adjacency[node, j]
+                # padding is -1 (int32) or the dtype's max (uint16): both end the row
+                if neighbor < 0 or neighbor >= n_valid:
+                    break
+                if visited[neighbor] == epoch:
+                    continue
+                visited[neighbor] = epoch
+                score = _dot(query, keys[neighbor])
+                evaluations += 1
+                if res_size < ef or score > res_keys[0]:
+                    if cand_size == cand_cap:
+                        cand_keys = np.concatenate((cand_keys, np.empty(cand_cap, np.float32)))
+                        cand_ids = np.concatenate((cand_ids, np.empty(cand_cap, np.int32)))
+                        cand_cap *= 2
+                    cand_size = _heap_push_max(cand_keys, cand_ids, cand_size, score, neighbor)
+                    res_size = _heap_push_min(res_keys, res_ids, res_size, score, neighbor)
+                    if res_size > ef:
+                        res_size = _heap_pop_min(res_keys, res_ids, res_size)
+        # The beam ran dry with room left in the results: the part of the graph reachable from the
+        # entries is exhausted. Continue from an unvisited key, so that ef >= n is exact search.
+        if res_size >= ef:
+            break
+        while cursor < n_valid and visited[cursor] == epoch:
+            cursor += 1
+        if cursor >= n_valid:
+            break
+        visited[cursor] = epoch
+        score = _dot(query, keys[cursor])
+        evaluations += 1
+        cand_size = 0
+        cand_size = _heap_push_max(cand_keys, cand_ids, cand_size, score, cursor)
+        res_size = _heap_push_min(res_keys, res_ids, res_size, score, cursor)
     # results: min-heap -> sorted best first
     order = np.argsort(-res_keys[:res_size])
     for i in range(k):
@@ -255,3 +271,87 @@ def search_heads_hnsw(queries, keys, kv_of_head, base_links, n_valid, entry_poin
             # the descent already evaluated `node`; beam_search evaluates it once more, so subtract it
             out_evals[h, i] = descent - 1 + beam_search(queries[h, i], key_set, base_links[g], n_valid, start, ef, k,
                                                         visited[h], epochs[h], out_ids[h, i], out_scores[h, i])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
+    """Softmax attention of queries [H, q, D] over their own retrieved keys (ids [H, q, k], -1 =
+    none) of keys/values [KVH, n, D]: writes out [H, q, Dv] and the log-sum-exp [H, q] (-inf when
+    nothing was retrieved) so the result merges exactly with the static part."""
+    heads, count, _ = queries.shape
+    width = ids.shape[2]
+    for h in prange(heads):
+        g = kv_of_head[h]
+        weights = np.empty(width, np.float32)
+        for i in range(count):
+            best = -np.inf
+            for j in range(width):
+                node = ids[h, i, j]
+                if node < 0:
+                    weights[j] = -np.inf
+                    continue
+                weights[j] = _dot(queries[h, i], keys[g, node]) * scaling
+                if weights[j] > best:
+                    best = weights[j]
+            for d in range(out.shape[2]):
+                out[h, i, d] = 0.0
+            if best == -np.inf:
+                lse[h, i] = -np.inf
+                continue
+            total = np.float32(0.0)
+            for j in range(width):
+                node = ids[h, i, j]
+                if node < 0:
+                    continue
+                w = np.exp(weights[j] - best)
+                total += w
+                row = values[g, node]
+                for d in range(out.shape[2]):
+                    out[h, i, d] += w * row[d]
+            for d in range(out.shape[2]):
+                out[h, i, d] /= total
+            lse[h, i] = best + np.log(total)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited, epochs):
+    """Link keys [first, last) into graphs adjacency [G, capacity, M] (int32, writable) that hold
+    keys [0, first): each new key searches the graph with its own vector, keeps the best hits as
+    neighbours plus its predecessor, and every neighbour gets an edge back (its weakest slot is
+    overwritten when full)."""
+    graphs = adjacency.shape[0]
+    width = adjacency.shape[2]
+    for g in prange(graphs):
+        key_set = keys[kv_of_graph[g]]
+        found = np.empty(width, np.int32)
+        scores = np.empty(width, np.float32)
+        entries = np.empty(2, np.int32)
+        for t in range(first, last):
+            row = adjacency[g, t]
+            row[:] = -1
+            filled = 0
+            if t > 0:
+                epochs[g] += 1
+                entries[0] = t - 1
+                entries[1] = 0
+                beam_search(key_set[t], key_set, adjacency[g], t, entries, max(ef, width), width - 1, visited[g],
+                            epochs[g], found, scores)
+                for j in range(width - 1):
+                    if found[j] >= 0:
+                        row[filled] = found[j]
+                        filled += 1
+                predecessor_known = False
+                for j in range(filled):
+                    if row[j] == t - 1:
+                        predecessor_known = True
+                if not predecessor_known:
+                    row[filled] = t - 1
+                    filled += 1
+            for j in range(filled):
+                u = row[j]
+                slot = width - 1
+                for s in range(width):
+                    if adjacency[g, u, s] < 0:
+                        slot = s
+                        break
+                adjacency[g, u, slot] = t

@@ -1,0 +1,254 @@
+"""Retrieval attention at decode (RetrievalAttention, Liu et al. 2024).
+
+Each global layer keeps a small static set on the compute device — the first `lo` tokens (sinks)
+and every token from `hi` on (the recent window, which grows with the conversation) — and finds
+the rest by searching its CPU-side index with each query head. The two partial attentions are
+merged exactly by their log-sum-exp, so with a retrieval budget that covers every indexed key the
+output is full attention (up to rounding).
+
+When the window outgrows its budget, its oldest tokens move into the index (the graph gets their
+keys, linked in by search), so nothing said in a long conversation is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ra_cli.engine.attention import attention_with_lse, merge_partial
+from ra_cli.index.kernels import attend_retrieved
+
+EVICT_BATCH = 64  # tokens moved from the window into the index at a time
+
+
+@dataclass
+class RetrievalSettings:
+    top_k: int = 100
+    ef: int | None = None  # None: the per-layer ef calibrated at ingest
+    window: int = 512  # recent tokens kept on the device before eviction into the index
+
+
+@dataclass
+class RetrievalStats:
+    """What decoding cost, for /stats and `ra eval`."""
+
+    steps: int = 0  # query positions searched (per layer)
+    evaluations: int = 0  # distance evaluations, summed over heads and layers
+    searches: int = 0  # (query head, position, layer) searches
+    retrieval_seconds: float = 0.0  # CPU search + gather + attention
+    evicted: int = 0
+    indexed_keys: int = 0
+    per_layer_evaluations: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "keys_scanned_per_search": round(self.evaluations / self.searches, 1) if self.searches else 0.0,
+            "retrieval_ms_per_token": round(1000 * self.retrieval_seconds / self.steps, 3) if self.steps else 0.0,
+            "searches": self.searches, "evicted_into_index": self.evicted,
+        }
+
+
+class HostKV:
+    """The indexed part of one layer's KV in CPU memory: the stored arrays (memory-mapped) for
+    positions [lo, n_stored), and a growable RAM copy once conversation tokens are evicted."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray):
+        self.keys = keys  # [KVH, n, D] float32
+        self.values = values
+        self.count = keys.shape[1]
+        self.owned = False
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        needed = self.count + keys.shape[1]
+        if not self.owned or needed > self.keys.shape[1]:
+            capacity = max(needed, int(self.count * 1.25) + 1024)
+            grown_k = np.empty((self.keys.shape[0], capacity, self.keys.shape[2]), np.float32)
+            grown_v = np.empty((self.values.shape[0], capacity, self.values.shape[2]), np.float32)
+            grown_k[:, : self.count] = self.keys[:, : self.count]
+            grown_v[:, : self.count] = self.values[:, : self.count]
+            self.keys, self.values, self.owned = grown_k, grown_v, True
+        self.keys[:, self.count:needed] = keys
+        self.values[:, self.count:needed] = values
+        self.count = needed
+
+
+class RetrievalLayer(CacheLayerMixin):
+    """KV of one global layer for retrieval attention: static set on the device, the rest indexed."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, layer_idx: int, index, host: HostKV, n_indexed: int, lo: int, sink_k, sink_v, window_k, window_v,
+                 settings: RetrievalSettings, stats: RetrievalStats):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.index = index
+        self.host = host  # keys/values of positions [lo, lo + host.count); the first n_indexed are indexed
+        self.n_indexed = n_indexed
+        self.lo = lo
+        self.settings = settings
+        self.stats = stats
+        self.device = sink_k.device
+        # static buffer: sinks [0, lo) then window tokens [lo + n_indexed, ...) in order
+        capacity = sink_k.shape[2] + window_k.shape[2] + settings.window + 2 * EVICT_BATCH + 64
+        shape = (1, sink_k.shape[1], capacity, sink_k.shape[3])
+        self.keys = sink_k.new_empty(shape)
+        self.values = sink_v.new_empty(shape[:3] + (sink_v.shape[3],))
+        self.static = 0
+        self._append(sink_k, sink_v)
+        self._append(window_k, window_v)
+        self.is_initialized = True
+        self.observer = None
+        self.counts_steps = False  # exactly one layer counts decoded positions in the stats
+        self.kv_of_head = None
+
+    # -- storage ---------------------------------------------------------------------------------
+    @property
+    def window_start(self) -> int:
+        """Absolute position of the first window token."""
+        return self.lo + self.n_indexed
+
+    @property
+    def length(self) -> int:
+        return self.window_start + (self.static - self.lo)
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = self.static + keys.shape[2]
+        if end > self.keys.shape[2]:
+            capacity = max(end, 2 * self.keys.shape[2])
+            grown_k = self.keys.new_empty((*self.keys.shape[:2], capacity, self.keys.shape[3]))
+            grown_v = self.values.new_empty((*self.values.shape[:2], capacity, self.values.shape[3]))
+            grown_k[:, :, : self.static] = self.keys[:, :, : self.static]
+            grown_v[:, :, : self.static] = self.values[:, :, : self.static]
+            self.keys, self.values = grown_k, grown_v
+        self.keys[:, :, self.static:end] = keys
+        self.values[:, :, self.static:end] = values
+        self.static = end
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # built ready in __init__
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._append(key_states, value_states)
+        return self.keys[:, :, : self.static], self.values[:, :, : self.static]
+
+    def evict(self) -> None:
+        """Move the window's oldest tokens into the index once it exceeds its budget."""
+        window = self.static - self.lo
+        if window <= self.settings.window + EVICT_BATCH:
+            return
+        count = window - self.settings.window
+        start = self.lo
+        keys = self.keys[0, :, start:start + count].float().cpu().numpy()
+        values = self.values[0, :, start:start + count].float().cpu().numpy()
+        first = self.n_indexed
+        if self.host.count < first + count:
+            self.host.append(keys[:, self.host.count - first:], values[:, self.host.count - first:])
+        self.index.grow(self.host.keys, first + count)
+        self.n_indexed += count
+        self.keys[:, :, start:self.static - count] = self.keys[:, :, start + count:self.static].clone()
+        self.values[:, :, start:self.static - count] = self.values[:, :, start + count:self.static].clone()
+        self.static -= count
+        self.stats.evicted += count
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        keep_window = max(0, self.static - self.lo + tokens_to_remove)
+        if keep_window == 0 and self.static - self.lo + tokens_to_remove < 0:
+            raise ValueError("cannot forget tokens that were already moved into the index")
+        self.static = self.lo + keep_window
+
+    # -- attention -------------------------------------------------------------------------------
+    def attend(self, query, scaling, sliding_window=None, softcap=None):
+        q_len = query.shape[2]
+        q_offset = self.length - q_len
+        static_k = self.keys[:, :, : self.static]
+        static_v = self.values[:, :, : self.static]
+        mask = None
+        if q_len > 1:
+            positions = torch.cat([torch.arange(self.lo, device=self.device),
+                                   torch.arange(self.window_start, self.length, device=self.device)])
+            query_positions = torch.arange(q_offset, self.length, device=self.device)
+            mask = positions[None, :] <= query_positions[:, None]
+        if self.observer is not None:
+            self.observer(self.layer_idx, query, static_k, q_offset, 0, scaling)
+        host_query = query[0].float().cpu().numpy()  # a sync point: start device work after it
+        static_out, static_lse = attention_with_lse(query, static_k, static_v, scaling, mask, softcap)
+        began = time.perf_counter()
+        heads = query.shape[1]
+        retrieved_out = np.zeros((heads, q_len, self.values.shape[3]), np.float32)
+        retrieved_lse = np.full((heads, q_len), -np.inf, np.float32)
+        if self.n_indexed > 0 and self.settings.top_k > 0:
+            k = min(self.settings.top_k, self.n_indexed)
+            result = self.index.search(host_query, k, self.settings.ef)
+            if self.kv_of_head is None:
+                self.kv_of_head = np.arange(heads, dtype=np.int64) // (heads // self.host.keys.shape[0])
+            attend_retrieved(host_query, self.host.keys, self.host.values, self.kv_of_head, result.ids,
+                             np.float32(scaling), retrieved_out, retrieved_lse)
+            evaluations = int(result.evaluations.sum())
+            self.stats.evaluations += evaluations
+            self.stats.searches += result.evaluations.size
+            self.stats.per_layer_evaluations[self.layer_idx] = (
+                self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations)
+        self.stats.retrieval_seconds += time.perf_counter() - began
+        if self.counts_steps:
+            self.stats.steps += q_len
+        out_cpu = torch.from_numpy(retrieved_out)[None].to(self.device)
+        lse_cpu = torch.from_numpy(retrieved_lse)[None].to(self.device)
+        merged, _ = merge_partial([static_out, out_cpu], [static_lse, lse_cpu])
+        self.evict()
+        return merged.to(query.dtype)
+
+
+def retrieval_cache(loaded, store, settings: RetrievalSettings, index_kind: str | None = None):
+    """A ContextCache over a stored context: retrieval layers for global attention layers (their
+    static set on the device), full device KV for sliding-window layers (which never look far)."""
+    from ra_cli.engine.cache import ContextCache, DeviceKVLayer
+    from ra_cli.index import open_layer_index
+    from ra_cli.index.base import float32_keys
+    from ra_cli.index.flat import FlatLayerIndex
+    from ra_cli.ingest import stored_kv_to_tensor
+
+    section = store.manifest["index"]
+    lo, hi, n = section["lo"], section["hi"], store.n_tokens
+    stats = RetrievalStats(indexed_keys=hi - lo)
+    layers = []
+
+    def device(array):
+        return stored_kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.dtype)[None]
+
+    for i, shape in enumerate(store.layers):
+        if shape.sliding_window is not None:
+            layer = DeviceKVLayer(i, shape.sliding_window, capacity=n + 4096)
+            layer.load(device(store.keys(i)), device(store.values(i)))
+            layers.append(layer)
+            continue
+        host = HostKV(float32_keys(store.keys(i)[:, lo:n], store.kv_dtype),
+                      float32_keys(store.values(i)[:, lo:n], store.kv_dtype))
+        if index_kind == "flat":
+            index = FlatLayerIndex(host.keys[:, : hi - lo])
+        else:
+            index = open_layer_index(store, i)
+        layer = RetrievalLayer(i, index, host, hi - lo, lo, device(store.keys(i)[:, :lo]), device(store.values(i)[:, :lo]),
+                               device(store.keys(i)[:, hi:n]), device(store.values(i)[:, hi:n]), settings, stats)
+        layers.append(layer)
+    retrieval_layers = [layer for layer in layers if isinstance(layer, RetrievalLayer)]
+    if retrieval_layers:
+        retrieval_layers[0].counts_steps = True
+    cache = ContextCache(layers)
+    cache.retrieval_stats = stats
+    return cache

@@ -1,0 +1,184 @@
+"""Search indexes: exactness limits, valid results, recall on the real model, persistence, corruption."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+
+from conftest import LIGHTHOUSE
+from ra_cli.document import load_document
+from ra_cli.errors import RaError
+from ra_cli.index import IndexParams, open_layer_index
+from ra_cli.index.base import indexed_range
+from ra_cli.index.flat import FlatLayerIndex
+from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer, recall
+from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
+from ra_cli.ingest import IngestOptions, ingest
+from ra_cli.store import ContextStore
+
+
+def synthetic_layer(seed=0, heads=4, kv_heads=2, n=700, dim=16, samples=160):
+    """Keys with a shared offset (like real keys) and queries pointing against it."""
+    rng = np.random.default_rng(seed)
+    keys = (rng.standard_normal((kv_heads, n, dim)) + 3.0).astype(np.float32)
+    queries = (rng.standard_normal((heads, samples, dim)) - 1.0).astype(np.float32)
+    params = IndexParams(list_size=20, clusters=8, degree=12, knn=4, query_stride=1)
+    lists = FlatLayerIndex(keys).search(queries, params.list_size).ids
+    knn = np.full((kv_heads, n, params.knn), -1, np.int32)
+    for g in range(kv_heads):
+        d = ((keys[g][:, None] - keys[g][None]) ** 2).sum(-1)
+        d[np.triu_indices(n)] = np.inf  # only earlier keys, as in streaming
+        knn[g, 1:] = np.argsort(d, axis=1)[1:, : params.knn]
+    positions = np.arange(samples)  # all "before hi": no held-out queries
+    layer = build_graph_layer(lists, queries.astype(np.float16), knn, positions, keys, hi=10**9, params=params)
+    return keys, queries, layer, params
+
+
+def test_graph_is_exact_when_ef_covers_every_key():
+    keys, queries, layer, params = synthetic_layer()
+    index = GraphLayerIndex(layer, keys, params)
+    exact = FlatLayerIndex(keys).search(queries, 30)
+    found = index.search(queries, 30, ef=keys.shape[1])
+    np.testing.assert_array_equal(found.ids, exact.ids)
+    np.testing.assert_allclose(found.scores, exact.scores, rtol=1e-5)
+
+
+def test_hnsw_is_exact_when_ef_covers_every_key(tmp_path):
+    keys, queries, _, _ = synthetic_layer(seed=1)
+    graphs = []
+    for g in range(keys.shape[0]):
+        build_hnsw_file(keys[g], tmp_path / f"h{g}.bin", IndexParams(kind="hnsw", hnsw_m=8))
+        graphs.append(parse_hnsw_file(tmp_path / f"h{g}.bin", keys.shape[2]))
+    index = HnswLayerIndex(graphs, keys, heads=queries.shape[0])
+    exact = FlatLayerIndex(keys).search(queries, 30)
+    np.testing.assert_array_equal(index.search(queries, 30, ef=keys.shape[1]).ids, exact.ids)
+
+
+def test_hnsw_counted_search_matches_hnswlib(tmp_path):
+    import hnswlib
+
+    keys, queries, _, _ = synthetic_layer(seed=2, n=2000)
+    params = IndexParams(kind="hnsw", hnsw_m=8, hnsw_centered=False)
+    build_hnsw_file(keys[0], tmp_path / "h.bin", params)
+    ours = HnswLayerIndex([parse_hnsw_file(tmp_path / "h.bin", keys.shape[2])], keys[:1], heads=1)
+    reference = hnswlib.Index(space="ip", dim=keys.shape[2])
+    reference.load_index(str(tmp_path / "h.bin"))
+    for ef in (20, 60):
+        reference.set_ef(ef)
+        labels, _ = reference.knn_query(queries[0], k=10)
+        found = ours.search(queries[:1], 10, ef=ef)
+        assert (found.ids[0] == labels).mean() > 0.99
+        assert found.evaluations.min() > 10  # hnswlib counts nothing; we do
+
+
+@pytest.mark.parametrize("ef", [16, 40])
+def test_results_are_valid(ef):
+    keys, queries, layer, params = synthetic_layer(seed=3)
+    result = GraphLayerIndex(layer, keys, params).search(queries, 12, ef=ef)
+    for h in range(queries.shape[0]):
+        for i in range(queries.shape[1]):
+            ids = result.ids[h, i]
+            assert len(set(ids.tolist())) == len(ids) and (ids >= 0).all()
+            assert np.all(np.diff(result.scores[h, i]) <= 0)
+            np.testing.assert_allclose(result.scores[h, i], keys[h // 2][ids] @ queries[h, i], rtol=1e-5)
+    assert (result.evaluations > 0).all() and (result.evaluations <= keys.shape[1] + params.clusters).all()
+
+
+def test_graph_beats_a_random_guess_on_synthetic_data():
+    keys, queries, layer, params = synthetic_layer(seed=4)
+    found = GraphLayerIndex(layer, keys, params).search(queries, 20, ef=40)
+    assert recall(found.ids, FlatLayerIndex(keys).search(queries, 20).ids) > 0.9
+
+
+@pytest.fixture(scope="module")
+def indexed_context(tmp_path_factory, loaded):
+    """A ~1.6K-token real context: about 900 indexed keys per KV head."""
+    path = tmp_path_factory.mktemp("idx") / "doc.txt"
+    path.write_text((LIGHTHOUSE + "\n") * 15 + "The museum opens from May to September.\n" * 3)
+    doc = load_document(path)
+    out = path.parent / "ctx.idx"
+    ingest(loaded, doc, out, IngestOptions(chunk_size=256, index=IndexParams(kind="graph", sinks=64, window=128)))
+    return out
+
+
+def test_real_model_recall_and_manifest(indexed_context, loaded):
+    store = ContextStore.open(indexed_context, loaded.fingerprint)
+    section = store.manifest["index"]
+    lo, hi = section["lo"], section["hi"]
+    assert (lo, hi) == indexed_range(store.n_tokens, IndexParams(sinks=64, window=128))
+    assert hi - lo > 800 and set(section["layers"]) == {str(i) for i in range(30)}
+    from ra_cli.bench.recall import capture_decode_queries
+
+    question = loaded.tokenizer("Who was the keeper of the lighthouse in 1902, and what did he keep?",
+                                add_special_tokens=False).input_ids
+    layers = (3, 15, 27)
+    queries, _ = capture_decode_queries(loaded, store, question, list(layers), hi, lo)
+    for layer in layers:
+        entry = section["layers"][str(layer)]
+        assert entry["validation_recall"] >= 0.9 and 64 <= entry["ef"] <= 512
+        index = open_layer_index(store, layer)
+        keys = np.asarray(store.keys(layer)[:, lo:hi])
+        exact = FlatLayerIndex(keys).search(queries[layer], 100)
+        found = index.search(queries[layer], 100)  # the calibrated ef: what chat uses
+        assert recall(found.ids, exact.ids) >= 0.9
+        assert found.evaluations.mean() < 0.8 * (hi - lo)
+        assert recall(index.search(queries[layer], 100, ef=hi - lo).ids, exact.ids) == 1.0
+
+
+def test_reopened_index_gives_identical_results(indexed_context, loaded, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.idx"
+    shutil.copytree(indexed_context, copy)
+    a = open_layer_index(ContextStore.open(indexed_context), 15)
+    b = open_layer_index(ContextStore.open(copy), 15)
+    probe = np.random.default_rng(0).standard_normal((9, 16, 64)).astype(np.float32)
+    ra_, rb = a.search(probe, 40), b.search(probe, 40)
+    np.testing.assert_array_equal(ra_.ids, rb.ids)
+    np.testing.assert_array_equal(ra_.evaluations, rb.evaluations)
+    assert isinstance(b.layer.adjacency, np.memmap)
+
+
+def test_index_is_deterministic(indexed_context, loaded, tmp_path):
+    out = tmp_path / "again.idx"
+    first = json.loads((indexed_context / "manifest.json").read_text())
+    # same document bytes -> same files, bit for bit
+    src = next(p for p in indexed_context.parent.iterdir() if p.suffix == ".txt")
+    ingest(loaded, load_document(src), out, IngestOptions(chunk_size=256, index=IndexParams(kind="graph", sinks=64, window=128)))
+    second = json.loads((out / "manifest.json").read_text())
+    for name in ("index/graph_015.npy", "index/router_015.npy", "index/entries_015.npy"):
+        assert first["files"][name]["sha256"] == second["files"][name]["sha256"]
+
+
+def test_corrupted_index_file_is_rejected(indexed_context, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bad.idx"
+    shutil.copytree(indexed_context, copy)
+    target = copy / "index" / "graph_007.npy"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(RaError, match="index/graph_007.npy fails its checksum"):
+        ContextStore.open(copy)
+
+
+def test_hnsw_and_flat_contexts(tmp_path, loaded):
+    path = tmp_path / "doc.txt"
+    path.write_text((LIGHTHOUSE + "\n") * 10)
+    doc = load_document(path)
+    for kind in ("hnsw", "flat"):
+        out = tmp_path / f"{kind}.idx"
+        ingest(loaded, doc, out, IngestOptions(chunk_size=512, index=IndexParams(kind=kind, sinks=32, window=64)))
+        store = ContextStore.open(out, loaded.fingerprint)
+        index = open_layer_index(store, 10)
+        lo, hi = store.manifest["index"]["lo"], store.manifest["index"]["hi"]
+        probe = np.random.default_rng(1).standard_normal((9, 4, 64)).astype(np.float32)
+        exact = FlatLayerIndex(np.asarray(store.keys(10)[:, lo:hi])).search(probe, 20)
+        assert recall(index.search(probe, 20, ef=hi - lo).ids, exact.ids) == 1.0
+        if kind == "hnsw":
+            target = out / "index" / "hnsw_010_1.bin"
+            target.write_bytes(target.read_bytes()[:-4] + b"\x00\x00\x00\x01")
+            with pytest.raises(RaError, match="hnsw_010_1.bin fails its checksum"):
+                ContextStore.open(out)

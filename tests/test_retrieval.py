@@ -1,0 +1,119 @@
+"""Retrieval attention: exact when the budget covers every key, sensible when it does not,
+and usable end to end from the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import LIGHTHOUSE
+from ra_cli.chat import ChatSession, open_cache
+from ra_cli.cli import app
+from ra_cli.document import load_document
+from ra_cli.engine.generate import prefill
+from ra_cli.engine.retrieval import RetrievalSettings
+from ra_cli.index import IndexParams
+from ra_cli.ingest import IngestOptions, ingest
+from ra_cli.store import ContextStore
+
+runner = CliRunner()
+QUESTION = "Who was the keeper in 1902?"
+
+
+@pytest.fixture(scope="module")
+def small_context(tmp_path_factory, loaded):
+    """~1.1K tokens with a small static set (32 sinks + 64 recent), so most keys are indexed."""
+    path = tmp_path_factory.mktemp("ret") / "doc.txt"
+    path.write_text((LIGHTHOUSE + "\n") * 11)
+    out = path.parent / "ctx.idx"
+    ingest(loaded, load_document(path), out, IngestOptions(chunk_size=256, index=IndexParams(sinks=32, window=64)))
+    return ContextStore.open(out, loaded.fingerprint)
+
+
+def question_tokens(loaded, store):
+    from ra_cli.prompt import Prompter, PromptLayout
+
+    return Prompter(loaded.tokenizer, PromptLayout.from_dict(store.manifest["prompt"])).question_tokens(QUESTION, True)
+
+
+@pytest.mark.parametrize("attention", ["retrieval", "flat"])
+def test_full_budget_equals_full_attention(small_context, loaded, attention):
+    store = small_context
+    n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
+    tokens = question_tokens(loaded, store)
+    full = open_cache(loaded, store, "full")
+    reference = [prefill(loaded.model, full, tokens)]
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000)
+    cache = open_cache(loaded, store, attention, everything)
+    got = [prefill(loaded.model, cache, tokens)]
+    for token in (100, 200, 300):  # decode steps: one query position at a time
+        reference.append(prefill(loaded.model, full, [token]))
+        got.append(prefill(loaded.model, cache, [token]))
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-4)
+        assert int(a.argmax()) == int(b.argmax())
+    assert cache.retrieval_stats.searches > 0
+
+
+def test_default_budget_tracks_full_attention(small_context, loaded):
+    store = small_context
+    tokens = question_tokens(loaded, store)
+    full = open_cache(loaded, store, "full")
+    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(top_k=100))
+    a = torch.log_softmax(prefill(loaded.model, cache, tokens), -1)
+    b = torch.log_softmax(prefill(loaded.model, full, tokens), -1)
+    kl = float((b.exp() * (b - a)).sum())
+    assert kl < 0.05 and int(a.argmax()) == int(b.argmax())
+    stats = cache.retrieval_stats.as_dict()
+    assert 0 < stats["keys_scanned_per_search"] <= store.manifest["index"]["hi"] - store.manifest["index"]["lo"] + 64
+
+
+def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
+    """A conversation longer than the window: evicted tokens stay reachable; with a full budget
+    the result is still exactly full attention."""
+    store = small_context
+    n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
+    settings = RetrievalSettings(top_k=4096, ef=4096, window=64)
+    cache = open_cache(loaded, store, "retrieval", settings)
+    full = open_cache(loaded, store, "full")
+    conversation = loaded.tokenizer((" The keeper wrote about storms and goats." * 30), add_special_tokens=False).input_ids
+    for start in range(0, len(conversation), 50):
+        got = prefill(loaded.model, cache, conversation[start:start + 50])
+        want = prefill(loaded.model, full, conversation[start:start + 50])
+    assert cache.retrieval_stats.evicted > 64
+    layer = next(l for l in cache.layers if hasattr(l, "n_indexed"))
+    assert layer.n_indexed > n_indexed and layer.static - layer.lo <= 64 + 64
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    assert cache.length == full.length
+
+
+def test_chat_uses_retrieval_by_default_and_reports_stats(small_context, reuse_loaded_model):
+    result = runner.invoke(app, ["chat", str(small_context.path), "--max-new-tokens", "8"],
+                           input=f"{QUESTION}\n/stats\n/clear\n/stats\n/exit\n")
+    assert result.exit_code == 0, result.output
+    import re
+
+    stats = [json.loads(block) for block in re.findall(r"\{[^{}]*\}", result.stderr)]
+    assert stats[0]["keys_scanned_per_search"] > 0 and stats[0]["retrieval_ms_per_token"] > 0
+    assert stats[0]["device_memory_mb"] > 0 and stats[1]["turns"] == 0 and stats[1]["searches"] == 0
+
+
+def test_full_and_retrieval_agree_on_a_short_greedy_answer(small_context, reuse_loaded_model):
+    answers = {}
+    for attention in ("full", "retrieval"):
+        result = runner.invoke(app, ["chat", str(small_context.path), "--attention", attention, "--ask", QUESTION,
+                                     "--json", "--max-new-tokens", "12"])
+        assert result.exit_code == 0, result.output
+        answers[attention] = json.loads(result.stdout)["answer"]
+    assert answers["retrieval"] == answers["full"]
+
+
+def test_cli_rejects_a_mismatched_index_mode(small_context, reuse_loaded_model):
+    result = runner.invoke(app, ["chat", str(small_context.path), "--attention", "hnsw", "--ask", "x"])
+    assert result.exit_code == 1 and "indexed with graph" in result.stderr
+    result = runner.invoke(app, ["chat", str(small_context.path), "--sinks", "7", "--ask", "x"])
+    assert result.exit_code == 1 and "ingested with --sinks 32" in result.stderr
