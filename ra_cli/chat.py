@@ -133,6 +133,8 @@ class ChatSession:
             on_text: Callable[[str], None] | None = None) -> Answer:
         sampling = sampling or Sampling()
         started = time.perf_counter()
+        if not question.strip():
+            raise RaError("the question is empty; type a question (or text to continue with --raw)")
         prompt = self.unfed + self.prompter.question_tokens(question, first_turn=self.turns == 0, raw=raw)
         self.unfed = []
         logits = prefill(self.loaded.model, self.cache, prompt)

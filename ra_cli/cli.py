@@ -22,6 +22,8 @@ DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on
 EncodingOpt = typer.Option("utf-8", "--encoding", help="Encoding of .txt/.md files (default: strict UTF-8).")
 ChunkOpt = typer.Option(512, "--chunk-size", help="Tokens per prefill chunk.")
 KvDtypeOpt = typer.Option("auto", "--kv-dtype", help="Stored KV dtype: auto (= compute dtype), float32, float16, bfloat16.")
+CoverageOpt = typer.Option(0.97, "--coverage", help="Per-layer retrieval budget: the smallest top-k whose keys held this much attention at ingest.")
+DenseOpt = typer.Option(0.8, "--dense-below", help="Layers whose static + top-100 keys held less softmax mass than this at ingest attend densely (0 = never).")
 IndexOpt = typer.Option("graph", "--index", help="Search index: graph (attention-aware, ours), hnsw (hnswlib on centred keys), flat (exact, nothing to build).")
 
 
@@ -175,9 +177,11 @@ def chat_command(
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise the answer's recent tokens (1.1 stops small models looping; 1 = off)."),
     raw: bool = typer.Option(False, "--raw", help="Append the text right after the document, no chat template (plain continuation)."),
     attention: str = typer.Option("retrieval", "--attention", help="retrieval (static set on the device + index search, default), full (all KV on the device), flat (exact top-k search), or the context's index kind (graph, hnsw)."),
-    top_k: int = typer.Option(100, "--top-k", help="Keys retrieved per query head per layer."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest)."),
     ef: Optional[int] = typer.Option(None, "--ef", help="Search beam width (default: calibrated per layer at ingest)."),
     window: Optional[int] = typer.Option(None, "--window", help="Recent tokens kept on the device; older ones move into the index (default: as ingested, 512)."),
+    coverage: float = CoverageOpt,
+    dense_below: float = DenseOpt,
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens kept on the device; fixed when the document is ingested (default 128)."),
     index: str = IndexOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
@@ -201,7 +205,7 @@ def chat_command(
         raise RaError("--temperature must be >= 0, --top-p in (0, 1] and --repeat-penalty > 0")
     if attention not in ("retrieval", "full", "flat", "graph", "hnsw"):
         raise RaError(f"unknown --attention '{attention}'; choose retrieval, full, flat, graph or hnsw")
-    if top_k < 1 or (ef is not None and ef < 1) or (window or 0) < 0 or (sinks or 0) < 0:
+    if (top_k is not None and top_k < 1) or (ef is not None and ef < 1) or (window or 0) < 0 or (sinks or 0) < 0:
         raise RaError("--top-k and --ef must be at least 1, --window and --sinks at least 0")
     if not source.exists() and not source.with_name(source.name + ".partial").exists():
         raise RaError(f"{source}: no such file or context")
@@ -214,7 +218,8 @@ def chat_command(
     if sinks is not None and stored and stored["sinks"] != sinks:
         raise RaError(f"{source} was ingested with --sinks {stored['sinks']}; sinks are fixed at ingest — "
                       "ingest again to change them")
-    settings = RetrievalSettings(top_k=top_k, ef=ef, window=stored.get("window", index_params.window) if window is None else window)
+    settings = RetrievalSettings(top_k=top_k, ef=ef, window=stored.get("window", index_params.window) if window is None else window,
+                                 dense_below=dense_below, coverage=coverage)
     session = ChatSession(loaded, store, open_cache(loaded, store, attention, settings),
                           rebuild=(lambda: open_cache(loaded, store, attention, settings)) if attention != "full" else None)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
@@ -340,3 +345,49 @@ def _print_recall_table(report: dict) -> None:
     for layer, mass in report["attention_mass"].items():
         stderr.print(f"layer {layer}: static mass {mass['static_mean']:.3f} (min head {mass['static_min_head']:.3f}), "
                      f"static+top100 {mass['static_top100_mean']:.3f} (min head {mass['static_top100_min_head']:.3f})")
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    source: Path = typer.Argument(..., help="A context saved by `ra ingest`, or a document."),
+    tokens: int = typer.Option(64, "--tokens", help="Teacher-forced continuation tokens per prompt."),
+    attention: str = typer.Option("retrieval", "--attention", help="Mode compared with full attention: retrieval or flat."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest)."),
+    ef: Optional[int] = typer.Option(None, "--ef", help="Search beam width (default: calibrated per layer)."),
+    coverage: float = CoverageOpt,
+    dense_below: float = DenseOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    chunk_size: int = ChunkOpt,
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    encoding: str = EncodingOpt,
+):
+    """Fidelity of retrieval attention against full attention on the same context."""
+    from ra_cli.bench.fidelity import EvalConfig, run_eval
+    from ra_cli.engine.retrieval import RetrievalSettings
+    from ra_cli.index import IndexParams
+    from ra_cli.ui import stderr, status
+
+    _check_ingest_options(chunk_size, "auto", dtype)
+    if attention not in ("retrieval", "flat", "graph", "hnsw"):
+        raise RaError(f"unknown --attention '{attention}'; choose retrieval, flat, graph or hnsw")
+    if tokens < 1 or (top_k is not None and top_k < 1) or (ef is not None and ef < 1):
+        raise RaError("--tokens, --top-k and --ef must be at least 1")
+    if not source.exists():
+        raise RaError(f"{source}: no such file or context")
+    loaded = _load_model(model, device, dtype)
+    store = _open_source(source, loaded, encoding, chunk_size, "auto", IndexParams())
+    window = store.manifest["index"]["params"]["window"]
+    report = run_eval(loaded, store, EvalConfig(tokens=tokens, attention=attention,
+                                                settings=RetrievalSettings(top_k=top_k, ef=ef, window=window,
+                                                                           dense_below=dense_below, coverage=coverage)), status)
+    if as_json:
+        print(json.dumps(report))
+        return
+    stderr.print(f"{report['context_tokens']:,} tokens, {report['indexed_keys']:,} indexed keys per head; "
+                 f"{report['attention']} attention, top-k {report['top_k'] or 'per layer'}")
+    for name in ("token_agreement", "kl_mean", "mass_coverage", "recall_at_k", "scanned_fraction",
+                 "keys_scanned_per_search", "ms_per_token_full", "ms_per_token_retrieval"):
+        stderr.print(f"  {name:24s} {report[name]}")

@@ -78,7 +78,7 @@ class StoreWriter:
                  layers: list[LayerShape], kv_dtype: str):
         self.out = Path(out)
         self.dir = partial_path(self.out)
-        self.header = header
+        self.header = json.loads(json.dumps(header))  # as it will read back (tuples become lists)
         self.n_tokens = len(tokens)
         self.layers = layers
         self.kv_dtype = kv_dtype
@@ -87,7 +87,7 @@ class StoreWriter:
         self._check_destination()
         storage = numpy_storage_dtype(kv_dtype)
         progress = self._read_progress()
-        if progress is not None and progress.get("header") == header and self._kv_files_ok(storage):
+        if progress is not None and progress.get("header") == self.header and self._kv_files_ok(storage):
             self.tokens_done = self.resumed_from = int(progress["tokens_done"])
             mode = "r+"
         else:

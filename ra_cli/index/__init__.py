@@ -13,11 +13,14 @@ import numpy as np
 from ra_cli.errors import RaError
 from ra_cli.index.base import KINDS, IndexParams, SearchResult, float32_keys, indexed_range
 from ra_cli.index.flat import FlatLayerIndex
-from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer
+from ra_cli.index.graph import GraphLayer, GraphLayerIndex, attention_coverage, build_graph_layer
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 
 __all__ = ["KINDS", "IndexParams", "SearchResult", "indexed_range", "build_store_indexes", "open_layer_index",
            "index_files"]
+
+
+COVERAGE_QUERIES = 32
 
 
 def index_files(kind: str, layer: int, kv_heads: int) -> dict[str, str]:
@@ -51,6 +54,16 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
             entry = {"ef": built.ef, "validation_recall": built.validation_recall,
                      "validation_evaluations": built.validation_evaluations,
                      "build_seconds": round(built.build_seconds, 3)}
+            held_out = collector.sample_positions() >= hi
+            if held_out.any() and layer in collector.scaling:
+                # How much softmax mass static + top-k can hold here: sets this layer's retrieval
+                # budget, or makes it dense at chat time when no budget is enough.
+                coverage = attention_coverage(
+                    float32_keys(np.asarray(writer.keys[layer]), writer.kv_dtype),
+                    collector.queries[layer][:, held_out][:, -COVERAGE_QUERIES:],
+                    collector.sample_positions()[held_out][-COVERAGE_QUERIES:], lo, hi, params.budgets,
+                    collector.scaling[layer])
+                entry["coverage"] = {str(k): round(v, 4) for k, v in coverage.items()}
         elif params.kind == "hnsw":
             seconds = sum(build_hnsw_file(keys[g], writer.add_file(files[f"hnsw{g}"]), params)
                           for g in range(keys.shape[0]))
@@ -62,8 +75,9 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
     return section
 
 
-def open_layer_index(store, layer: int):
-    """The search index of one layer of a store, or None for sliding-window layers."""
+def open_layer_index(store, layer: int, keys: np.ndarray | None = None):
+    """The search index of one layer of a store, or None for sliding-window layers. `keys`
+    [KVH, >= hi - lo, D] float32 replaces the memory-mapped stored keys (e.g. a RAM copy)."""
     section = store.manifest.get("index")
     if section is None:
         raise RaError(f"{store.path}: this context has no search index; ingest it again with `--index graph`")
@@ -71,7 +85,10 @@ def open_layer_index(store, layer: int):
     if entry is None:
         return None
     params = IndexParams.from_dict(section["params"])
-    keys = layer_keys(store, layer, section["lo"], section["hi"])
+    if keys is None:
+        keys = layer_keys(store, layer, section["lo"], section["hi"])
+    else:
+        keys = keys[:, : section["hi"] - section["lo"]]
     heads = store.manifest["model_shape"]["heads"]
     kind = section["kind"]
     if kind == "flat":

@@ -25,6 +25,8 @@ class IndexParams:
     entries_per_cluster: int = 8
     route: int = 2  # clusters whose entries seed one search
     target_recall: float = 0.95  # ef is calibrated per layer to reach this on held-out queries
+    # Retrieval budgets whose softmax-mass coverage ingest measures per layer (chat picks one)
+    budgets: tuple = (100, 200, 300, 400)
     # hnsw baseline (hnswlib)
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
@@ -36,6 +38,8 @@ class IndexParams:
     @classmethod
     def from_dict(cls, data: dict) -> "IndexParams":
         known = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+        if "budgets" in known:
+            known["budgets"] = tuple(known["budgets"])
         return cls(**known)
 
 

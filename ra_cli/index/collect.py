@@ -29,6 +29,7 @@ class PrefillCollector:
         self.layers = [i for i, window in enumerate(windows) if window is None]
         mode = "r+" if resume else "w+"
         self.lists, self.queries, self.knn = {}, {}, {}
+        self.scaling: dict[int, float] = {}
         for layer in self.layers:
             self.lists[layer] = self._open(f"lists_{layer:03d}.npy", mode, np.int32, (heads, self.n_samples, params.list_size), -1)
             self.queries[layer] = self._open(f"queries_{layer:03d}.npy", mode, np.float16, (heads, self.n_samples, head_dim), 0)
@@ -54,6 +55,7 @@ class PrefillCollector:
     def observe(self, layer: int, query: torch.Tensor, keys: torch.Tensor, q_offset: int, kv_offset: int, scaling: float):
         if layer not in self.lists or self.n_indexed <= 0:
             return
+        self.scaling[layer] = float(scaling)
         self._record_lists(layer, query[0], keys[0], q_offset, kv_offset)
         self._record_neighbours(layer, keys[0], q_offset, q_offset + query.shape[2], kv_offset)
 

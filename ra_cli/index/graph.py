@@ -113,6 +113,26 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, s
     return layer
 
 
+def attention_coverage(all_keys: np.ndarray, queries: np.ndarray, positions: np.ndarray, lo: int, hi: int,
+                       budgets: tuple[int, ...], scaling: float) -> dict[int, float]:
+    """Mean softmax mass that the static set (positions < lo or >= hi) plus the exact top-k
+    indexed keys hold, for each k in `budgets`, for queries [H, q, D] at `positions` over all_keys
+    [KVH, N, D]: how well retrieval attention with budget k can do at best on this layer."""
+    keys = torch.from_numpy(np.ascontiguousarray(all_keys, dtype=np.float32))
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    heads, count, dim = q.shape
+    kv_heads, n, _ = keys.shape
+    scores = torch.matmul(q.reshape(kv_heads, (heads // kv_heads) * count, dim), keys.transpose(-1, -2))
+    scores = scores.reshape(heads, count, n) * scaling
+    key_positions = torch.arange(n)
+    scores.masked_fill_(key_positions[None, None, :] > torch.from_numpy(positions)[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    static = (key_positions < lo) | (key_positions >= hi)
+    static_mass = probs[..., static].sum(-1)
+    ranked = torch.topk(probs[..., lo:hi], min(max(budgets), hi - lo), dim=-1).values.cumsum(-1)
+    return {k: float((static_mass + ranked[..., min(k, ranked.shape[-1]) - 1]).mean()) for k in budgets}
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found ∩ truth| / |truth| (ignoring -1 padding in truth)."""
     hits, total = 0, 0

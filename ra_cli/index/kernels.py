@@ -14,7 +14,7 @@ from numba import njit, prange
 NO_ID = -1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _dot(a, b):
     total = np.float32(0.0)
     for i in range(a.shape[0]):
@@ -22,120 +22,67 @@ def _dot(a, b):
     return total
 
 
-@njit(cache=True)
-def _heap_push_max(keys, ids, size, key, node):
-    """Max-heap on keys (best candidate first)."""
-    i = size
-    keys[i] = key
-    ids[i] = node
-    while i > 0:
-        parent = (i - 1) >> 1
-        if keys[parent] >= keys[i]:
-            break
-        keys[parent], keys[i] = keys[i], keys[parent]
-        ids[parent], ids[i] = ids[i], ids[parent]
-        i = parent
-    return size + 1
+@njit(cache=True, nogil=True, inline="always")
+def _pool_insert(pool_scores, pool_ids, pool_done, size, ef, score, node):
+    """Insert into the pool (sorted best first, at most ef entries); returns (size, position),
+    position == ef when the score did not make it in."""
+    if size == ef and score <= pool_scores[size - 1]:
+        return size, ef
+    low, high = 0, size
+    while low < high:
+        middle = (low + high) >> 1
+        if pool_scores[middle] >= score:
+            low = middle + 1
+        else:
+            high = middle
+    last = min(size, ef - 1)
+    for t in range(last, low, -1):
+        pool_scores[t] = pool_scores[t - 1]
+        pool_ids[t] = pool_ids[t - 1]
+        pool_done[t] = pool_done[t - 1]
+    pool_scores[low] = score
+    pool_ids[low] = node
+    pool_done[low] = False
+    return min(size + 1, ef), low
 
 
-@njit(cache=True)
-def _heap_pop_max(keys, ids, size):
-    size -= 1
-    keys[0] = keys[size]
-    ids[0] = ids[size]
-    i = 0
-    while True:
-        left = 2 * i + 1
-        if left >= size:
-            break
-        best = left
-        if left + 1 < size and keys[left + 1] > keys[left]:
-            best = left + 1
-        if keys[i] >= keys[best]:
-            break
-        keys[i], keys[best] = keys[best], keys[i]
-        ids[i], ids[best] = ids[best], ids[i]
-        i = best
-    return size
-
-
-@njit(cache=True)
-def _heap_push_min(keys, ids, size, key, node):
-    i = size
-    keys[i] = key
-    ids[i] = node
-    while i > 0:
-        parent = (i - 1) >> 1
-        if keys[parent] <= keys[i]:
-            break
-        keys[parent], keys[i] = keys[i], keys[parent]
-        ids[parent], ids[i] = ids[i], ids[parent]
-        i = parent
-    return size + 1
-
-
-@njit(cache=True)
-def _heap_pop_min(keys, ids, size):
-    size -= 1
-    keys[0] = keys[size]
-    ids[0] = ids[size]
-    i = 0
-    while True:
-        left = 2 * i + 1
-        if left >= size:
-            break
-        best = left
-        if left + 1 < size and keys[left + 1] < keys[left]:
-            best = left + 1
-        if keys[i] <= keys[best]:
-            break
-        keys[i], keys[best] = keys[best], keys[i]
-        ids[i], ids[best] = ids[best], ids[i]
-        i = best
-    return size
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch, out_ids, out_scores):
     """Best-first search for the k keys of largest inner product with `query`.
 
-    keys [n, D] float32; adjacency [n, M] int32; only ids < n_valid exist; entries: start ids.
-    Writes out_ids/out_scores (k, best first; -1/-inf padding) and returns the number of
-    distance evaluations.
+    The candidate pool holds the ef best keys seen so far, sorted; the best one not yet expanded
+    is expanded next; search ends when every pooled key is expanded (the beam search of HNSW's
+    layer 0 / DiskANN, kept in one sorted array instead of two heaps: fewer unpredictable
+    branches). keys [n, D] float32; adjacency [n, M]; only ids < n_valid exist. Writes
+    out_ids/out_scores (k, best first, -1/-inf padding) and returns the distance evaluations.
     """
     width = adjacency.shape[1]
-    cap = ef + 1
-    res_keys = np.empty(cap, np.float32)
-    res_ids = np.empty(cap, np.int32)
-    res_size = 0
-    cand_cap = max(64, 4 * ef)
-    cand_keys = np.empty(cand_cap, np.float32)
-    cand_ids = np.empty(cand_cap, np.int32)
-    cand_size = 0
+    pool_scores = np.empty(ef, np.float32)
+    pool_ids = np.empty(ef, np.int32)
+    pool_done = np.zeros(ef, np.bool_)
+    batch = np.empty(width, np.int64)
+    batch_scores = np.empty(width, np.float32)
+    size = 0
     evaluations = 0
     for e in range(entries.shape[0]):
         node = entries[e]
         if node < 0 or node >= n_valid or visited[node] == epoch:
             continue
         visited[node] = epoch
-        score = _dot(query, keys[node])
         evaluations += 1
-        if cand_size == cand_cap:
-            cand_keys = np.concatenate((cand_keys, np.empty(cand_cap, np.float32)))
-            cand_ids = np.concatenate((cand_ids, np.empty(cand_cap, np.int32)))
-            cand_cap *= 2
-        cand_size = _heap_push_max(cand_keys, cand_ids, cand_size, score, node)
-        res_size = _heap_push_min(res_keys, res_ids, res_size, score, node)
-        if res_size > ef:
-            res_size = _heap_pop_min(res_keys, res_ids, res_size)
+        size, _ = _pool_insert(pool_scores, pool_ids, pool_done, size, ef, _dot(query, keys[node]), node)
     cursor = 0
+    unvisited = 0
     while True:
-        while cand_size > 0:
-            best_score = cand_keys[0]
-            node = cand_ids[0]
-            if res_size >= ef and best_score < res_keys[0]:
-                break
-            cand_size = _heap_pop_max(cand_keys, cand_ids, cand_size)
+        while cursor < size:
+            if pool_done[cursor]:
+                cursor += 1
+                continue
+            pool_done[cursor] = True
+            node = pool_ids[cursor]
+            # Collect the unvisited neighbours first, then score them in one pass: independent
+            # loads let the CPU overlap the cache misses of many key rows.
+            fresh = 0
             for j in range(width):
                 neighbor = adjacency[node, j]
                 # padding is -1 (int32) or the dtype's max (uint16): both end the row
@@ -144,37 +91,36 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch,
                 if visited[neighbor] == epoch:
                     continue
                 visited[neighbor] = epoch
-                score = _dot(query, keys[neighbor])
-                evaluations += 1
-                if res_size < ef or score > res_keys[0]:
-                    if cand_size == cand_cap:
-                        cand_keys = np.concatenate((cand_keys, np.empty(cand_cap, np.float32)))
-                        cand_ids = np.concatenate((cand_ids, np.empty(cand_cap, np.int32)))
-                        cand_cap *= 2
-                    cand_size = _heap_push_max(cand_keys, cand_ids, cand_size, score, neighbor)
-                    res_size = _heap_push_min(res_keys, res_ids, res_size, score, neighbor)
-                    if res_size > ef:
-                        res_size = _heap_pop_min(res_keys, res_ids, res_size)
-        # The beam ran dry with room left in the results: the part of the graph reachable from the
-        # entries is exhausted. Continue from an unvisited key, so that ef >= n is exact search.
-        if res_size >= ef:
+                batch[fresh] = neighbor
+                fresh += 1
+            for j in range(fresh):
+                batch_scores[j] = _dot(query, keys[batch[j]])
+            evaluations += fresh
+            earliest = ef
+            for j in range(fresh):
+                size, position = _pool_insert(pool_scores, pool_ids, pool_done, size, ef, batch_scores[j], batch[j])
+                if position < earliest:
+                    earliest = position
+            if earliest < cursor:
+                cursor = earliest
+        # Every pooled key is expanded. If the pool still has room, the part of the graph
+        # reachable from the entries is exhausted: go on from an unvisited key, so that
+        # ef >= n is an exact search even on a disconnected graph.
+        if size >= ef:
             break
-        while cursor < n_valid and visited[cursor] == epoch:
-            cursor += 1
-        if cursor >= n_valid:
+        while unvisited < n_valid and visited[unvisited] == epoch:
+            unvisited += 1
+        if unvisited >= n_valid:
             break
-        visited[cursor] = epoch
-        score = _dot(query, keys[cursor])
+        visited[unvisited] = epoch
         evaluations += 1
-        cand_size = 0
-        cand_size = _heap_push_max(cand_keys, cand_ids, cand_size, score, cursor)
-        res_size = _heap_push_min(res_keys, res_ids, res_size, score, cursor)
-    # results: min-heap -> sorted best first
-    order = np.argsort(-res_keys[:res_size])
+        size, position = _pool_insert(pool_scores, pool_ids, pool_done, size, ef,
+                                      _dot(query, keys[unvisited]), unvisited)
+        cursor = min(cursor, position)
     for i in range(k):
-        if i < res_size:
-            out_ids[i] = res_ids[order[i]]
-            out_scores[i] = res_keys[order[i]]
+        if i < size:
+            out_ids[i] = pool_ids[i]
+            out_scores[i] = pool_scores[i]
         else:
             out_ids[i] = NO_ID
             out_scores[i] = -np.inf
@@ -195,7 +141,7 @@ def search_heads(queries, keys, kv_of_head, adjacency, n_valid, entries, ef, k, 
                                           visited[h], epochs[h], out_ids[h, i], out_scores[h, i])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _route(query, centroids, entries, route, chosen):
     """Pick the `route` centroids most similar to the query; returns their entry ids, flattened."""
     clusters = centroids.shape[0]
@@ -210,7 +156,7 @@ def _route(query, centroids, entries, route, chosen):
     return clusters
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids, entries, route, ef, k,
                         visited, epochs, out_ids, out_scores, out_evals):
     """Graph search where each query first picks its entry points through a router: the centroids
