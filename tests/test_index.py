@@ -30,8 +30,8 @@ def synthetic_layer(seed=0, heads=4, kv_heads=2, n=700, dim=16, samples=160):
         d = ((keys[g][:, None] - keys[g][None]) ** 2).sum(-1)
         d[np.triu_indices(n)] = np.inf  # only earlier keys, as in streaming
         knn[g, 1:] = np.argsort(d, axis=1)[1:, : params.knn]
-    positions = np.arange(samples)  # all "before hi": no held-out queries
-    layer = build_graph_layer(lists, queries.astype(np.float16), knn, positions, keys, hi=10**9, params=params)
+    held_out = np.zeros(samples, bool)  # every query trains the graph
+    layer = build_graph_layer(lists, queries.astype(np.float16), knn, held_out, keys, params=params)
     return keys, queries, layer, params
 
 

@@ -23,6 +23,10 @@ from ra_cli.engine.attention import attention_with_lse, merge_partial
 from ra_cli.index.kernels import attend_retrieved
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
+# Each search is also seeded with the previous step's best keys and their successors: consecutive
+# decode queries look at the same places, and copying a phrase walks forward through it (the key
+# after the one just attended is often the next one wanted).
+CARRY = 8
 
 
 @dataclass
@@ -114,6 +118,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.kv_of_head = None
         self.auditor = None  # ra eval: checks each search against exact attention
         self.top_k = settings.top_k or 100
+        self.carried = None  # [H, 2 * CARRY] entry points from the previous step
 
     # -- storage ---------------------------------------------------------------------------------
     @property
@@ -203,7 +208,10 @@ class RetrievalLayer(CacheLayerMixin):
         retrieved_lse = np.full((heads, q_len), -np.inf, np.float32)
         if self.n_indexed > 0 and self.top_k > 0:
             k = min(self.top_k, self.n_indexed)
-            result = self.index.search(host_query, k, self.settings.ef)
+            result = self.index.search(host_query, k, self.settings.ef, self.carried)
+            last = result.ids[:, -1, :CARRY]
+            successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
+            self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
             if self.kv_of_head is None:
                 self.kv_of_head = np.arange(heads, dtype=np.int64) // (heads // self.host.keys.shape[0])
             attend_retrieved(host_query, self.host.keys, self.host.values, self.kv_of_head, result.ids,

@@ -47,14 +47,14 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
         files = index_files(params.kind, layer, keys.shape[0])
         if params.kind == "graph":
             built = build_graph_layer(collector.lists[layer], collector.queries[layer], collector.knn[layer],
-                                      collector.sample_positions(), keys, hi, params)
+                                      collector.held_out(), keys, params)
             np.save(writer.add_file(files["graph"]), built.adjacency)
             np.save(writer.add_file(files["router"]), built.centroids)
             np.save(writer.add_file(files["entries"]), built.entries)
             entry = {"ef": built.ef, "validation_recall": built.validation_recall,
                      "validation_evaluations": built.validation_evaluations,
                      "build_seconds": round(built.build_seconds, 3)}
-            held_out = collector.sample_positions() >= hi
+            held_out = collector.held_out()
             if held_out.any() and layer in collector.scaling:
                 # How much softmax mass static + top-k can hold here: sets this layer's retrieval
                 # budget, or makes it dense at chat time when no budget is enough.

@@ -1,7 +1,8 @@
 """What the graph learns from, collected during prefill next to the attention, on the compute device.
 
-For every `query_stride`-th prefill query of a global attention layer: its exact top-k indexed keys
-(causal: only keys at or before it) and the query itself; for every new indexed key: its nearest
+For every `query_stride`-th prefill query of a global attention layer, and every query of the final
+window (they see every indexed key, like decode queries, and are the only ones that can select the
+last indexed keys): its exact top-k indexed keys (causal: only keys at or before it) and the query; for every new indexed key: its nearest
 preceding keys by L2. Everything goes to memory-mapped work files inside the partial store, so a
 resumed ingest continues where it stopped and memory stays flat however long the document is.
 """
@@ -25,7 +26,9 @@ class PrefillCollector:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.lo, self.hi = indexed_range(n_tokens, params)
         self.n_indexed = self.hi - self.lo
-        self.n_samples = len(range(self.lo, n_tokens, params.query_stride))
+        self.positions = np.concatenate([np.arange(self.lo, self.hi, params.query_stride),
+                                         np.arange(self.hi, n_tokens)]).astype(np.int64)
+        self.n_samples = len(self.positions)
         self.layers = [i for i, window in enumerate(windows) if window is None]
         mode = "r+" if resume else "w+"
         self.lists, self.queries, self.knn = {}, {}, {}
@@ -44,7 +47,12 @@ class PrefillCollector:
         return array
 
     def sample_positions(self) -> np.ndarray:
-        return np.arange(self.lo, self.lo + self.n_samples * self.params.query_stride, self.params.query_stride)
+        return self.positions
+
+    def held_out(self) -> np.ndarray:
+        """Samples kept out of training to calibrate search and budgets: every 4th query of the
+        final window."""
+        return (self.positions >= self.hi) & ((self.positions - self.hi) % 4 == 3)
 
     def flush(self) -> None:
         for group in (self.lists, self.queries, self.knn):
@@ -60,13 +68,12 @@ class PrefillCollector:
         self._record_neighbours(layer, keys[0], q_offset, q_offset + query.shape[2], kv_offset)
 
     def _record_lists(self, layer, query, keys, q_offset, kv_offset):
-        stride = self.params.query_stride
         q_len = query.shape[1]
-        first = q_offset + (-(q_offset - self.lo)) % stride if q_offset >= self.lo else self.lo
-        positions = torch.arange(first, q_offset + q_len, stride)
-        if positions.numel() == 0:
+        begin, end = np.searchsorted(self.positions, [q_offset, q_offset + q_len])
+        if begin == end:
             return
-        slots = ((positions - self.lo) // stride).numpy()
+        slots = np.arange(begin, end)
+        positions = torch.from_numpy(self.positions[begin:end])
         sampled = query[:, positions - q_offset]  # [H, s, D]
         self.queries[layer][:, slots] = sampled.to("cpu", torch.float16).numpy()
         visible_end = min(self.hi, int(positions[-1]) + 1)

@@ -21,7 +21,7 @@ class FlatLayerIndex:
         self.keys = keys[:, :n]
         self.n = n
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra=None) -> SearchResult:
         heads, count, dim = queries.shape
         ids, scores, evaluations = outputs(heads, count, k)
         if self.n == 0:

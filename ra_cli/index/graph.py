@@ -24,6 +24,8 @@ from ra_cli.index.kernels import insert_nodes, search_heads_routed
 
 EF_CANDIDATES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
+RECENT_ENTRIES = 16  # newest indexed keys seeding every search, besides the router's entries
+NO_EXTRA = np.full((1, 0), -1, np.int32)
 NO_NEIGHBOR_16 = np.iinfo(np.uint16).max
 
 
@@ -82,14 +84,15 @@ def kmeans_router(queries: np.ndarray, lists: np.ndarray, n: int, params: IndexP
     return centroids, entries
 
 
-def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, sample_positions: np.ndarray,
-                      keys: np.ndarray, hi: int, params: IndexParams) -> GraphLayer:
-    """lists [H, s, L], queries [H, s, D], knn [KVH, n, NK] from the collector; keys [KVH, n, D] float32."""
+def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, held_out: np.ndarray,
+                      keys: np.ndarray, params: IndexParams) -> GraphLayer:
+    """lists [H, s, L], queries [H, s, D], knn [KVH, n, NK] from the collector, held_out [s] bool
+    (samples kept for calibration); keys [KVH, n, D] float32."""
     started = time.perf_counter()
     heads = lists.shape[0]
     kv_heads, n, _ = keys.shape
     kv_of_head = np.arange(heads, dtype=np.int64) // (heads // kv_heads)
-    train = sample_positions < hi
+    train = ~held_out
     train_lists = np.ascontiguousarray(lists[:, train])
     table_ids = np.full((heads, n, params.slots), -1, np.int32)
     table_counts = np.zeros((heads, n, params.slots), np.int32)
@@ -103,10 +106,10 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, s
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
     centroids, entries = kmeans_router(np.asarray(queries[:, train]), train_lists, n, params)
     layer = GraphLayer(adjacency, centroids, entries, ef=128)
-    held_out = np.nonzero(~train)[0][-CALIBRATION_QUERIES:]
-    if held_out.size:
-        truth = np.asarray(lists[:, held_out])
-        probe = np.asarray(queries[:, held_out]).astype(np.float32)
+    probes = np.nonzero(held_out)[0][-CALIBRATION_QUERIES:]
+    if probes.size:
+        truth = np.asarray(lists[:, probes])
+        probe = np.asarray(queries[:, probes]).astype(np.float32)
         layer.ef, layer.validation_recall, layer.validation_evaluations = calibrate_ef(
             GraphLayerIndex(layer, keys, params), probe, truth, params.target_recall)
     layer.build_seconds = time.perf_counter() - started
@@ -204,13 +207,17 @@ class GraphLayerIndex:
         insert_nodes(keys, self.kv_of_head, self.layer.adjacency, self.n, n, 64, self.buffers.visited, self.buffers.epochs)
         self.n = n
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra: np.ndarray | None = None) -> SearchResult:
+        """`extra` [H, X] int32: more entry points per head (e.g. what the previous decode step found)."""
         heads, count, _ = queries.shape
         ids, scores, evaluations = outputs(heads, count, k)
         if self.n == 0:
             return SearchResult(ids, scores, evaluations)
+        if extra is None:
+            extra = NO_EXTRA
         search_heads_routed(np.ascontiguousarray(queries, dtype=np.float32), self.keys, self.kv_of_head,
                             self.layer.adjacency, self.n, self.layer.centroids, self.layer.entries,
-                            min(self.params.route, self.layer.centroids.shape[1]), max(ef or self.layer.ef, k), k,
+                            min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
+                            np.ascontiguousarray(np.broadcast_to(extra, (heads, extra.shape[1]))), max(ef or self.layer.ef, k), k,
                             self.buffers.visited, self.buffers.epochs, ids, scores, evaluations)
         return SearchResult(ids, scores, evaluations)

@@ -145,7 +145,8 @@ class HnswLayerIndex:
                      graph_buffers.visited, graph_buffers.epochs)
         self.n = n
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra=None) -> SearchResult:
+        """hnswlib's algorithm starts from its own entry point only; `extra` is ignored."""
         heads, count, _ = queries.shape
         ids, scores, evaluations = outputs(heads, count, k)
         if self.n == 0:

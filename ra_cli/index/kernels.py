@@ -142,8 +142,10 @@ def search_heads(queries, keys, kv_of_head, adjacency, n_valid, entries, ef, k, 
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _route(query, centroids, entries, route, chosen):
-    """Pick the `route` centroids most similar to the query; returns their entry ids, flattened."""
+def _route(query, centroids, entries, route, recent, n_valid, chosen):
+    """Entry points for one query: the entries of the `route` centroids most similar to it, then
+    the `recent` newest keys (decode queries favour the recent past). Returns router evaluations.
+    Slots of `chosen` after these are left as the caller filled them (extra entries)."""
     clusters = centroids.shape[0]
     sims = np.empty(clusters, np.float32)
     for c in range(clusters):
@@ -153,22 +155,27 @@ def _route(query, centroids, entries, route, chosen):
     for r in range(route):
         for e in range(width):
             chosen[r * width + e] = entries[order[r], e]
+    for j in range(recent):
+        chosen[route * width + j] = n_valid - 1 - j
     return clusters
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids, entries, route, ef, k,
-                        visited, epochs, out_ids, out_scores, out_evals):
+def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids, entries, route, recent, extra, ef,
+                        k, visited, epochs, out_ids, out_scores, out_evals):
     """Graph search where each query first picks its entry points through a router: the centroids
-    [H, C, D] of prefill queries, each with entry keys [H, C, E]. Router dot products count as
-    evaluations."""
+    [H, C, D] of prefill queries, each with entry keys [H, C, E]; plus the newest keys and the
+    caller's `extra` entries [H, X] (-1 = none). Router dot products count as evaluations."""
     heads = queries.shape[0]
     for h in prange(heads):
         key_set = keys[kv_of_head[h]]
-        chosen = np.empty(route * entries.shape[2], np.int32)
+        fixed = route * entries.shape[2] + recent
+        chosen = np.empty(fixed + extra.shape[1], np.int32)
+        for j in range(extra.shape[1]):
+            chosen[fixed + j] = extra[h, j]
         for i in range(queries.shape[1]):
             epochs[h] += 1
-            routed = _route(queries[h, i], centroids[h], entries[h], route, chosen)
+            routed = _route(queries[h, i], centroids[h], entries[h], route, min(recent, n_valid), n_valid, chosen)
             out_evals[h, i] = routed + beam_search(queries[h, i], key_set, adjacency[h], n_valid, chosen, ef, k,
                                                    visited[h], epochs[h], out_ids[h, i], out_scores[h, i])
 
