@@ -290,6 +290,8 @@ def parse_tokens(text: str) -> int:
 @user_errors
 def bench_command(
     recall: bool = typer.Option(False, "--recall", help="Index quality: Recall@100 and keys scanned vs hnswlib and exact search."),
+    decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
+    shape: str = typer.Option("smollm2", "--shape", help="Layer shape for --decode-step: smollm2 or llama3-8b."),
     context: str = typer.Option("16k", "--context", help="Context length in tokens (e.g. 8k, 16k, 32k)."),
     document: Optional[Path] = typer.Option(None, "--document", help="Text to use (default: the shipped sample, repeated)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to evaluate (default: every 4th), or 'all'."),
@@ -299,11 +301,26 @@ def bench_command(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
-    """Measure ra: index recall and cost (--recall)."""
+    """Measure ra: index recall and cost (--recall), or one decode step's cost (--decode-step)."""
     from ra_cli.ui import TokenProgress, status
 
-    if not recall:
-        raise RaError("choose what to measure: --recall")
+    if recall == decode_step:
+        raise RaError("choose what to measure: --recall or --decode-step")
+    if decode_step:
+        from ra_cli.bench.decode import SHAPES, DecodeStepConfig, run_decode_step_bench
+
+        if shape not in SHAPES:
+            raise RaError(f"unknown --shape '{shape}'; choose {', '.join(SHAPES)}")
+        report = run_decode_step_bench(DecodeStepConfig(keys=parse_tokens(context), shape=shape, queries=min(queries, 256)),
+                                       status=status)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            from ra_cli.ui import stderr
+
+            for key, value in report.items():
+                stderr.print(f"  {key:24s} {value}")
+        return
     from ra_cli.bench.recall import RecallBenchConfig, run_recall_bench
 
     config = RecallBenchConfig(context=parse_tokens(context), queries=queries, document=document)

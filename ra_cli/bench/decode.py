@@ -1,0 +1,159 @@
+"""`ra bench --decode-step`: the CPU cost of one decode step of one attention layer at a given
+number of indexed keys — retrieval (graph search + attention over the retrieved keys) against
+exact attention over every key, measured in the same run.
+
+A 128K-token prefill of the real model takes hours on a CPU, so this benchmark builds a layer of
+the model's shape from synthetic data with the structure measured on real keys and queries: a
+strong shared key offset that queries point against (the out-of-distribution effect), topics that
+recur in contiguous stretches of the document, and queries that seek one topic. The graph is built
+by the same code as ingest (exact top-k lists of sampled prefill queries, L2 neighbours, router,
+calibrated ef); recall is reported next to the timings so a fast answer cannot hide a wrong one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ra_cli.index.base import IndexParams
+from ra_cli.index.flat import FlatLayerIndex
+from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
+from ra_cli.index.kernels import attend_retrieved
+
+SHAPES = {
+    "smollm2": {"heads": 9, "kv_heads": 3, "head_dim": 64},
+    "llama3-8b": {"heads": 32, "kv_heads": 8, "head_dim": 128},
+}
+
+
+@dataclass
+class DecodeStepConfig:
+    keys: int = 131072
+    shape: str = "smollm2"
+    queries: int = 64  # decode steps timed
+    top_k: int = 100
+    seed: int = 0
+
+
+def synthetic_layer(config: DecodeStepConfig):
+    """(keys, values [KVH, N, D], prefill queries [H, S, D] with positions, decode queries [H, Q, D])."""
+    shape = SHAPES[config.shape]
+    heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    n = config.keys
+    rng = np.random.default_rng(config.seed)
+    offset = rng.standard_normal(dim).astype(np.float32)
+    offset *= 4.0 / np.linalg.norm(offset)
+    topics = max(16, n // 256)
+    centers = rng.standard_normal((kv_heads, topics, dim)).astype(np.float32)
+    run = 128  # tokens per stretch of one topic
+    topic_of = rng.integers(0, topics, size=(n + run - 1) // run).repeat(run)[:n]
+    keys = offset + centers[:, topic_of] + 1.25 * rng.standard_normal((kv_heads, n, dim)).astype(np.float32)
+    values = rng.standard_normal((kv_heads, n, dim)).astype(np.float32)
+    groups = heads // kv_heads
+
+    def queries_for(positions):
+        # each query seeks a topic it has seen: half the time a recent one, else any earlier one;
+        # all point against the key offset (queries are out of distribution for keys)
+        recent = rng.random(len(positions)) < 0.5
+        back = np.where(recent, rng.integers(0, 512, len(positions)), rng.integers(0, np.maximum(1, positions)))
+        sought = topic_of[np.clip(positions - back, 0, n - 1)]
+        q = -0.5 * offset + centers[:, sought] + 1.25 * rng.standard_normal((kv_heads, len(positions), dim))
+        return np.repeat(q, groups, axis=0).astype(np.float32) + 0.3 * rng.standard_normal((heads, len(positions), dim)).astype(np.float32)
+
+    return keys.astype(np.float32), values, queries_for, heads
+
+
+def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
+    """Everything ingest would collect, computed directly: causal top-k lists of every
+    query_stride-th prefill query, the held-out tail, L2 neighbours among preceding keys."""
+    kv_heads, n, dim = keys.shape
+    positions = np.concatenate([np.arange(0, n, params.query_stride), np.arange(n - 256, n)])
+    queries = queries_for(positions)
+    lists = np.full((heads, len(positions), params.list_size), -1, np.int32)
+    groups = heads // kv_heads
+    key_tensor = torch.from_numpy(keys)
+    for start in range(0, len(positions), 64):
+        block = slice(start, start + 64)
+        q = torch.from_numpy(queries[:, block])
+        scores = torch.matmul(q.reshape(kv_heads, groups * q.shape[1], dim), key_tensor.transpose(-1, -2))
+        scores = scores.reshape(heads, q.shape[1], n)
+        scores.masked_fill_(torch.arange(n)[None, None, :] > torch.from_numpy(positions[block])[None, :, None], float("-inf"))
+        top = torch.topk(scores, params.list_size, dim=-1)
+        lists[:, block] = torch.where(torch.isinf(top.values), -1, top.indices).numpy()
+    knn = np.full((kv_heads, n, params.knn), -1, np.int32)
+    for start in range(0, n, 512):
+        lo = max(0, start - params.knn_window)
+        new = key_tensor[:, start:start + 512]
+        ref = key_tensor[:, lo:start + 512]
+        d = (new * new).sum(-1)[..., None] + (ref * ref).sum(-1)[:, None, :] - 2 * torch.matmul(new, ref.transpose(-1, -2))
+        d.masked_fill_(torch.arange(lo, start + ref.shape[1] - (start - lo))[None, None, :] >=
+                       torch.arange(start, start + new.shape[1])[None, :, None], float("inf"))
+        take = min(params.knn, d.shape[-1])
+        nearest = torch.topk(d, take, dim=-1, largest=False)
+        knn[:, start:start + new.shape[1], :take] = torch.where(torch.isinf(nearest.values), -1, nearest.indices + lo).numpy()
+    held_out = np.zeros(len(positions), bool)
+    held_out[-32:] = True
+    layer = build_graph_layer(lists, queries.astype(np.float16), knn, held_out, keys, params)
+    return GraphLayerIndex(layer, keys, params)
+
+
+def exact_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of one decode position [H, 1, D] over all keys [KVH, N, D] (grouped-query)."""
+    heads, _, dim = query.shape
+    kv_heads = keys.shape[0]
+    scores = torch.matmul(query.reshape(kv_heads, heads // kv_heads, dim), keys.transpose(-1, -2)) * scaling
+    return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(heads, 1, -1)
+
+
+def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
+    params = IndexParams()
+    status(f"building a synthetic {config.shape} layer with {config.keys:,} indexed keys per KV head")
+    keys, values, queries_for, heads = synthetic_layer(config)
+    started = time.perf_counter()
+    index = build_index(keys, queries_for, heads, params)
+    build_seconds = time.perf_counter() - started
+    n = keys.shape[1]
+    decode = queries_for(np.full(config.queries, n - 1))
+    scaling = keys.shape[2] ** -0.5
+    key_t, value_t = torch.from_numpy(keys), torch.from_numpy(values)
+    kv_of_head = np.arange(heads, dtype=np.int64) // (heads // keys.shape[0])
+    out = np.zeros((heads, 1, keys.shape[2]), np.float32)
+    lse = np.zeros((heads, 1), np.float32)
+
+    def retrieval_step(i):
+        q = np.ascontiguousarray(decode[:, i:i + 1])
+        result = index.search(q, config.top_k)
+        attend_retrieved(q, keys, values, kv_of_head, result.ids, np.float32(scaling), out, lse)
+        return result
+
+    def flat_step(i):
+        q = np.ascontiguousarray(decode[:, i:i + 1])
+        result = FlatLayerIndex(keys).search(q, config.top_k)
+        attend_retrieved(q, keys, values, kv_of_head, result.ids, np.float32(scaling), out, lse)
+        return result
+
+    timings = {}
+    for name, step in (("exact", lambda i: exact_step(torch.from_numpy(decode[:, i:i + 1]), key_t, value_t, scaling)),
+                       ("retrieval", retrieval_step), ("flat_topk", flat_step)):
+        step(0)  # warm up (and compile)
+        began = time.perf_counter()
+        for i in range(config.queries):
+            step(i)
+        timings[name] = (time.perf_counter() - began) / config.queries
+    truth = FlatLayerIndex(keys).search(decode, config.top_k).ids
+    found = index.search(decode, config.top_k)
+    return {
+        "shape": config.shape, "heads": heads, "kv_heads": keys.shape[0], "head_dim": keys.shape[2],
+        "indexed_keys": n, "top_k": config.top_k, "decode_steps": config.queries,
+        "graph_build_seconds": round(build_seconds, 1), "ef": index.default_ef,
+        "recall_at_k": round(recall(found.ids, truth), 4),
+        "evaluations_per_query": round(float(found.evaluations.mean()), 1),
+        "ms_exact": round(1000 * timings["exact"], 3),
+        "ms_retrieval": round(1000 * timings["retrieval"], 3),
+        "ms_flat_topk": round(1000 * timings["flat_topk"], 3),
+        "speedup_vs_exact": round(timings["exact"] / timings["retrieval"], 1),
+        "data": "synthetic keys/queries with a shared key offset, topical stretches and OOD queries",
+    }
