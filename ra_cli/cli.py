@@ -78,13 +78,16 @@ def _load_model(model: Optional[str], device: str, dtype: str):
 
 def _run_ingest(loaded, document, out, options):
     from ra_cli.ingest import ingest
-    from ra_cli.ui import TokenProgress
+    from ra_cli.ui import LayerProgress, TokenProgress
 
+    layers = LayerProgress(f"{options.index.kind} index")
     try:
         with TokenProgress("prefill") as bar:
-            return ingest(loaded, document, out, options, bar)
+            return ingest(loaded, document, out, options, bar, layers)
     except KeyboardInterrupt:
-        raise RaError(f"interrupted; the finished chunks are kept — run the same command again to resume")
+        raise RaError("interrupted; the finished chunks are kept — run the same command again to resume")
+    finally:
+        layers.close()
 
 
 @app.command("ingest")
@@ -135,7 +138,7 @@ def _open_source(source: Path, loaded, encoding: str, chunk_size: int, kv_dtype:
     """A saved context directory, or a document ingested into (or reused from) the cache."""
     from ra_cli.ingest import IngestOptions, ensure_context
     from ra_cli.store import MANIFEST, ContextStore, partial_path
-    from ra_cli.ui import TokenProgress, status
+    from ra_cli.ui import LayerProgress, TokenProgress, status
 
     if source.is_dir() or (not source.exists() and partial_path(source).exists()):
         if source.is_dir() and not (source / MANIFEST).exists() and not partial_path(source).exists():
@@ -145,11 +148,14 @@ def _open_source(source: Path, loaded, encoding: str, chunk_size: int, kv_dtype:
         return store
     doc = _load_document(source, encoding)
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype, index=index_params)
+    layers = LayerProgress(f"{options.index.kind} index")
     try:
         with TokenProgress("prefill") as bar:
-            store, result = ensure_context(loaded, doc, options, bar)
+            store, result = ensure_context(loaded, doc, options, bar, layers)
     except KeyboardInterrupt:
         raise RaError("interrupted while ingesting; run the same command again to resume")
+    finally:
+        layers.close()
     if result is None:
         status(f"reused {store.n_tokens:,}/{store.n_tokens:,} tokens of {doc.name} from the cache")
     else:
@@ -296,6 +302,7 @@ def bench_command(
     document: Optional[Path] = typer.Option(None, "--document", help="Text to use (default: the shipped sample, repeated)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to evaluate (default: every 4th), or 'all'."),
     queries: int = typer.Option(256, "--queries", help="Held-out decode-time queries."),
+    query_stride: int = typer.Option(16, "--query-stride", help="Graph build: sample every n-th prefill query."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -323,7 +330,10 @@ def bench_command(
         return
     from ra_cli.bench.recall import RecallBenchConfig, run_recall_bench
 
-    config = RecallBenchConfig(context=parse_tokens(context), queries=queries, document=document)
+    from ra_cli.index import IndexParams
+
+    config = RecallBenchConfig(context=parse_tokens(context), queries=queries, document=document,
+                               params=IndexParams(query_stride=query_stride))
     if layers and layers != "all":
         try:
             config.layers = [int(part) for part in layers.split(",")]

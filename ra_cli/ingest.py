@@ -168,7 +168,7 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
 
 
 def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptions | None = None,
-                   on_progress=None) -> tuple[ContextStore, IngestResult | None]:
+                   on_progress=None, on_index=None) -> tuple[ContextStore, IngestResult | None]:
     """The cached context for `document`, ingesting (or finishing an ingest) when needed."""
     options = options or IngestOptions()
     path = cached_context_path(loaded, document, options)
@@ -177,5 +177,5 @@ def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptio
             return ContextStore.open(path, loaded.fingerprint), None
         except RaError:
             pass  # damaged cache entry: rebuild it below
-    result = ingest(loaded, document, path, options, on_progress)
+    result = ingest(loaded, document, path, options, on_progress, on_index)
     return ContextStore.open(path, loaded.fingerprint), result

@@ -71,5 +71,28 @@ class TokenProgress:
         self.bar.update(self.task, completed=done, total=total, rate=rate)
 
 
+class LayerProgress:
+    """Progress of the per-layer index build, shown once the first layer is done."""
+
+    def __init__(self, description: str = "index"):
+        self.description = description
+        self.bar = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress("layers", transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.description, total=total)
+        self.bar.update(self.task, completed=done)
+        if done == total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
 def status(message: str) -> None:
     stderr.print(f"[dim]{message}[/dim]")

@@ -17,9 +17,10 @@ class IndexParams:
     # graph
     degree: int = 24  # adjacency width M: learned co-selection edges + L2 neighbours
     knn: int = 8  # L2 neighbours per key (reachability for keys no query selected)
-    knn_window: int = 256  # L2 neighbours are searched among this many preceding keys
+    knn_window: int = 128  # L2 neighbours are searched among this many preceding keys
     list_size: int = 64  # exact top-k keys per sampled prefill query
-    query_stride: int = 8  # every stride-th prefill query is sampled
+    query_stride: int = 16  # every stride-th prefill query is sampled...
+    final_stride: int = 2  # ...and every 2nd of the final window (they see every indexed key)
     slots: int = 32  # co-selection candidates tracked per key while building
     clusters: int = 64  # router centroids of prefill queries
     entries_per_cluster: int = 8

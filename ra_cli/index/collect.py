@@ -1,8 +1,8 @@
 """What the graph learns from, collected during prefill next to the attention, on the compute device.
 
-For every `query_stride`-th prefill query of a global attention layer, and every query of the final
-window (they see every indexed key, like decode queries, and are the only ones that can select the
-last indexed keys): its exact top-k indexed keys (causal: only keys at or before it) and the query; for every new indexed key: its nearest
+For every `query_stride`-th prefill query of a global attention layer, and every `final_stride`-th
+query of the final window (they see every indexed key, like decode queries, and are the only ones
+that can select the last indexed keys): its exact top-k indexed keys (causal: only keys at or before it) and the query; for every new indexed key: its nearest
 preceding keys by L2. Everything goes to memory-mapped work files inside the partial store, so a
 resumed ingest continues where it stopped and memory stays flat however long the document is.
 """
@@ -17,6 +17,9 @@ import torch
 from ra_cli.index.base import IndexParams, indexed_range
 
 
+HELD_OUT = 64
+
+
 class PrefillCollector:
     def __init__(self, work_dir: Path, n_tokens: int, windows: list[int | None], heads: int, kv_heads: int,
                  head_dim: int, params: IndexParams, resume: bool):
@@ -27,7 +30,7 @@ class PrefillCollector:
         self.lo, self.hi = indexed_range(n_tokens, params)
         self.n_indexed = self.hi - self.lo
         self.positions = np.concatenate([np.arange(self.lo, self.hi, params.query_stride),
-                                         np.arange(self.hi, n_tokens)]).astype(np.int64)
+                                         np.arange(self.hi, n_tokens, params.final_stride)]).astype(np.int64)
         self.n_samples = len(self.positions)
         self.layers = [i for i, window in enumerate(windows) if window is None]
         mode = "r+" if resume else "w+"
@@ -50,9 +53,14 @@ class PrefillCollector:
         return self.positions
 
     def held_out(self) -> np.ndarray:
-        """Samples kept out of training to calibrate search and budgets: every 4th query of the
-        final window."""
-        return (self.positions >= self.hi) & ((self.positions - self.hi) % 4 == 3)
+        """Samples kept out of training to calibrate search and budgets: the last HELD_OUT queries
+        of the document, the ones most like decode queries (interleaved hold-outs would sit
+        between near-identical training neighbours and make the search look easier than it is)."""
+        held = np.zeros(self.n_samples, bool)
+        final = np.nonzero(self.positions >= self.hi)[0]
+        if len(final) >= 4:
+            held[final[-min(HELD_OUT, len(final) // 4):]] = True
+        return held
 
     def flush(self) -> None:
         for group in (self.lists, self.queries, self.knn):

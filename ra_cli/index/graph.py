@@ -22,8 +22,11 @@ from ra_cli.index.base import IndexParams, SearchBuffers, SearchResult, outputs
 from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency
 from ra_cli.index.kernels import insert_nodes, search_heads_routed
 
-EF_CANDIDATES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
+EF_CANDIDATES = (96, 128, 192, 256, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
+# Calibrate a little above the recall wanted: the held-out prefill queries are a bit easier than
+# real decode queries (measured: 0.95 on them gave 0.91-0.94 on held-out continuations).
+CALIBRATION_MARGIN = 0.01
 RECENT_ENTRIES = 16  # newest indexed keys seeding every search, besides the router's entries
 NO_EXTRA = np.full((1, 0), -1, np.int32)
 NO_NEIGHBOR_16 = np.iinfo(np.uint16).max
@@ -63,7 +66,7 @@ def kmeans_router(queries: np.ndarray, lists: np.ndarray, n: int, params: IndexP
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
         count = min(clusters, x.shape[0])
         centre = x[torch.randperm(x.shape[0], generator=generator)[:count]].clone()
-        for _ in range(8):
+        for _ in range(5):
             assign = torch.argmax(x @ centre.T, dim=1)
             sums = torch.zeros_like(centre).index_add_(0, assign, x)
             sizes = torch.bincount(assign, minlength=count)
@@ -111,7 +114,7 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
         truth = np.asarray(lists[:, probes])
         probe = np.asarray(queries[:, probes]).astype(np.float32)
         layer.ef, layer.validation_recall, layer.validation_evaluations = calibrate_ef(
-            GraphLayerIndex(layer, keys, params), probe, truth, params.target_recall)
+            GraphLayerIndex(layer, keys, params), probe, truth, min(0.995, params.target_recall + CALIBRATION_MARGIN))
     layer.build_seconds = time.perf_counter() - started
     return layer
 
@@ -147,28 +150,17 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float):
-    """Smallest ef in EF_CANDIDATES reaching `target` recall on the probe queries (bisection:
-    recall grows with ef). Returns (ef, recall, mean evaluations)."""
+    """Smallest ef in EF_CANDIDATES reaching `target` recall on the probe queries, trying the cheap
+    ones first (a search costs roughly ef). Returns (ef, recall, mean evaluations)."""
     k = truth.shape[-1]
-    measured = {}
-
-    def measure(position):
-        if position not in measured:
-            ef = max(EF_CANDIDATES[position], k)
-            result = index.search(probe, k, ef)
-            measured[position] = (ef, recall(result.ids, truth), float(result.evaluations.mean()))
-        return measured[position]
-
-    low, high = 0, len(EF_CANDIDATES) - 1
-    if measure(high)[1] < target:
-        return measure(high)
-    while low < high:
-        middle = (low + high) // 2
-        if measure(middle)[1] >= target:
-            high = middle
-        else:
-            low = middle + 1
-    return measure(low)
+    measured = None
+    for candidate in EF_CANDIDATES:
+        ef = max(candidate, k)
+        result = index.search(probe, k, ef)
+        measured = (ef, recall(result.ids, truth), float(result.evaluations.mean()))
+        if measured[1] >= target:
+            break
+    return measured
 
 
 class GraphLayerIndex:
