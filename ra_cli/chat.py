@@ -136,8 +136,13 @@ class ChatSession:
         if not question.strip():
             raise RaError("the question is empty; type a question (or text to continue with --raw)")
         prompt = self.unfed + self.prompter.question_tokens(question, first_turn=self.turns == 0, raw=raw)
+        length = self.cache.length
+        try:
+            logits = prefill(self.loaded.model, self.cache, prompt)
+        except KeyboardInterrupt:
+            self.cache.truncate(length)  # as if the question had not been asked
+            return Answer(question, "", 0, time.perf_counter() - started, 0, 0.0, "interrupted")
         self.unfed = []
-        logits = prefill(self.loaded.model, self.cache, prompt)
         self.prefilled_tokens += len(prompt)
         prompt_seconds = time.perf_counter() - started
         stream = TextStream(self.loaded.tokenizer)

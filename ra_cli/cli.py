@@ -280,7 +280,10 @@ def _repl(session, answer) -> None:
         elif line.startswith("/"):
             stderr.print(f"unknown command {line.split()[0]}; /help lists them")
         else:
-            answer(line)
+            try:
+                answer(line)
+            except RaError as exc:
+                stderr.print(f"[bold red]error:[/bold red] {exc}")
 
 
 def parse_tokens(text: str) -> int:
@@ -303,6 +306,7 @@ def bench_command(
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to evaluate (default: every 4th), or 'all'."),
     queries: int = typer.Option(256, "--queries", help="Held-out decode-time queries."),
     query_stride: int = typer.Option(16, "--query-stride", help="Graph build: sample every n-th prefill query."),
+    baseline_ingest: bool = typer.Option(False, "--baseline-ingest", help="With --recall: also time the same prefill without any index."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -333,7 +337,7 @@ def bench_command(
     from ra_cli.index import IndexParams
 
     config = RecallBenchConfig(context=parse_tokens(context), queries=queries, document=document,
-                               params=IndexParams(query_stride=query_stride))
+                               params=IndexParams(query_stride=query_stride), baseline_ingest=baseline_ingest)
     if layers and layers != "all":
         try:
             config.layers = [int(part) for part in layers.split(",")]

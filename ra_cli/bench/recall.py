@@ -44,6 +44,7 @@ class RecallBenchConfig:
     queries: int = 256
     layers: list[int] | None = None  # None: every 4th global layer
     document: Path | None = None
+    baseline_ingest: bool = False  # also time the same prefill with no index (for the ingest ratio)
     chunk_size: int = 512
     params: IndexParams = field(default_factory=IndexParams)
 
@@ -84,6 +85,24 @@ def ingest_for_bench(loaded, name: str, text: str, config: RecallBenchConfig, on
         header = store_header(loaded, document, options, layout)
         result = write_context(loaded, context, [0] * len(context), header, path, options, on_progress, on_index)
     return ContextStore.open(path, loaded.fingerprint), held_out, result
+
+
+def time_plain_ingest(loaded, name: str, text: str, config: RecallBenchConfig, on_progress=None) -> float:
+    """Seconds to prefill and store the same context with no index (flat: nothing collected or built)."""
+    import shutil
+
+    from ra_cli.document import Document
+
+    tokens, layout = context_tokens(loaded, text, config.context)
+    options = IngestOptions(chunk_size=config.chunk_size, index=IndexParams(kind="flat"))
+    document = Document(name=f"{name} (bench baseline)", sha256="baseline", kind="text", text="")
+    out = Path(tempfile.mkdtemp(prefix="ra-bench-baseline-")) / "plain.idx"
+    try:
+        result = write_context(loaded, tokens, [0] * len(tokens), store_header(loaded, document, options, layout), out,
+                               options, on_progress)
+        return result.seconds
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def capture_decode_queries(loaded, store: ContextStore, held_out: list[int], layers: list[int], hi: int, lo: int):
@@ -249,5 +268,12 @@ def run_recall_bench(loaded, config: RecallBenchConfig, on_progress=None, on_ind
                                              "static_top100_mean": round(float(np.mean(m["static_top100"])), 4),
                                              "static_top100_min_head": round(float(np.min(m["static_top100"])), 4)}
                                 for layer, m in masses.items()}
+    if config.baseline_ingest:
+        status("timing the same prefill without an index")
+        plain = time_plain_ingest(loaded, name, text, config, on_progress)
+        with_index = store.manifest["ingest"]["seconds"]
+        report["ingest_baseline_seconds"] = round(plain, 1)
+        report["ingest_with_graph_seconds"] = with_index
+        report["ingest_speed_ratio"] = round(plain / with_index, 3)  # tokens/s with graph / without
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report

@@ -120,6 +120,14 @@ class ContextCache(Cache):
     def length(self) -> int:
         return self.layers[0].get_seq_length()
 
+    def settle(self) -> None:
+        """After a whole forward: let layers that move tokens into their index do so now, never
+        mid-forward, so an interrupted forward can always be rolled back by `truncate`."""
+        for layer in self.layers:
+            evict = getattr(layer, "evict", None)
+            if evict is not None:
+                evict()
+
     def truncate(self, length: int) -> None:
         """Forget every token at position >= length in every layer (/clear keeps only the document;
         an interrupted forward may have reached only some layers)."""

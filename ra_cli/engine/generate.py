@@ -40,9 +40,10 @@ def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool
         if not want_logits:
             target = base_model(model)
             target(input_ids=ids, use_cache=True, **{_cache_kwarg(target): cache})
-            return None
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
-    return out.logits[0, -1].float()
+        else:
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+    cache.settle()
+    return out.logits[0, -1].float() if want_logits else None
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,

@@ -229,7 +229,6 @@ class RetrievalLayer(CacheLayerMixin):
         out_cpu = torch.from_numpy(retrieved_out)[None].to(self.device)
         lse_cpu = torch.from_numpy(retrieved_lse)[None].to(self.device)
         merged, _ = merge_partial([static_out, out_cpu], [static_lse, lse_cpu])
-        self.evict()
         return merged.to(query.dtype)
 
 
