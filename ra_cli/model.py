@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ra_cli.document import file_sha256
 from ra_cli.errors import RaError
 from ra_cli.paths import models_dir
 
@@ -176,14 +177,6 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def config_sha256(config) -> str:
     data = {key: value for key, value in config.to_dict().items() if key not in _VOLATILE_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -221,7 +214,7 @@ def _gguf_digest(path: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = _sha256_file(path)
+    digest = file_sha256(path)
     known[key] = digest
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_suffix(f".tmp{os.getpid()}")

@@ -14,7 +14,6 @@ stopped and never leaves anything at `<OUT>` that loads as complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ra_cli.document import file_sha256
 from ra_cli.errors import RaError
 
 FORMAT_NAME = "ra-context"
@@ -41,14 +41,6 @@ def numpy_storage_dtype(dtype_name: str):
         return _NUMPY_DTYPES[dtype_name]
     except KeyError:
         raise RaError(f"unsupported KV dtype {dtype_name}; use float32, float16 or bfloat16")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -162,7 +154,7 @@ class StoreWriter:
         for path in sorted(self.dir.rglob("*")):
             if path.is_file() and path.name not in (PROGRESS, MANIFEST):
                 relative = path.relative_to(self.dir).as_posix()
-                files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                files[relative] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -269,5 +261,5 @@ def _check_files(path: Path, manifest: dict, verify: bool) -> None:
         # KV files can be many GB: check their size on open, their hash on request. Everything
         # else (tokens, indexes) is always hashed before use.
         hashed = verify or size <= HASH_ON_OPEN_LIMIT or not relative.startswith("kv/")
-        if hashed and sha256_file(file) != meta["sha256"]:
+        if hashed and file_sha256(file) != meta["sha256"]:
             raise RaError(f"{path}: {relative} fails its checksum; the context is damaged — ingest again")

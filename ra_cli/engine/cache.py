@@ -25,7 +25,27 @@ def layer_windows(config) -> list[int | None]:
     return [window if kind in ("sliding_attention", "chunked_attention") and window else None for kind in types]
 
 
-class DeviceKVLayer(CacheLayerMixin):
+class AttentionLayer(CacheLayerMixin):
+    """What every ra cache layer shares: a logical length (tokens seen) and no maximum."""
+
+    is_croppable = True
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @staticmethod
+    def _check_crop(tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+
+
+class DeviceKVLayer(AttentionLayer):
     """All KV of one layer on the compute device, in a buffer that grows by doubling.
 
     transformers' DynamicLayer concatenates on every step, which copies the whole cache per token;
@@ -33,7 +53,6 @@ class DeviceKVLayer(CacheLayerMixin):
     """
 
     is_sliding = False
-    is_croppable = True
 
     def __init__(self, layer_idx: int, sliding_window: int | None = None, capacity: int = 256):
         super().__init__()
@@ -87,18 +106,8 @@ class DeviceKVLayer(CacheLayerMixin):
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
         return exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap)
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove")
+        self._check_crop(tokens_to_remove)
         self.length = max(0, self.length + tokens_to_remove)
 
     def reset(self) -> None:

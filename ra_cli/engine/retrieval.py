@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import CacheLayerMixin
-
 from ra_cli.engine.attention import attention_with_lse, merge_partial
+from ra_cli.engine.cache import AttentionLayer
 from ra_cli.index.kernels import attend_retrieved
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
@@ -87,11 +86,10 @@ class HostKV:
         self.count = needed
 
 
-class RetrievalLayer(CacheLayerMixin):
+class RetrievalLayer(AttentionLayer):
     """KV of one global layer for retrieval attention: static set on the device, the rest indexed."""
 
     is_sliding = False
-    is_croppable = True
 
     def __init__(self, layer_idx: int, index, host: HostKV, n_indexed: int, lo: int, sink_k, sink_v, window_k, window_v,
                  settings: RetrievalSettings, stats: RetrievalStats):
@@ -169,18 +167,8 @@ class RetrievalLayer(CacheLayerMixin):
         self.static -= count
         self.stats.evicted += count
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove")
+        self._check_crop(tokens_to_remove)
         keep_window = max(0, self.static - self.lo + tokens_to_remove)
         if keep_window == 0 and self.static - self.lo + tokens_to_remove < 0:
             raise ValueError("cannot forget tokens that were already moved into the index")

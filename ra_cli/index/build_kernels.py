@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ra_cli.index.kernels import link_into
+
 
 @njit(cache=True, nogil=True, inline="always")
 def _bump(table_ids, table_counts, row, node, weight):
@@ -99,11 +101,5 @@ def assemble_adjacency(table_ids, table_counts, knn_all, kv_of_head, n, learned,
             for s in range(knn.shape[1]):
                 source = knn[i, s]
                 if 0 <= source < n and source != i:
-                    # overwrite the source's last slot: its weakest edge
-                    slot = width - 1
-                    for t in range(width):
-                        if adjacency[h, source, t] < 0:
-                            slot = t
-                            break
-                    adjacency[h, source, slot] = i
+                    link_into(adjacency[h, source], i)
                     break

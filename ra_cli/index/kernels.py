@@ -23,6 +23,18 @@ def _dot(a, b):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def link_into(row, target):
+    """Add an edge to `target` in an int32 adjacency row: the first empty slot, else the last
+    (the weakest edge: rows are ordered strongest first)."""
+    slot = row.shape[0] - 1
+    for s in range(row.shape[0]):
+        if row[s] < 0:
+            slot = s
+            break
+    row[slot] = target
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _pool_insert(pool_scores, pool_ids, pool_done, size, ef, score, node):
     """Insert into the pool (sorted best first, at most ef entries); returns (size, position),
     position == ef when the score did not make it in."""
@@ -301,10 +313,4 @@ def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited, epochs)
                     row[filled] = t - 1
                     filled += 1
             for j in range(filled):
-                u = row[j]
-                slot = width - 1
-                for s in range(width):
-                    if adjacency[g, u, s] < 0:
-                        slot = s
-                        break
-                adjacency[g, u, slot] = t
+                link_into(adjacency[g, row[j]], t)
