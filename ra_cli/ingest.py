@@ -24,6 +24,9 @@ from ra_cli.prompt import Prompter, layout_for
 from ra_cli.store import ContextStore, LayerShape, StoreWriter, numpy_storage_dtype
 
 
+COMMIT_SECONDS = 2.0  # how much prefill a crash may cost: progress is synced to disk this often
+
+
 @dataclass
 class IngestOptions:
     chunk_size: int = 512
@@ -141,18 +144,31 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
     if on_progress is not None:
         on_progress(start, n, writer.resumed_from)
     began = time.perf_counter()
-    while start < n:
-        end = min(n, start + options.chunk_size)
-        prefill(loaded.model, cache, tokens[start:end], want_logits=False)
-        for index, layer in enumerate(cache.layers):
-            writer.write(index, start, _to_numpy(layer.keys[0, :, start:end], storage),
-                         _to_numpy(layer.values[0, :, start:end], storage))
+
+    def commit(done: int) -> None:
         if collector is not None:
             collector.flush()
-        writer.commit(end)
-        start = end
-        if on_progress is not None:
-            on_progress(end, n, writer.resumed_from)
+        writer.commit(done)
+
+    committed = began
+    try:
+        while start < n:
+            end = min(n, start + options.chunk_size)
+            prefill(loaded.model, cache, tokens[start:end], want_logits=False)
+            for index, layer in enumerate(cache.layers):
+                writer.write(index, start, _to_numpy(layer.keys[0, :, start:end], storage),
+                             _to_numpy(layer.values[0, :, start:end], storage))
+            start = end
+            # syncing every file to disk per chunk cost ~2% of ingest: do it every few seconds
+            if end == n or time.perf_counter() - committed >= COMMIT_SECONDS:
+                commit(end)
+                committed = time.perf_counter()
+            if on_progress is not None:
+                on_progress(end, n, writer.resumed_from)
+    except KeyboardInterrupt:
+        if start > writer.tokens_done:
+            commit(start)  # every chunk before `start` is fully written: keep it for the resume
+        raise
     prefill_seconds = time.perf_counter() - began
     del cache
     index_began = time.perf_counter()

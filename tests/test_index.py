@@ -182,3 +182,98 @@ def test_hnsw_and_flat_contexts(tmp_path, loaded):
             target.write_bytes(target.read_bytes()[:-4] + b"\x00\x00\x00\x01")
             with pytest.raises(RaError, match="hnsw_010_1.bin fails its checksum"):
                 ContextStore.open(out)
+
+
+def test_collector_streams_exact_lists_and_neighbours(tmp_path):
+    """Fed chunk by chunk, the collector records each sampled query's exact causal top-k and each
+    key's exact L2 neighbours within its band and the band before (brute-force references)."""
+    import torch
+
+    from ra_cli.index.collect import PrefillCollector
+
+    rng = np.random.default_rng(3)
+    n, heads, kv_heads, dim = 700, 4, 2, 8
+    params = IndexParams(sinks=10, window=50, knn=4, knn_window=32, list_size=6, query_stride=7, final_stride=3)
+    keys = rng.standard_normal((kv_heads, n, dim)).astype(np.float32)
+    queries = rng.standard_normal((heads, n, dim)).astype(np.float32)
+    collector = PrefillCollector(tmp_path, n, [None], heads, kv_heads, dim, params, resume=False)
+    for start in range(0, n, 97):
+        end = min(n, start + 97)
+        collector.observe(0, torch.from_numpy(queries[None, :, start:end]), torch.from_numpy(keys[None, :, :end]),
+                          start, 0, 1.0)
+    lo, hi = indexed_range(n, params)
+    band = params.knn_window
+    for g, i in np.ndindex(kv_heads, n):
+        if not lo <= i < hi:
+            continue
+        first = max(lo, lo + (i - lo) // band * band - band)
+        distances = ((keys[g, first:i] - keys[g, i]) ** 2).sum(-1)
+        expected = (np.argsort(distances, kind="stable")[: params.knn] + first - lo).tolist()
+        got = collector.knn[0][g, i - lo].tolist()
+        assert got == expected + [-1] * (params.knn - len(expected)), (g, i)
+    for slot, position in enumerate(collector.sample_positions()):
+        for h in range(heads):
+            visible = min(hi, position + 1)
+            scores = keys[h // (heads // kv_heads), lo:visible] @ queries[h, position]
+            expected = np.argsort(-scores, kind="stable")[: params.list_size].tolist()
+            got = collector.lists[0][h, slot].tolist()
+            assert got == expected + [-1] * (params.list_size - len(expected)), (h, position)
+
+
+def test_recall_counts_hits_against_truth_ignoring_padding():
+    found = np.array([[[1, 2, 3], [7, -1, -1]]])
+    truth = np.array([[[3, 4, 1], [7, 8, -1]]])
+    assert recall(found, truth) == 3 / 5
+
+
+def test_collector_top_lists_agree_between_cpu_kernel_and_device_path():
+    """The GPU path (torch matmul + masked topk) and the CPU path (blocked numba selection) pick
+    the same lists; both run on CPU tensors here."""
+    import torch
+
+    from ra_cli.index.collect import ROWS_PER_BLOCK, top_lists
+
+    generator = torch.Generator().manual_seed(5)
+    kv_heads, groups, count, n = 3, 3, 2 * ROWS_PER_BLOCK // 3 + 5, 900
+    rows = torch.randn(kv_heads, groups * count, 16, generator=generator)
+    candidates = torch.randn(kv_heads, n, 16, generator=generator)
+    visible = np.sort(np.random.default_rng(5).integers(1, n + 1, count))
+    visible[0] = 7  # fewer visible keys than the list holds: padded with -1
+    visible = np.tile(visible, groups)
+    cpu = top_lists(rows, candidates, visible, 40, kernel=True)
+    device = top_lists(rows, candidates, visible, 40, kernel=False)
+    np.testing.assert_array_equal(cpu, device)
+    assert (cpu[:, 0, 7:] == -1).all() and (cpu[:, 0, :7] >= 0).all()
+
+
+def test_cluster_entries_are_each_clusters_most_named_keys():
+    from ra_cli.index.graph import cluster_entries
+
+    tops = np.array([[5, 2], [5, 9], [2, -1], [7, 7], [3, 4], [4, 3]])
+    assign = np.array([0, 0, 0, 2, 1, 1])
+    entries = cluster_entries(tops, assign, clusters=3, width=2)
+    # cluster 0 names 5 and 2 twice, 9 once; cluster 1 ties 3 and 4; cluster 2 names only 7
+    np.testing.assert_array_equal(entries, [[2, 5], [3, 4], [7, -1]])
+
+
+@pytest.mark.parametrize("start", [None, 96, 256, 512])
+def test_calibrate_ef_finds_the_smallest_sufficient_beam_from_any_start(start):
+    from ra_cli.index.base import SearchResult
+    from ra_cli.index.graph import calibrate_ef
+
+    truth = np.arange(100)[None, None, :].repeat(4, 1)
+
+    class BeamIndex:  # finds ef // 3 of the true top-100: 0.95 needs ef >= 285 -> 384
+        searched = []
+
+        def search(self, probe, k, ef):
+            self.searched.append(ef)
+            found = np.where(np.arange(k) < min(k, ef // 3), np.arange(k), -1)[None, None, :].repeat(4, 1)
+            return SearchResult(found, np.zeros(found.shape, np.float32), np.full((1, 4), ef))
+
+    index = BeamIndex()
+    ef, measured, evaluations = calibrate_ef(index, None, truth, 0.95, start)
+    assert (ef, measured, evaluations) == (384, 1.0, 384.0)
+    assert len(index.searched) == len(set(index.searched))
+    never = calibrate_ef(BeamIndex(), None, truth, 1.01, start)
+    assert never[0] == 512

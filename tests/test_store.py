@@ -46,6 +46,9 @@ def test_interrupted_ingest_resumes_and_matches_a_fresh_one(tmp_path, lighthouse
     for layer in (0, 17, 29):
         np.testing.assert_array_equal(a.keys(layer), b.keys(layer))
         np.testing.assert_array_equal(a.values(layer), b.values(layer))
+    # what the collector gathered before the interruption built the same graph
+    for name in ("index/graph_017.npy", "index/entries_017.npy"):
+        assert a.manifest["files"][name]["sha256"] == b.manifest["files"][name]["sha256"]
 
 
 def test_changed_inputs_restart_instead_of_resuming(tmp_path, lighthouse_txt, loaded):

@@ -41,13 +41,15 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
     lo, hi = indexed_range(writer.n_tokens, params)
     section = {"kind": params.kind, "params": params.as_dict(), "lo": lo, "hi": hi, "layers": {}}
     global_layers = [i for i, shape in enumerate(writer.layers) if shape.sliding_window is None]
+    ef_hint = None
     for count, layer in enumerate(global_layers):
         keys = float32_keys(np.asarray(writer.keys[layer][:, lo:hi]), writer.kv_dtype)
         entry: dict = {}
         files = index_files(params.kind, layer, keys.shape[0])
         if params.kind == "graph":
             built = build_graph_layer(collector.lists[layer], collector.queries[layer], collector.knn[layer],
-                                      collector.held_out(), keys, params)
+                                      collector.held_out(), keys, params, ef_hint)
+            ef_hint = built.ef
             np.save(writer.add_file(files["graph"]), built.adjacency)
             np.save(writer.add_file(files["router"]), built.centroids)
             np.save(writer.add_file(files["entries"]), built.entries)

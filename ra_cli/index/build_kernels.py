@@ -103,3 +103,47 @@ def assemble_adjacency(table_ids, table_counts, knn_all, kv_of_head, n, learned,
                 if 0 <= source < n and source != i:
                     link_into(adjacency[h, source], i)
                     break
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sift_down(heap_scores, heap_ids, size, score, node):
+    """Replace the root of a min-heap (the weakest kept score) and restore the heap."""
+    c = 0
+    while True:
+        child = 2 * c + 1
+        if child >= size:
+            break
+        if child + 1 < size and heap_scores[child + 1] < heap_scores[child]:
+            child += 1
+        if heap_scores[child] >= score:
+            break
+        heap_scores[c] = heap_scores[child]
+        heap_ids[c] = heap_ids[child]
+        c = child
+    heap_scores[c] = score
+    heap_ids[c] = node
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def top_k_rows(scores, valid, out):
+    """Exact top-k per row, best first: scores [R, n] float32, of which row r's first valid[r]
+    entries count (causal prefixes); out [R, k] int32 gets column ids, -1 past the valid ones.
+
+    One pass per row against a k-entry min-heap: almost every score loses to the heap's root, so
+    the scan is a compare per element over data the caller keeps cache-sized."""
+    k = out.shape[1]
+    for r in prange(scores.shape[0]):
+        row = scores[r]
+        size = min(k, valid[r], scores.shape[1])
+        heap_scores = np.full(max(size, 1), -np.inf, np.float32)
+        heap_ids = np.full(max(size, 1), -1, np.int32)
+        # newest keys first: on real prefill scores they are the likeliest winners (recency), so
+        # the heap's floor rises early and later keys rarely get in
+        for j in range(min(valid[r], scores.shape[1]) - 1, -1, -1):
+            if row[j] > heap_scores[0]:
+                _sift_down(heap_scores, heap_ids, size, row[j], j)
+        order = np.argsort(-heap_scores[:size], kind="mergesort")
+        for t in range(size):
+            out[r, t] = heap_ids[order[t]]
+        for t in range(size, k):
+            out[r, t] = -1

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from ra_cli.index.base import IndexParams, indexed_range
+from ra_cli.index.build_kernels import top_k_rows
 
 
 HELD_OUT = 64
+ROWS_PER_BLOCK = 64  # per KV head: 3 x 64 rows of scores over 8K keys stay in L2
 
 
 class PrefillCollector:
@@ -88,39 +90,74 @@ class PrefillCollector:
         if visible_end <= self.lo:
             return
         candidates = keys[:, self.lo - kv_offset: visible_end - kv_offset]  # [KVH, n, D]
-        groups = self.heads // self.kv_heads
-        count = positions.numel()
-        scores = torch.matmul(sampled.reshape(self.kv_heads, groups * count, -1), candidates.transpose(-1, -2))
-        scores = scores.float().reshape(self.heads, count, -1)
-        # Only keys of this chunk can lie after a sampled query; mask just that tail.
-        tail = max(self.lo, q_offset)
-        if tail < visible_end:
-            key_positions = torch.arange(tail, visible_end, device=scores.device)
-            scores[..., tail - self.lo:].masked_fill_(
-                key_positions[None, None, :] > positions.to(scores.device)[None, :, None], float("-inf"))
-        take = min(self.params.list_size, scores.shape[-1])
-        top = torch.topk(scores, take, dim=-1, sorted=True)
-        ids = torch.where(torch.isinf(top.values), -1, top.indices).to(torch.int32).cpu().numpy()
-        rows = self.lists[layer]
-        rows[:, slots, :take] = ids
-        rows[:, slots, take:] = -1
+        take = min(self.params.list_size, candidates.shape[1])
+        # rows of a KV head: its query heads' sampled queries, [KVH, G*s, D] (head = kv * G + g)
+        rows = sampled.reshape(self.kv_heads, -1, sampled.shape[-1])
+        visible = np.minimum(self.positions[begin:end] + 1, self.hi) - self.lo  # causal prefix per query
+        ids = top_lists(rows, candidates, np.tile(visible, self.heads // self.kv_heads), take)
+        lists = self.lists[layer]
+        lists[:, slots, :take] = ids.reshape(self.heads, end - begin, take)
+        lists[:, slots, take:] = -1
 
     def _record_neighbours(self, layer, keys, start, end, kv_offset):
+        """Each new key's nearest earlier keys by L2 among the keys of its band (a run of
+        `knn_window` positions counted from lo) and of the band before: a banded distance matrix,
+        so the work per key stays constant however long the chunk."""
         first, last = max(start, self.lo), min(end, self.hi)
         if first >= last:
             return
-        window_start = max(self.lo, first - self.params.knn_window)
-        reference = keys[:, window_start - kv_offset: last - kv_offset].float()  # [KVH, r, D]
-        new = keys[:, first - kv_offset: last - kv_offset].float()  # [KVH, m, D]
-        distances = (new * new).sum(-1)[..., None] + (reference * reference).sum(-1)[:, None, :] \
-            - 2 * torch.matmul(new, reference.transpose(-1, -2))
-        new_positions = torch.arange(first, last, device=distances.device)
-        ref_positions = torch.arange(window_start, last, device=distances.device)
-        # only earlier keys: later ones do not exist yet when a chunk streams in
-        distances.masked_fill_(ref_positions[None, None, :] >= new_positions[None, :, None], float("inf"))
-        take = min(self.params.knn, distances.shape[-1])
-        nearest = torch.topk(distances, take, dim=-1, largest=False)
-        ids = torch.where(torch.isinf(nearest.values), -1, nearest.indices + (window_start - self.lo))
+        band = self.params.knn_window
+        block_start = self.lo + (first - self.lo) // band * band  # bands align to lo: a resumed ingest gets the same lists
+        blocks = -(-(last - block_start) // band)
+        origin = block_start - band  # position of padded[:, 0]
+        kv_heads, _, dim = keys.shape
+        padded = keys.new_zeros((kv_heads, (blocks + 1) * band, dim), dtype=torch.float32)
+        begin = max(self.lo, origin)
+        padded[:, begin - origin: last - origin] = keys[:, begin - kv_offset: last - kv_offset].float()
+        windows = padded.unfold(1, 2 * band, band).transpose(-1, -2)  # [KVH, blocks, 2*band, D]
+        new = padded[:, band:].reshape(kv_heads, blocks, band, dim)
+        # nearness = 2 a.b - |b|^2 ranks b by L2 distance to a (|a|^2 is the same for the whole row)
+        nearness = 2 * torch.matmul(new, windows.transpose(-1, -2)) - (windows * windows).sum(-1)[:, :, None, :]
+        if origin < self.lo:  # the first band of the document has no band before it
+            nearness[:, 0, :, :band] = float("-inf")
+        take = min(self.params.knn, 2 * band)
+        # row i of a band may use the band before and its own keys before it: a prefix of band + i
+        visible = np.tile(band + np.arange(band), kv_heads * blocks)
+        ids = top_k_prefix(nearness.reshape(-1, 2 * band), visible, take).reshape(kv_heads, blocks, band, take)
+        ids = np.where(ids < 0, -1, ids + (np.arange(blocks)[:, None, None] * band + origin - self.lo))
+        ids = ids.reshape(kv_heads, blocks * band, take)[:, first - block_start: last - block_start]
         target = self.knn[layer]
-        target[:, first - self.lo: last - self.lo, :take] = ids.to(torch.int32).cpu().numpy()
+        target[:, first - self.lo: last - self.lo, :take] = ids
         target[:, first - self.lo: last - self.lo, take:] = -1
+
+
+def top_k_prefix(scores: torch.Tensor, visible: np.ndarray, take: int, kernel: bool | None = None) -> np.ndarray:
+    """Exact top-`take` column ids per row of scores [R, n], best first, counting only each row's
+    first visible[r] columns; -1 where fewer. On CPU a numba pass (torch.topk is several times
+    slower there), elsewhere torch on the device."""
+    if kernel if kernel is not None else scores.device.type == "cpu":
+        out = np.empty((scores.shape[0], take), np.int32)
+        top_k_rows(scores.float().contiguous().numpy(), np.ascontiguousarray(visible, dtype=np.int64), out)
+        return out
+    limit = torch.from_numpy(np.asarray(visible)).to(scores.device)
+    hidden = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= limit[:, None]
+    top = torch.topk(scores.float().masked_fill(hidden, float("-inf")), take, dim=-1, sorted=True)
+    return torch.where(torch.isinf(top.values), -1, top.indices).to(torch.int32).cpu().numpy()
+
+
+def top_lists(rows: torch.Tensor, candidates: torch.Tensor, visible: np.ndarray, take: int,
+              kernel: bool | None = None) -> np.ndarray:
+    """Each row's exact top-`take` candidates by inner product: rows [KVH, R, D], candidates
+    [KVH, n, D], visible [R] (causal prefix of the candidates per row) -> ids [KVH, R, take].
+    On CPU the scores are made in blocks of rows that stay in cache while they are ranked."""
+    kernel = kernel if kernel is not None else rows.device.type == "cpu"
+    kv_heads, count, _ = rows.shape
+    block = ROWS_PER_BLOCK if kernel else count
+    ids = np.empty((kv_heads, count, take), np.int32)
+    transposed = candidates.transpose(-1, -2)
+    for first in range(0, count, block):
+        last = min(count, first + block)
+        scores = torch.matmul(rows[:, first:last], transposed)
+        ids[:, first:last] = top_k_prefix(scores.reshape(-1, scores.shape[-1]), np.tile(visible[first:last], kv_heads),
+                                          take, kernel).reshape(kv_heads, last - first, take)
+    return ids

@@ -51,46 +51,59 @@ class GraphLayer:
         return self.adjacency.nbytes + self.centroids.nbytes + self.entries.nbytes
 
 
-def kmeans_router(queries: np.ndarray, lists: np.ndarray, n: int, params: IndexParams, seed: int = 0):
-    """Cluster normalised queries [H, s, D]; entries = each cluster's most frequent top-2 keys."""
+def kmeans_router(queries: np.ndarray, lists: np.ndarray, params: IndexParams, seed: int = 0):
+    """Cluster normalised queries [H, s, D]; entries = each cluster's most frequent top-2 keys.
+    All heads at once: a sample has keys to rank (lists[:, i, 0] >= 0) for every head or none."""
     heads, _, dim = queries.shape
     clusters = params.clusters
     centroids = np.zeros((heads, clusters, dim), np.float32)
     entries = np.full((heads, clusters, params.entries_per_cluster), -1, np.int32)
+    valid = lists[0, :, 0] >= 0
+    x = torch.from_numpy(np.asarray(queries)[:, valid].astype(np.float32))  # [H, s, D]
+    if x.shape[1] == 0:
+        return centroids, entries
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    count = min(clusters, x.shape[1])
     generator = torch.Generator().manual_seed(seed)
+    start = torch.stack([torch.randperm(x.shape[1], generator=generator)[:count] for _ in range(heads)])
+    centre = torch.gather(x, 1, start[..., None].expand(-1, -1, dim))
+    for _ in range(5):
+        assign = torch.argmax(torch.bmm(x, centre.transpose(1, 2)), dim=-1)  # [H, s]
+        sums = torch.zeros_like(centre).scatter_add_(1, assign[..., None].expand(-1, -1, dim), x)
+        sizes = torch.zeros(heads, count).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float32))
+        centre = torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centre)
+        centre = centre / centre.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    assign = torch.argmax(torch.bmm(x, centre.transpose(1, 2)), dim=-1).numpy()
+    centroids[:, :count] = centre.numpy()
     for h in range(heads):
-        valid = lists[h, :, 0] >= 0
-        x = torch.from_numpy(queries[h][valid].astype(np.float32))
-        if x.shape[0] == 0:
-            continue
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
-        count = min(clusters, x.shape[0])
-        centre = x[torch.randperm(x.shape[0], generator=generator)[:count]].clone()
-        for _ in range(5):
-            assign = torch.argmax(x @ centre.T, dim=1)
-            sums = torch.zeros_like(centre).index_add_(0, assign, x)
-            sizes = torch.bincount(assign, minlength=count)
-            moved = sizes > 0
-            centre[moved] = sums[moved] / sizes[moved, None]
-            centre = centre / centre.norm(dim=1, keepdim=True).clamp_min(1e-6)
-        assign = torch.argmax(x @ centre.T, dim=1).numpy()
-        centroids[h, :count] = centre.numpy()
-        tops = lists[h][valid][:, :2]
-        for c in range(count):
-            picked = tops[assign == c].reshape(-1)
-            picked = picked[picked >= 0]
-            if picked.size:
-                frequency = np.bincount(picked, minlength=n)
-                best = np.argsort(-frequency, kind="stable")[: params.entries_per_cluster]
-                best = best[frequency[best] > 0]
-                entries[h, c, : best.size] = best
+        entries[h] = cluster_entries(lists[h][valid][:, :2], assign[h], clusters, params.entries_per_cluster)
     return centroids, entries
 
 
+def cluster_entries(tops: np.ndarray, assign: np.ndarray, clusters: int, width: int) -> np.ndarray:
+    """Per cluster, the `width` keys that its queries' lists `tops` [s, t] name most often (ties:
+    the earlier key), -1 padded: [clusters, width]."""
+    entries = np.full((clusters, width), -1, np.int32)
+    cluster = np.repeat(assign, tops.shape[1])
+    ids = tops.reshape(-1)
+    keep = ids >= 0
+    if not keep.any():
+        return entries
+    span = int(ids.max()) + 1
+    pairs, counts = np.unique(cluster[keep].astype(np.int64) * span + ids[keep], return_counts=True)
+    order = np.lexsort((pairs % span, -counts, pairs // span))
+    cluster, ids = pairs[order] // span, pairs[order] % span
+    starts = np.searchsorted(cluster, cluster, side="left")
+    rank = np.arange(len(cluster)) - starts
+    chosen = rank < width
+    entries[cluster[chosen], rank[chosen]] = ids[chosen]
+    return entries
+
+
 def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, held_out: np.ndarray,
-                      keys: np.ndarray, params: IndexParams) -> GraphLayer:
+                      keys: np.ndarray, params: IndexParams, ef_hint: int | None = None) -> GraphLayer:
     """lists [H, s, L], queries [H, s, D], knn [KVH, n, NK] from the collector, held_out [s] bool
-    (samples kept for calibration); keys [KVH, n, D] float32."""
+    (samples kept for calibration); keys [KVH, n, D] float32; ef_hint: where calibration starts."""
     started = time.perf_counter()
     heads = lists.shape[0]
     kv_heads, n, _ = keys.shape
@@ -107,14 +120,15 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     dtype = adjacency_dtype(n)
     if dtype == np.uint16:
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
-    centroids, entries = kmeans_router(np.asarray(queries[:, train]), train_lists, n, params)
+    centroids, entries = kmeans_router(np.asarray(queries[:, train]), train_lists, params)
     layer = GraphLayer(adjacency, centroids, entries, ef=128)
     probes = np.nonzero(held_out)[0][-CALIBRATION_QUERIES:]
     if probes.size:
         truth = np.asarray(lists[:, probes])
         probe = np.asarray(queries[:, probes]).astype(np.float32)
         layer.ef, layer.validation_recall, layer.validation_evaluations = calibrate_ef(
-            GraphLayerIndex(layer, keys, params), probe, truth, min(0.995, params.target_recall + CALIBRATION_MARGIN))
+            GraphLayerIndex(layer, keys, params), probe, truth, min(0.995, params.target_recall + CALIBRATION_MARGIN),
+            ef_hint)
     layer.build_seconds = time.perf_counter() - started
     return layer
 
@@ -140,27 +154,41 @@ def attention_coverage(all_keys: np.ndarray, queries: np.ndarray, positions: np.
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over queries of |found ∩ truth| / |truth| (ignoring -1 padding in truth)."""
-    hits, total = 0, 0
-    for f, t in zip(found.reshape(-1, found.shape[-1]), truth.reshape(-1, truth.shape[-1])):
-        t = t[t >= 0]
-        hits += np.isin(t, f).sum()
-        total += t.size
+    """Pooled |found ∩ truth| / |truth| over all queries (ignoring -1 padding in truth)."""
+    found = found.reshape(-1, found.shape[-1])
+    truth = truth.reshape(-1, truth.shape[-1])
+    hits = 0
+    for row in range(0, truth.shape[0], 1024):  # bounded [rows, k, k] comparison
+        t, f = truth[row: row + 1024], found[row: row + 1024]
+        hits += int(((t[:, :, None] == f[:, None, :]).any(-1) & (t >= 0)).sum())
+    total = int((truth >= 0).sum())
     return hits / total if total else 1.0
 
 
-def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float):
-    """Smallest ef in EF_CANDIDATES reaching `target` recall on the probe queries, trying the cheap
-    ones first (a search costs roughly ef). Returns (ef, recall, mean evaluations)."""
+def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, start: int | None = None):
+    """Smallest ef in EF_CANDIDATES reaching `target` recall on the probe queries (recall grows
+    with ef). Walks from `start` (e.g. the previous layer's choice: neighbouring layers need
+    similar beams) down while the target holds, else up. Returns (ef, recall, mean evaluations)."""
     k = truth.shape[-1]
-    measured = None
-    for candidate in EF_CANDIDATES:
-        ef = max(candidate, k)
-        result = index.search(probe, k, ef)
-        measured = (ef, recall(result.ids, truth), float(result.evaluations.mean()))
-        if measured[1] >= target:
+    candidates = sorted({max(candidate, k) for candidate in EF_CANDIDATES})
+    position = candidates.index(start) if start in candidates else 0
+    tried = {}
+
+    def trial(i):
+        if i not in tried:
+            result = index.search(probe, k, candidates[i])
+            tried[i] = (candidates[i], recall(result.ids, truth), float(result.evaluations.mean()))
+        return tried[i]
+
+    if trial(position)[1] >= target:
+        while position > 0 and trial(position - 1)[1] >= target:
+            position -= 1
+        return trial(position)
+    while position + 1 < len(candidates):
+        position += 1
+        if trial(position)[1] >= target:
             break
-    return measured
+    return trial(position)
 
 
 class GraphLayerIndex:
