@@ -60,22 +60,22 @@ class SearchResult:
 
 @dataclass
 class SearchBuffers:
-    """Per-layer scratch reused across searches (visited stamps, outputs)."""
+    """Per-layer scratch reused across searches: one visited bitset per head (int64 words)."""
 
     heads: int
     n: int
     visited: np.ndarray = field(init=False)
-    epochs: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        self.visited = np.zeros((self.heads, max(1, self.n)), np.uint32)
-        self.epochs = np.zeros(self.heads, np.uint32)
+        self.visited = np.zeros((self.heads, bitset_words(self.n)), np.int64)
 
     def grow(self, n: int) -> None:
-        if n > self.visited.shape[1]:
-            grown = np.zeros((self.heads, max(n, 2 * self.visited.shape[1])), np.uint32)
-            grown[:, : self.visited.shape[1]] = self.visited
-            self.visited = grown
+        if bitset_words(n) > self.visited.shape[1]:
+            self.visited = np.zeros((self.heads, max(bitset_words(n), 2 * self.visited.shape[1])), np.int64)
+
+
+def bitset_words(n: int) -> int:
+    return max(1, (n + 63) // 64)
 
 
 def outputs(heads: int, queries: int, k: int):

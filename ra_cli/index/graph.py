@@ -224,7 +224,7 @@ class GraphLayerIndex:
             self.layer.adjacency = grown
         self.keys = keys
         self.buffers.grow(n)
-        insert_nodes(keys, self.kv_of_head, self.layer.adjacency, self.n, n, 64, self.buffers.visited, self.buffers.epochs)
+        insert_nodes(keys, self.kv_of_head, self.layer.adjacency, self.n, n, 64, self.buffers.visited)
         self.n = n
 
     def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra: np.ndarray | None = None) -> SearchResult:
@@ -239,5 +239,5 @@ class GraphLayerIndex:
                             self.layer.adjacency, self.n, self.layer.centroids, self.layer.entries,
                             min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
                             np.ascontiguousarray(np.broadcast_to(extra, (heads, extra.shape[1]))), max(ef or self.layer.ef, k), k,
-                            self.buffers.visited, self.buffers.epochs, ids, scores, evaluations)
+                            self.buffers.visited, ids, scores, evaluations)
         return SearchResult(ids, scores, evaluations)

@@ -142,7 +142,7 @@ class HnswLayerIndex:
         self.buffers.grow(n)
         graph_buffers = SearchBuffers(self.base.shape[0], n)
         insert_nodes(keys, np.arange(self.base.shape[0], dtype=np.int64), self.base, self.n, n, 64,
-                     graph_buffers.visited, graph_buffers.epochs)
+                     graph_buffers.visited)
         self.n = n
 
     def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra=None) -> SearchResult:
@@ -153,5 +153,5 @@ class HnswLayerIndex:
             return SearchResult(ids, scores, evaluations)
         search_heads_hnsw(np.ascontiguousarray(queries, dtype=np.float32), self.keys, self.kv_of_head, self.base, self.n,
                           self.entry, self.levels, self.upper_rows, self.upper, max(ef or self.default_ef, k), k,
-                          self.buffers.visited, self.buffers.epochs, ids, scores, evaluations)
+                          self.buffers.visited, ids, scores, evaluations)
         return SearchResult(ids, scores, evaluations)

@@ -2,8 +2,9 @@
 
 Graphs are fixed-width adjacency arrays [n, M] of ids (int32 with -1 padding, or uint16 with 65535
 padding when n < 65535; rows are filled from the left). One search runs per
-(query head, query); heads run in parallel threads (prange, nogil), each with its own epoch-stamped
-visited array so nothing of size n is cleared between searches.
+(query head, query); heads run in parallel threads (prange, nogil), each with its own visited
+bitset (n/8 bytes: 16 KB at 128K keys, so it stays in L1/L2 while an epoch-stamped array of n
+words would miss the cache at every check; clearing it costs one memset per search).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def link_into(row, target):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _seen(visited, node):
+    return (visited[node >> 6] >> (node & 63)) & 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mark(visited, node):
+    visited[node >> 6] |= np.int64(1) << (node & 63)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _pool_insert(pool_scores, pool_ids, pool_done, size, ef, score, node):
     """Insert into the pool (sorted best first, at most ef entries); returns (size, position),
     position == ef when the score did not make it in."""
@@ -59,13 +70,14 @@ def _pool_insert(pool_scores, pool_ids, pool_done, size, ef, score, node):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch, out_ids, out_scores):
+def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, out_ids, out_scores):
     """Best-first search for the k keys of largest inner product with `query`.
 
     The candidate pool holds the ef best keys seen so far, sorted; the best one not yet expanded
     is expanded next; search ends when every pooled key is expanded (the beam search of HNSW's
     layer 0 / DiskANN, kept in one sorted array instead of two heaps: fewer unpredictable
-    branches). keys [n, D] float32; adjacency [n, M]; only ids < n_valid exist. Writes
+    branches). keys [n, D] float32; adjacency [n, M]; only ids < n_valid exist; visited: an int64
+    bitset of at least n_valid bits, cleared here. Writes
     out_ids/out_scores (k, best first, -1/-inf padding) and returns the distance evaluations.
     """
     width = adjacency.shape[1]
@@ -74,13 +86,14 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch,
     pool_done = np.zeros(ef, np.bool_)
     batch = np.empty(width, np.int64)
     batch_scores = np.empty(width, np.float32)
+    visited[: (n_valid + 63) >> 6] = 0
     size = 0
     evaluations = 0
     for e in range(entries.shape[0]):
         node = entries[e]
-        if node < 0 or node >= n_valid or visited[node] == epoch:
+        if node < 0 or node >= n_valid or _seen(visited, node):
             continue
-        visited[node] = epoch
+        _mark(visited, node)
         evaluations += 1
         size, _ = _pool_insert(pool_scores, pool_ids, pool_done, size, ef, _dot(query, keys[node]), node)
     cursor = 0
@@ -100,9 +113,9 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch,
                 # padding is -1 (int32) or the dtype's max (uint16): both end the row
                 if neighbor < 0 or neighbor >= n_valid:
                     break
-                if visited[neighbor] == epoch:
+                if _seen(visited, neighbor):
                     continue
-                visited[neighbor] = epoch
+                _mark(visited, neighbor)
                 batch[fresh] = neighbor
                 fresh += 1
             for j in range(fresh):
@@ -120,11 +133,11 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch,
         # ef >= n is an exact search even on a disconnected graph.
         if size >= ef:
             break
-        while unvisited < n_valid and visited[unvisited] == epoch:
+        while unvisited < n_valid and _seen(visited, unvisited):
             unvisited += 1
         if unvisited >= n_valid:
             break
-        visited[unvisited] = epoch
+        _mark(visited, unvisited)
         evaluations += 1
         size, position = _pool_insert(pool_scores, pool_ids, pool_done, size, ef,
                                       _dot(query, keys[unvisited]), unvisited)
@@ -140,17 +153,16 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, epoch,
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def search_heads(queries, keys, kv_of_head, adjacency, n_valid, entries, ef, k, visited, epochs,
+def search_heads(queries, keys, kv_of_head, adjacency, n_valid, entries, ef, k, visited,
                  out_ids, out_scores, out_evals):
-    """queries [H, q, D]; keys [KVH, n, D]; adjacency [H, n, M]; entries [H, E]; visited [H, n]
-    uint32 with epochs [H] advanced here. Outputs [H, q, k] ids/scores and [H, q] evaluations."""
+    """queries [H, q, D]; keys [KVH, n, D]; adjacency [H, n, M]; entries [H, E]; visited [H, >= n/64]
+    int64 bitsets. Outputs [H, q, k] ids/scores and [H, q] evaluations."""
     heads = queries.shape[0]
     for h in prange(heads):
         key_set = keys[kv_of_head[h]]
         for i in range(queries.shape[1]):
-            epochs[h] += 1
             out_evals[h, i] = beam_search(queries[h, i], key_set, adjacency[h], n_valid, entries[h], ef, k,
-                                          visited[h], epochs[h], out_ids[h, i], out_scores[h, i])
+                                          visited[h], out_ids[h, i], out_scores[h, i])
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -174,7 +186,7 @@ def _route(query, centroids, entries, route, recent, n_valid, chosen):
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids, entries, route, recent, extra, ef,
-                        k, visited, epochs, out_ids, out_scores, out_evals):
+                        k, visited, out_ids, out_scores, out_evals):
     """Graph search where each query first picks its entry points through a router: the centroids
     [H, C, D] of prefill queries, each with entry keys [H, C, E]; plus the newest keys and the
     caller's `extra` entries [H, X] (-1 = none). Router dot products count as evaluations."""
@@ -186,10 +198,9 @@ def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids
         for j in range(extra.shape[1]):
             chosen[fixed + j] = extra[h, j]
         for i in range(queries.shape[1]):
-            epochs[h] += 1
             routed = _route(queries[h, i], centroids[h], entries[h], route, min(recent, n_valid), n_valid, chosen)
             out_evals[h, i] = routed + beam_search(queries[h, i], key_set, adjacency[h], n_valid, chosen, ef, k,
-                                                   visited[h], epochs[h], out_ids[h, i], out_scores[h, i])
+                                                   visited[h], out_ids[h, i], out_scores[h, i])
 
 
 @njit(cache=True, nogil=True)
@@ -220,7 +231,7 @@ def _descend(query, keys, entry, levels, upper_rows, upper_links):
 
 @njit(cache=True, parallel=True, nogil=True)
 def search_heads_hnsw(queries, keys, kv_of_head, base_links, n_valid, entry_point, levels, upper_rows, upper_links,
-                      ef, k, visited, epochs, out_ids, out_scores, out_evals):
+                      ef, k, visited, out_ids, out_scores, out_evals):
     """hnswlib's search re-implemented over its own parsed graph, so evaluations can be counted:
     greedy descent through upper layers, then the same beam search at layer 0. One graph per KV
     head (hnswlib indexes keys only): arrays are indexed by kv_of_head[h]."""
@@ -230,12 +241,11 @@ def search_heads_hnsw(queries, keys, kv_of_head, base_links, n_valid, entry_poin
         key_set = keys[g]
         start = np.empty(1, np.int32)
         for i in range(queries.shape[1]):
-            epochs[h] += 1
             node, descent = _descend(queries[h, i], key_set, entry_point[g], levels[g], upper_rows[g], upper_links[g])
             start[0] = node
             # the descent already evaluated `node`; beam_search evaluates it once more, so subtract it
             out_evals[h, i] = descent - 1 + beam_search(queries[h, i], key_set, base_links[g], n_valid, start, ef, k,
-                                                        visited[h], epochs[h], out_ids[h, i], out_scores[h, i])
+                                                        visited[h], out_ids[h, i], out_scores[h, i])
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -279,7 +289,7 @@ def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited, epochs):
+def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited):
     """Link keys [first, last) into graphs adjacency [G, capacity, M] (int32, writable) that hold
     keys [0, first): each new key searches the graph with its own vector, keeps the best hits as
     neighbours plus its predecessor, and every neighbour gets an edge back (its weakest slot is
@@ -296,11 +306,10 @@ def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited, epochs)
             row[:] = -1
             filled = 0
             if t > 0:
-                epochs[g] += 1
                 entries[0] = t - 1
                 entries[1] = 0
                 beam_search(key_set[t], key_set, adjacency[g], t, entries, max(ef, width), width - 1, visited[g],
-                            epochs[g], found, scores)
+                            found, scores)
                 for j in range(width - 1):
                     if found[j] >= 0:
                         row[filled] = found[j]
