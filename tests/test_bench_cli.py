@@ -52,3 +52,25 @@ def test_eval_json(tmp_path, lighthouse_txt, reuse_loaded_model):
     exact = json.loads(runner.invoke(app, ["eval", str(context), "--tokens", "6", "--json", "--top-k", "4096",
                                            "--ef", "4096", "--dense-below", "0"]).stdout)
     assert exact["token_agreement"] == 1.0 and exact["kl_mean"] < 1e-4 and exact["mass_coverage"] > 0.9999
+
+
+def test_decode_step_bench_times_a_correct_retrieval():
+    import numpy as np
+    import torch
+
+    from ra_cli.bench.decode import DecodeStepConfig, exact_step, run_decode_step_bench
+
+    report = run_decode_step_bench(DecodeStepConfig(keys=4096, queries=8, cold=False), status=lambda *_: None)
+    assert report["indexed_keys"] == 4096 and report["heads"] == 9 and report["kv_heads"] == 3
+    assert report["recall_at_k"] >= 0.9 and 0 < report["evaluations_per_query"] < 4096
+    assert min(report["ms_exact"], report["ms_retrieval"], report["ms_flat_topk"]) > 0
+    # the exact side is real attention: compare with a per-head softmax
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator) for shape in ((9, 1, 64), (3, 300, 64), (3, 300, 64)))
+    expected = torch.stack([torch.softmax(q[h] @ k[h // 3].T * 0.125, -1) @ v[h // 3] for h in range(9)])
+    np.testing.assert_allclose(exact_step(q, k, v, 0.125), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_step_bench_rejects_an_unknown_shape():
+    result = runner.invoke(app, ["bench", "--decode-step", "--shape", "gpt5"])
+    assert result.exit_code != 0 and "unknown --shape 'gpt5'; choose smollm2, llama3-8b" in result.output

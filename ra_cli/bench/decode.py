@@ -6,8 +6,8 @@ A 128K-token prefill of the real model takes hours on a CPU, so this benchmark b
 the model's shape from synthetic data with the structure measured on real keys and queries: a
 strong shared key offset that queries point against (the out-of-distribution effect), topics that
 recur in contiguous stretches of the document, and queries that seek one topic. The graph is built
-by the same code as ingest (exact top-k lists of sampled prefill queries, L2 neighbours, router,
-calibrated ef); recall is reported next to the timings so a fast answer cannot hide a wrong one.
+by the same code as ingest (the collector's exact top-k lists of sampled prefill queries and banded
+L2 neighbours, the graph builder's edges, router and calibrated ef); recall is reported next to the timings so a fast answer cannot hide a wrong one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ra_cli.index.base import IndexParams
+from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
 from ra_cli.index.kernels import attend_retrieved
@@ -70,33 +71,18 @@ def synthetic_layer(config: DecodeStepConfig):
 
 
 def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
-    """Everything ingest would collect, computed directly: causal top-k lists of every
-    query_stride-th prefill query, the held-out tail, L2 neighbours among preceding keys."""
+    """Everything ingest would collect, made by the collector's own functions over the whole
+    layer at once: causal top-k lists of every query_stride-th prefill query and of the held-out
+    tail, banded L2 neighbours of every key."""
     kv_heads, n, dim = keys.shape
     positions = np.concatenate([np.arange(0, n, params.query_stride), np.arange(n - 256, n)])
     queries = queries_for(positions)
-    lists = np.full((heads, len(positions), params.list_size), -1, np.int32)
     groups = heads // kv_heads
     key_tensor = torch.from_numpy(keys)
-    for start in range(0, len(positions), 64):
-        block = slice(start, start + 64)
-        q = torch.from_numpy(queries[:, block])
-        scores = torch.matmul(q.reshape(kv_heads, groups * q.shape[1], dim), key_tensor.transpose(-1, -2))
-        scores = scores.reshape(heads, q.shape[1], n)
-        scores.masked_fill_(torch.arange(n)[None, None, :] > torch.from_numpy(positions[block])[None, :, None], float("-inf"))
-        top = torch.topk(scores, params.list_size, dim=-1)
-        lists[:, block] = torch.where(torch.isinf(top.values), -1, top.indices).numpy()
-    knn = np.full((kv_heads, n, params.knn), -1, np.int32)
-    for start in range(0, n, 512):
-        lo = max(0, start - params.knn_window)
-        new = key_tensor[:, start:start + 512]
-        ref = key_tensor[:, lo:start + 512]
-        d = (new * new).sum(-1)[..., None] + (ref * ref).sum(-1)[:, None, :] - 2 * torch.matmul(new, ref.transpose(-1, -2))
-        d.masked_fill_(torch.arange(lo, start + ref.shape[1] - (start - lo))[None, None, :] >=
-                       torch.arange(start, start + new.shape[1])[None, :, None], float("inf"))
-        take = min(params.knn, d.shape[-1])
-        nearest = torch.topk(d, take, dim=-1, largest=False)
-        knn[:, start:start + new.shape[1], :take] = torch.where(torch.isinf(nearest.values), -1, nearest.indices + lo).numpy()
+    rows = torch.from_numpy(queries).reshape(kv_heads, groups * len(positions), dim)
+    visible = np.tile(np.minimum(positions + 1, n), groups)
+    lists = top_lists(rows, key_tensor, visible, params.list_size).reshape(heads, len(positions), params.list_size)
+    knn = banded_neighbours(key_tensor, 0, 0, n, 0, params.knn_window, params.knn)
     held_out = np.zeros(len(positions), bool)
     held_out[-32:] = True
     layer = build_graph_layer(lists, queries.astype(np.float16), knn, held_out, keys, params)

@@ -100,35 +100,41 @@ class PrefillCollector:
         lists[:, slots, take:] = -1
 
     def _record_neighbours(self, layer, keys, start, end, kv_offset):
-        """Each new key's nearest earlier keys by L2 among the keys of its band (a run of
-        `knn_window` positions counted from lo) and of the band before: a banded distance matrix,
-        so the work per key stays constant however long the chunk."""
         first, last = max(start, self.lo), min(end, self.hi)
         if first >= last:
             return
-        band = self.params.knn_window
-        block_start = self.lo + (first - self.lo) // band * band  # bands align to lo: a resumed ingest gets the same lists
-        blocks = -(-(last - block_start) // band)
-        origin = block_start - band  # position of padded[:, 0]
-        kv_heads, _, dim = keys.shape
-        padded = keys.new_zeros((kv_heads, (blocks + 1) * band, dim), dtype=torch.float32)
-        begin = max(self.lo, origin)
-        padded[:, begin - origin: last - origin] = keys[:, begin - kv_offset: last - kv_offset].float()
-        windows = padded.unfold(1, 2 * band, band).transpose(-1, -2)  # [KVH, blocks, 2*band, D]
-        new = padded[:, band:].reshape(kv_heads, blocks, band, dim)
-        # nearness = 2 a.b - |b|^2 ranks b by L2 distance to a (|a|^2 is the same for the whole row)
-        nearness = 2 * torch.matmul(new, windows.transpose(-1, -2)) - (windows * windows).sum(-1)[:, :, None, :]
-        if origin < self.lo:  # the first band of the document has no band before it
-            nearness[:, 0, :, :band] = float("-inf")
-        take = min(self.params.knn, 2 * band)
-        # row i of a band may use the band before and its own keys before it: a prefix of band + i
-        visible = np.tile(band + np.arange(band), kv_heads * blocks)
-        ids = top_k_prefix(nearness.reshape(-1, 2 * band), visible, take).reshape(kv_heads, blocks, band, take)
-        ids = np.where(ids < 0, -1, ids + (np.arange(blocks)[:, None, None] * band + origin - self.lo))
-        ids = ids.reshape(kv_heads, blocks * band, take)[:, first - block_start: last - block_start]
+        ids = banded_neighbours(keys, kv_offset, first, last, self.lo, self.params.knn_window, self.params.knn)
         target = self.knn[layer]
-        target[:, first - self.lo: last - self.lo, :take] = ids
-        target[:, first - self.lo: last - self.lo, take:] = -1
+        target[:, first - self.lo: last - self.lo, : ids.shape[-1]] = ids
+        target[:, first - self.lo: last - self.lo, ids.shape[-1]:] = -1
+
+
+def banded_neighbours(keys: torch.Tensor, kv_offset: int, first: int, last: int, lo: int, band: int,
+                      count: int) -> np.ndarray:
+    """For keys at positions [first, last) (keys [KVH, >= last - kv_offset, D] holds positions from
+    kv_offset on): their `count` nearest earlier keys by L2, as ids relative to `lo`, among the
+    keys of their band (a run of `band` positions counted from lo) and of the band before. A
+    banded distance matrix: the work per key stays constant however long the chunk, and bands
+    aligned to lo give a resumed ingest the same lists. Returns [KVH, last - first, count'] int32."""
+    block_start = lo + (first - lo) // band * band
+    blocks = -(-(last - block_start) // band)
+    origin = block_start - band  # position of padded[:, 0]
+    kv_heads, _, dim = keys.shape
+    padded = keys.new_zeros((kv_heads, (blocks + 1) * band, dim), dtype=torch.float32)
+    begin = max(lo, origin)
+    padded[:, begin - origin: last - origin] = keys[:, begin - kv_offset: last - kv_offset].float()
+    windows = padded.unfold(1, 2 * band, band).transpose(-1, -2)  # [KVH, blocks, 2*band, D]
+    new = padded[:, band:].reshape(kv_heads, blocks, band, dim)
+    # nearness = 2 a.b - |b|^2 ranks b by L2 distance to a (|a|^2 is the same for the whole row)
+    nearness = 2 * torch.matmul(new, windows.transpose(-1, -2)) - (windows * windows).sum(-1)[:, :, None, :]
+    if origin < lo:  # the first band of the document has no band before it
+        nearness[:, 0, :, :band] = float("-inf")
+    take = min(count, 2 * band)
+    # row i of a band may use the band before and its own keys before it: a prefix of band + i
+    visible = np.tile(band + np.arange(band), kv_heads * blocks)
+    ids = top_k_prefix(nearness.reshape(-1, 2 * band), visible, take).reshape(kv_heads, blocks, band, take)
+    ids = np.where(ids < 0, -1, ids + (np.arange(blocks)[:, None, None] * band + origin - lo))
+    return ids.reshape(kv_heads, blocks * band, take)[:, first - block_start: last - block_start]
 
 
 def top_k_prefix(scores: torch.Tensor, visible: np.ndarray, take: int, kernel: bool | None = None) -> np.ndarray:
