@@ -141,7 +141,7 @@ def top_k_prefix(scores: torch.Tensor, visible: np.ndarray, take: int, kernel: b
     """Exact top-`take` column ids per row of scores [R, n], best first, counting only each row's
     first visible[r] columns; -1 where fewer. On CPU a numba pass (torch.topk is several times
     slower there), elsewhere torch on the device."""
-    if kernel if kernel is not None else scores.device.type == "cpu":
+    if scores.device.type == "cpu" if kernel is None else kernel:
         out = np.empty((scores.shape[0], take), np.int32)
         top_k_rows(scores.float().contiguous().numpy(), np.ascontiguousarray(visible, dtype=np.int64), out)
         return out
@@ -156,7 +156,7 @@ def top_lists(rows: torch.Tensor, candidates: torch.Tensor, visible: np.ndarray,
     """Each row's exact top-`take` candidates by inner product: rows [KVH, R, D], candidates
     [KVH, n, D], visible [R] (causal prefix of the candidates per row) -> ids [KVH, R, take].
     On CPU the scores are made in blocks of rows that stay in cache while they are ranked."""
-    kernel = kernel if kernel is not None else rows.device.type == "cpu"
+    kernel = rows.device.type == "cpu" if kernel is None else kernel
     kv_heads, count, _ = rows.shape
     block = ROWS_PER_BLOCK if kernel else count
     ids = np.empty((kv_heads, count, take), np.int32)
