@@ -74,3 +74,14 @@ def test_decode_step_bench_times_a_correct_retrieval():
 def test_decode_step_bench_rejects_an_unknown_shape():
     result = runner.invoke(app, ["bench", "--decode-step", "--shape", "gpt5"])
     assert result.exit_code != 0 and "unknown --shape 'gpt5'; choose smollm2, llama3-8b" in result.output
+
+
+def test_recall_bench_compares_ingest_times_from_the_same_run(reuse_loaded_model):
+    args = ["bench", "--recall", "--context", "1536", "--queries", "8", "--layers", "3", "--baseline-ingest", "--json"]
+    for run in ("fresh", "cached"):  # the second run finds the indexed context in the cache and times it again
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["ingest_baseline_seconds"] > 0 and report["ingest_with_graph_seconds"] > 0, run
+        assert abs(report["ingest_speed_ratio"] - report["ingest_baseline_seconds"] / report["ingest_with_graph_seconds"]) < 0.05
+    assert "timing the graph ingest again" in result.stderr

@@ -264,7 +264,8 @@ def test_calibrate_ef_finds_the_smallest_sufficient_beam_from_any_start(start):
     truth = np.arange(100)[None, None, :].repeat(4, 1)
 
     class BeamIndex:  # finds ef // 3 of the true top-100: 0.95 needs ef >= 285 -> 384
-        searched = []
+        def __init__(self):
+            self.searched = []
 
         def search(self, probe, k, ef):
             self.searched.append(ef)

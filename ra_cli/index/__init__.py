@@ -41,14 +41,16 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
     lo, hi = indexed_range(writer.n_tokens, params)
     section = {"kind": params.kind, "params": params.as_dict(), "lo": lo, "hi": hi, "layers": {}}
     global_layers = [i for i, shape in enumerate(writer.layers) if shape.sliding_window is None]
+    held_out = collector.held_out() if params.kind == "graph" else None
     ef_hint = None
     for count, layer in enumerate(global_layers):
-        keys = float32_keys(np.asarray(writer.keys[layer][:, lo:hi]), writer.kv_dtype)
+        all_keys = float32_keys(np.asarray(writer.keys[layer]), writer.kv_dtype)  # read (and converted) once
+        keys = all_keys[:, lo:hi]
         entry: dict = {}
         files = index_files(params.kind, layer, keys.shape[0])
         if params.kind == "graph":
             built = build_graph_layer(collector.lists[layer], collector.queries[layer], collector.knn[layer],
-                                      collector.held_out(), keys, params, ef_hint)
+                                      held_out, keys, params, ef_hint)
             ef_hint = built.ef
             np.save(writer.add_file(files["graph"]), built.adjacency)
             np.save(writer.add_file(files["router"]), built.centroids)
@@ -56,12 +58,11 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
             entry = {"ef": built.ef, "validation_recall": built.validation_recall,
                      "validation_evaluations": built.validation_evaluations,
                      "build_seconds": round(built.build_seconds, 3)}
-            held_out = collector.held_out()
             if held_out.any() and layer in collector.scaling:
                 # How much softmax mass static + top-k can hold here: sets this layer's retrieval
                 # budget, or makes it dense at chat time when no budget is enough.
                 coverage = attention_coverage(
-                    float32_keys(np.asarray(writer.keys[layer]), writer.kv_dtype),
+                    all_keys,
                     collector.queries[layer][:, held_out][:, -COVERAGE_QUERIES:],
                     collector.sample_positions()[held_out][-COVERAGE_QUERIES:], lo, hi, params.budgets,
                     collector.scaling[layer])

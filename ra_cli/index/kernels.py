@@ -152,19 +152,6 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, out_id
     return evaluations
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def search_heads(queries, keys, kv_of_head, adjacency, n_valid, entries, ef, k, visited,
-                 out_ids, out_scores, out_evals):
-    """queries [H, q, D]; keys [KVH, n, D]; adjacency [H, n, M]; entries [H, E]; visited [H, >= n/64]
-    int64 bitsets. Outputs [H, q, k] ids/scores and [H, q] evaluations."""
-    heads = queries.shape[0]
-    for h in prange(heads):
-        key_set = keys[kv_of_head[h]]
-        for i in range(queries.shape[1]):
-            out_evals[h, i] = beam_search(queries[h, i], key_set, adjacency[h], n_valid, entries[h], ef, k,
-                                          visited[h], out_ids[h, i], out_scores[h, i])
-
-
 @njit(cache=True, nogil=True, fastmath=True)
 def _route(query, centroids, entries, route, recent, n_valid, chosen):
     """Entry points for one query: the entries of the `route` centroids most similar to it, then
