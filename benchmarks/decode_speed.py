@@ -4,9 +4,9 @@ import json
 import sys
 import time
 
-from ra_cli.chat import open_cache
+from ra_cli.retrieval.modes import open_cache
 from ra_cli.engine.generate import prefill
-from ra_cli.engine.retrieval import RetrievalSettings
+from ra_cli.retrieval.layer import RetrievalSettings
 from ra_cli.model import load_model
 from ra_cli.store import ContextStore
 

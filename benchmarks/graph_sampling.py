@@ -13,7 +13,7 @@ import numpy as np
 from ra_cli.bench.recall import (EF_SWEEP, K, TARGET, RecallBenchConfig, _pooled, bench_text, capture_decode_queries,
                                  evaluations_at, ingest_for_bench)
 from ra_cli.index import IndexParams, open_layer_index
-from ra_cli.index.base import float32_keys
+from ra_cli.store import float32_keys
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.model import load_model
 

@@ -8,14 +8,12 @@ from typing import Callable
 
 from ra_cli.engine.cache import ContextCache
 from ra_cli.engine.generate import Sampling, decode, prefill
-from ra_cli.engine.retrieval import RetrievalSettings, retrieval_cache
 from ra_cli.errors import RaError
-from ra_cli.ingest import stored_kv_to_tensor
 from ra_cli.model import LoadedModel
 from ra_cli.prompt import Prompter, PromptLayout
+from ra_cli.retrieval.modes import AttentionMode, open_cache
+from ra_cli.retrieval.layer import RetrievalSettings
 from ra_cli.store import ContextStore
-
-CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation after the document
 
 
 @dataclass
@@ -40,16 +38,6 @@ class Answer:
             "prompt_tokens": self.prompt_tokens, "prompt_seconds": round(self.prompt_seconds, 3),
             "stop_reason": self.stop_reason,
         }
-
-
-def full_attention_cache(loaded: LoadedModel, store: ContextStore) -> ContextCache:
-    """Every stored key and value on the compute device: exact attention."""
-    cache = ContextCache.full(loaded.model.config, capacity=store.n_tokens + CONVERSATION_ROOM)
-    for index, layer in enumerate(cache.layers):
-        keys = stored_kv_to_tensor(store.keys(index), store.kv_dtype, loaded.device, loaded.dtype)[None]
-        values = stored_kv_to_tensor(store.values(index), store.kv_dtype, loaded.device, loaded.dtype)[None]
-        layer.load(keys, values)
-    return cache
 
 
 class TextStream:
@@ -78,19 +66,13 @@ class TextStream:
         return new
 
 
-def open_cache(loaded: LoadedModel, store: ContextStore, attention: str = "retrieval",
-               settings: RetrievalSettings | None = None) -> ContextCache:
-    """The conversation cache for an attention mode: full (all KV on the device), retrieval (the
-    store's index), flat (exact top-k search, the reference for retrieval)."""
-    if attention == "full":
-        return full_attention_cache(loaded, store)
-    if "index" not in store.manifest:
-        raise RaError(f"{store.path}: this context has no index section; ingest it again")
-    kind = store.manifest["index"]["kind"]
-    if attention not in ("retrieval", "flat", kind):
-        raise RaError(f"--attention {attention}: this context was indexed with {kind}; "
-                      f"use --attention retrieval, flat or full, or ingest again with --index {attention}")
-    return retrieval_cache(loaded, store, settings or RetrievalSettings(), "flat" if attention == "flat" else None)
+def start_chat(loaded: LoadedModel, store: ContextStore, mode: AttentionMode | str = AttentionMode.retrieval,
+               settings: RetrievalSettings | None = None) -> "ChatSession":
+    """A conversation over a stored context. /clear rebuilds a retrieval cache (the conversation
+    may have moved into its index); a full cache just forgets tokens."""
+    mode = AttentionMode(mode)
+    rebuild = None if mode is AttentionMode.full else (lambda: open_cache(loaded, store, mode, settings))
+    return ChatSession(loaded, store, open_cache(loaded, store, mode, settings), rebuild=rebuild)
 
 
 @dataclass
@@ -108,17 +90,7 @@ class ChatSession:
         self.prompter = Prompter(self.loaded.tokenizer, self.layout)
         self.document_tokens = self.store.n_tokens
         self.prefilled_tokens = 0  # tokens run through the model in this session (never the document)
-        tokenizer = self.loaded.tokenizer
-        self.stop_ids = set()
-        eos = self.loaded.model.generation_config.eos_token_id
-        for token in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id]:
-            if token is not None:
-                self.stop_ids.add(int(token))
-        if self.layout.style == "chat":
-            # The template's own end-of-turn marker ends an answer even when it is not the eos token.
-            close_ids = tokenizer(self.layout.turn_open, add_special_tokens=False).input_ids
-            if close_ids and close_ids[0] in set(tokenizer.all_special_ids):
-                self.stop_ids.add(close_ids[0])
+        self.stop_ids = self.prompter.stop_ids(self.loaded.model.generation_config.eos_token_id)
 
     def clear(self) -> None:
         """Forget the conversation, keep the document."""

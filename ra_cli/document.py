@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import hashlib
 import logging
 import unicodedata
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ra_cli.errors import RaError
+from ra_cli.files import file_sha256
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 PDF_SUFFIXES = {".pdf"}
@@ -40,14 +40,6 @@ class Document:
     kind: str  # "pdf" or "text"
     text: str
     pages: list[Page] = field(default_factory=list)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_document(

@@ -9,10 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
-from ra_cli.document import Document
+from ra_cli.document import Document, load_document
 from ra_cli.engine.cache import ContextCache, layer_windows
 from ra_cli.engine.generate import prefill
 from ra_cli.errors import RaError
@@ -21,7 +18,8 @@ from ra_cli.index.collect import PrefillCollector
 from ra_cli.model import LoadedModel, dtype_name
 from ra_cli.paths import contexts_dir
 from ra_cli.prompt import Prompter, layout_for
-from ra_cli.store import ContextStore, LayerShape, StoreWriter, numpy_storage_dtype
+from ra_cli.store import (MANIFEST, ContextStore, LayerShape, StoreWriter, kv_to_numpy, kv_to_tensor,
+                          numpy_storage_dtype, partial_path)
 
 
 COMMIT_SECONDS = 2.0  # how much prefill a crash may cost: progress is synced to disk this often
@@ -83,22 +81,6 @@ def cached_context_path(loaded: LoadedModel, document: Document, options: Ingest
     return contexts_dir() / (Path(document.name).stem[:40] + "-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".idx")
 
 
-def _to_numpy(tensor: torch.Tensor, storage) -> np.ndarray:
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
-    return tensor.detach().to("cpu").numpy().astype(storage, copy=False)
-
-
-def stored_kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype) -> torch.Tensor:
-    """Stored (possibly memory-mapped, read-only) KV -> a tensor of its own on `device`."""
-    owned = np.array(array, copy=True)
-    if kv_dtype == "bfloat16":
-        tensor = torch.from_numpy(owned.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = torch.from_numpy(owned)
-    return tensor.to(device=device, dtype=dtype)
-
-
 def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: IngestOptions | None = None,
            on_progress: Callable[[int, int, int], None] | None = None,
            on_index: Callable[[int, int], None] | None = None) -> IngestResult:
@@ -138,8 +120,8 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
             layer.observer = collector.observe
     if start:
         for index, layer in enumerate(cache.layers):
-            keys = stored_kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
-            values = stored_kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
+            keys = kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
+            values = kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
             layer.load(keys, values)
     if on_progress is not None:
         on_progress(start, n, writer.resumed_from)
@@ -156,8 +138,8 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
             end = min(n, start + options.chunk_size)
             prefill(loaded.model, cache, tokens[start:end], want_logits=False)
             for index, layer in enumerate(cache.layers):
-                writer.write(index, start, _to_numpy(layer.keys[0, :, start:end], storage),
-                             _to_numpy(layer.values[0, :, start:end], storage))
+                writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], storage),
+                             kv_to_numpy(layer.values[0, :, start:end], storage))
             start = end
             # syncing every file to disk per chunk cost ~2% of ingest: do it every few seconds
             if end == n or time.perf_counter() - committed >= COMMIT_SECONDS:
@@ -181,6 +163,36 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
                         "prefilled_tokens": n - writer.resumed_from}}
     path = writer.publish(extra)
     return IngestResult(path, n, writer.resumed_from, n - writer.resumed_from, seconds, prefill_seconds, index_seconds)
+
+
+@dataclass
+class Source:
+    """What `ra chat` / `ra eval` were pointed at: a saved context, or a document to ingest (read
+    before any model loads, so that a bad document fails fast)."""
+
+    context: Path | None = None
+    document: Document | None = None
+
+
+def resolve_source(path: Path, encoding: str = "utf-8", on_page=None) -> Source:
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and partial_path(path).exists()):
+        if path.is_dir() and not (path / MANIFEST).exists() and not partial_path(path).exists():
+            raise RaError(f"{path} is a directory but not an ra context; give a document or a context made by `ra ingest`")
+        return Source(context=path)
+    if not path.exists():
+        raise RaError(f"{path}: no such file or context")
+    return Source(document=load_document(path, encoding, on_page))
+
+
+def open_source(loaded: LoadedModel, source: Source, options: IngestOptions | None = None, on_progress=None,
+                on_index=None) -> tuple[ContextStore, IngestResult | None]:
+    """The store behind a source: the saved context itself, or the document's cached context
+    (ingested, or an interrupted ingest finished, when needed). The result is None when nothing
+    was prefilled."""
+    if source.context is not None:
+        return ContextStore.open(source.context, loaded.fingerprint), None
+    return ensure_context(loaded, source.document, options, on_progress, on_index)
 
 
 def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptions | None = None,

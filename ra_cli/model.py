@@ -16,9 +16,10 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from ra_cli.document import file_sha256
+from ra_cli.files import file_sha256
 from ra_cli.errors import RaError
 from ra_cli.paths import models_dir
 
@@ -143,26 +144,23 @@ def pick_device(requested: str = "auto"):
     return device
 
 
-DTYPE_NAMES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+class ComputeDtype(str, Enum):
+    auto = "auto"  # float32 on CPU; bfloat16 (or float16) on GPUs
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
-def check_dtype_name(requested: str) -> None:
-    if requested not in DTYPE_NAMES:
-        raise RaError(f"unknown dtype '{requested}'; use auto, float32, float16 or bfloat16")
-
-
-def pick_dtype(requested: str, device):
+def pick_dtype(requested: ComputeDtype | str, device):
     import torch
 
-    check_dtype_name(requested)
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if requested == "auto":
+    requested = ComputeDtype(requested)
+    if requested is ComputeDtype.auto:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # CPU matmuls in half precision are slow without AMX; float32 is the fast path here.
         return torch.float32
-    return names[requested]
+    return getattr(torch, requested.value)
 
 
 def dtype_name(dtype) -> str:

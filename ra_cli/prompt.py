@@ -107,6 +107,20 @@ class Prompter:
         pages = [0] * len(head) + doc_pages + [0] * len(tail)
         return ids, pages
 
+    def stop_ids(self, eos_token_ids) -> set[int]:
+        """Tokens that end an answer: the model's end-of-sequence tokens (`eos_token_ids`: the
+        generation config's id or list of ids) and the tokenizer's, plus the chat template's own
+        end-of-turn marker when it is a special token (it ends a turn even when it is not eos)."""
+        ids = set()
+        for token in (eos_token_ids if isinstance(eos_token_ids, (list, tuple)) else [eos_token_ids]) + [self.tokenizer.eos_token_id]:
+            if token is not None:
+                ids.add(int(token))
+        if self.layout.style == "chat":
+            close_ids = self._template(self.layout.turn_open)
+            if close_ids and close_ids[0] in set(self.tokenizer.all_special_ids):
+                ids.add(close_ids[0])
+        return ids
+
     def question_tokens(self, question: str, first_turn: bool, raw: bool = False) -> list[int]:
         if raw:
             return self._content(question)

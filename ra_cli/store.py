@@ -19,12 +19,13 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
-from ra_cli.document import file_sha256
 from ra_cli.errors import RaError
+from ra_cli.files import file_sha256, write_json_atomic
 
 FORMAT_NAME = "ra-context"
 FORMAT_VERSION = 1
@@ -36,6 +37,13 @@ HASH_ON_OPEN_LIMIT = 1 << 26
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
+class KvDtype(str, Enum):
+    auto = "auto"  # the model's compute dtype: reloaded KV is bit-identical to what prefill made
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
 def numpy_storage_dtype(dtype_name: str):
     try:
         return _NUMPY_DTYPES[dtype_name]
@@ -43,13 +51,34 @@ def numpy_storage_dtype(dtype_name: str):
         raise RaError(f"unsupported KV dtype {dtype_name}; use float32, float16 or bfloat16")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def kv_to_numpy(tensor, storage) -> np.ndarray:
+    """A KV tensor as the numpy array the store keeps (bfloat16 as its raw uint16 bits)."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    return tensor.detach().to("cpu").numpy().astype(storage, copy=False)
+
+
+def kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype):
+    """Stored (possibly memory-mapped, read-only) KV -> a tensor of its own on `device`."""
+    import torch
+
+    owned = np.array(array, copy=True)
+    if kv_dtype == "bfloat16":
+        tensor = torch.from_numpy(owned.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(owned)
+    return tensor.to(device=device, dtype=dtype)
+
+
+def float32_keys(keys: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """Stored keys [KVH, n, D] as float32 (numba has no half types): a view when already float32."""
+    if kv_dtype == "float32":
+        return keys
+    if kv_dtype == "bfloat16":
+        return (np.asarray(keys, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(keys, dtype=np.float32)
 
 
 @dataclass

@@ -95,4 +95,5 @@ class LayerProgress:
 
 
 def status(message: str) -> None:
-    stderr.print(f"[dim]{message}[/dim]")
+    # Text, not markup: messages carry file names, and "notes[draft].pdf" must print as it is.
+    stderr.print(Text(message, style="dim"), soft_wrap=True)

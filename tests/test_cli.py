@@ -21,8 +21,8 @@ def invoke(*args, **kwargs):
     return runner.invoke(app, [str(a) for a in args], **kwargs)
 
 
-def assert_one_line_error(result, message):
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, message, code=1):
+    assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -89,12 +89,20 @@ def test_model_directory_works(tmp_path, loaded, lighthouse_txt):
     assert other.fingerprint.tokenizer_sha256 == loaded.fingerprint.tokenizer_sha256
 
 
-def test_bad_options(lighthouse_txt, reuse_loaded_model):
-    assert_one_line_error(invoke("chat", lighthouse_txt, "--ask", "x", "--max-new-tokens", 0), "--max-new-tokens")
-    assert_one_line_error(invoke("chat", lighthouse_txt, "--ask", "x", "--top-p", 0), "--top-p")
-    assert_one_line_error(invoke("chat", lighthouse_txt, "--ask", "x", "--attention", "magic"), "unknown --attention")
-    assert_one_line_error(invoke("ingest", lighthouse_txt, "--chunk-size", 0), "--chunk-size")
-    assert_one_line_error(invoke("ingest", lighthouse_txt, "--dtype", "int3"), "unknown dtype")
+def test_bad_options_are_usage_errors_before_any_work(lighthouse_txt, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("options are checked before the model loads")
+
+    monkeypatch.setattr(ra_cli.model, "load_model", no_model)
+    cases = [(("chat", lighthouse_txt, "--ask", "x", "--max-new-tokens", 0), "--max-new-tokens"),
+             (("chat", lighthouse_txt, "--ask", "x", "--top-p", 0), "--top-p"),
+             (("chat", lighthouse_txt, "--ask", "x", "--attention", "magic"), "'magic' is not one of"),
+             (("ingest", lighthouse_txt, "--chunk-size", 0), "--chunk-size"),
+             (("ingest", lighthouse_txt, "--dtype", "int3"), "--dtype"),
+             (("ingest", lighthouse_txt, "--encoding", "klingon"), "unknown encoding 'klingon'"),
+             (("chat", lighthouse_txt, "--ask", "x", "--window", -1), "--window")]
+    for args, message in cases:
+        assert_one_line_error(invoke(*args), message, code=2)
 
 
 def test_pdf_ingest_keeps_a_token_to_page_map(tmp_path, loaded, reuse_loaded_model):

@@ -11,11 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import LIGHTHOUSE
-from ra_cli.chat import ChatSession, open_cache
+from ra_cli.chat import ChatSession
+from ra_cli.retrieval.modes import open_cache
 from ra_cli.cli import app
 from ra_cli.document import load_document
 from ra_cli.engine.generate import prefill
-from ra_cli.engine.retrieval import RetrievalSettings
+from ra_cli.retrieval.layer import RetrievalSettings
 from ra_cli.index import IndexParams
 from ra_cli.ingest import IngestOptions, ingest
 from ra_cli.store import ContextStore

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ra_cli.index.base import IndexParams
+from ra_cli.engine.attention import grouped_rows, grouped_scores
+from ra_cli.index.base import IndexParams, kv_head_of
 from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
-from ra_cli.index.kernels import attend_retrieved
+from ra_cli.retrieval.kernels import attend_retrieved
 
 COLD_BYTES = 1 << 30
 
@@ -77,10 +78,9 @@ def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
     kv_heads, n, dim = keys.shape
     positions = np.concatenate([np.arange(0, n, params.query_stride), np.arange(n - 256, n)])
     queries = queries_for(positions)
-    groups = heads // kv_heads
     key_tensor = torch.from_numpy(keys)
-    rows = torch.from_numpy(queries).reshape(kv_heads, groups * len(positions), dim)
-    visible = np.tile(np.minimum(positions + 1, n), groups)
+    rows = grouped_rows(torch.from_numpy(queries), kv_heads)
+    visible = np.tile(np.minimum(positions + 1, n), heads // kv_heads)
     lists = top_lists(rows, key_tensor, visible, params.list_size).reshape(heads, len(positions), params.list_size)
     knn = banded_neighbours(key_tensor, 0, 0, n, 0, params.knn_window, params.knn)
     held_out = np.zeros(len(positions), bool)
@@ -91,10 +91,8 @@ def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
 
 def exact_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of one decode position [H, 1, D] over all keys [KVH, N, D] (grouped-query)."""
-    heads, _, dim = query.shape
-    kv_heads = keys.shape[0]
-    scores = torch.matmul(query.reshape(kv_heads, heads // kv_heads, dim), keys.transpose(-1, -2)) * scaling
-    return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(heads, 1, -1)
+    scores = grouped_scores(query, keys, grouped=True) * scaling  # [KVH, G, N]
+    return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(query.shape[0], 1, -1)
 
 
 def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
@@ -108,7 +106,7 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
     decode = queries_for(np.full(config.queries, n - 1))
     scaling = keys.shape[2] ** -0.5
     key_t, value_t = torch.from_numpy(keys), torch.from_numpy(values)
-    kv_of_head = np.arange(heads, dtype=np.int64) // (heads // keys.shape[0])
+    kv_of_head = kv_head_of(heads, keys.shape[0])
     out = np.zeros((heads, 1, keys.shape[2]), np.float32)
     lse = np.zeros((heads, 1), np.float32)
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ra_cli.chat import open_cache
+from ra_cli.engine.attention import grouped_scores
 from ra_cli.engine.generate import prefill
-from ra_cli.engine.retrieval import RetrievalSettings
 from ra_cli.prompt import Prompter, PromptLayout
+from ra_cli.retrieval.layer import RetrievalSettings
+from ra_cli.retrieval.modes import open_cache
 
 DEFAULT_PROMPTS = (
     ("chat", "Summarize the document in a few sentences."),
@@ -59,12 +60,8 @@ class Auditor:
         n = layer.n_indexed
         if n == 0:
             return
-        q = torch.from_numpy(query)  # [H, q, D]
         keys = torch.from_numpy(np.ascontiguousarray(layer.host.keys[:, :n]))
-        heads, count, dim = q.shape
-        groups = heads // keys.shape[0]
-        scores = torch.matmul(q.reshape(keys.shape[0], groups * count, dim), keys.transpose(-1, -2))
-        scores = scores.reshape(heads, count, n) * scaling
+        scores = grouped_scores(torch.from_numpy(query), keys) * scaling  # [H, q, n]
         indexed_lse = torch.logsumexp(scores, dim=-1)
         static = static_lse[0].float().cpu()
         retrieved = torch.from_numpy(retrieved_lse)
@@ -104,11 +101,7 @@ def forced_logits(loaded, cache, prompt_tokens: list[int], continuation: list[in
 def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
     layout = PromptLayout.from_dict(store.manifest["prompt"])
     prompter = Prompter(loaded.tokenizer, layout)
-    stop_ids = {int(t) for t in [loaded.tokenizer.eos_token_id] if t is not None}
-    if layout.style == "chat":
-        close = loaded.tokenizer(layout.turn_open, add_special_tokens=False).input_ids
-        if close:
-            stop_ids.add(close[0])
+    stop_ids = prompter.stop_ids(loaded.model.generation_config.eos_token_id)
     agreements, kls = [], []
     full_seconds, retrieval_seconds = [], []
     auditor = Auditor()
@@ -141,7 +134,7 @@ def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
     return {
         "context_tokens": store.n_tokens,
         "indexed_keys": n_indexed,
-        "attention": config.attention,
+        "attention": getattr(config.attention, "value", config.attention),
         "top_k": config.settings.top_k,
         "continuation_tokens": config.tokens,
         "token_agreement": round(float(np.mean(agreements)), 4),

@@ -19,23 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ra_cli.chat import full_attention_cache
+from ra_cli.engine.attention import grouped_scores, static_and_top_mass
 from ra_cli.engine.generate import prefill
 from ra_cli.errors import RaError
 from ra_cli.index import IndexParams, indexed_range, open_layer_index
-from ra_cli.index.base import float32_keys
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import recall
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 from ra_cli.ingest import IngestOptions, model_shape, store_header, write_context
 from ra_cli.paths import contexts_dir
 from ra_cli.prompt import layout_for
-from ra_cli.store import ContextStore
+from ra_cli.retrieval.modes import full_attention_cache
+from ra_cli.store import ContextStore, float32_keys
 
 K = 100
 EF_SWEEP = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 TARGET = 0.95
-SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "ra-handbook.md"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ra-handbook.md"  # shipped inside the package
 
 
 @dataclass
@@ -117,22 +117,13 @@ def capture_decode_queries(loaded, store: ContextStore, held_out: list[int], lay
             return
         q = query[0].float()
         captured[layer].append(q.cpu().numpy())
-        heads, count, _ = q.shape
-        kv = keys[0].float()
-        groups = heads // kv.shape[0]
-        scores = torch.matmul(q.reshape(kv.shape[0], groups * count, -1), kv.transpose(-1, -2)).reshape(heads, count, -1)
-        scores = scores * scaling
-        positions = torch.arange(kv_offset, kv_offset + kv.shape[1])
-        query_positions = torch.arange(q_offset, q_offset + count)
+        scores = grouped_scores(q, keys[0].float()) * scaling  # [H, q, n] over positions kv_offset..
+        positions = torch.arange(kv_offset, kv_offset + keys.shape[2])
+        query_positions = torch.arange(q_offset, q_offset + q.shape[1])
         scores.masked_fill_(positions[None, None, :] > query_positions[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        static = (positions < lo) | (positions >= hi)
-        static_mass = probs[..., static].sum(-1)
-        indexed = probs[..., lo - kv_offset: hi - kv_offset]
-        top = torch.topk(scores[..., lo - kv_offset: hi - kv_offset], min(K, hi - lo), dim=-1).indices
-        top_mass = torch.gather(indexed, -1, top).sum(-1)
-        mass[layer]["static"].append(static_mass.mean(1).numpy())
-        mass[layer]["static_top100"].append((static_mass + top_mass).mean(1).numpy())
+        held = static_and_top_mass(scores, lo - kv_offset, hi - kv_offset, (0, K))
+        mass[layer]["static"].append(held[0].mean(1).numpy())
+        mass[layer]["static_top100"].append(held[K].mean(1).numpy())
 
     for layer in cache.layers:
         layer.observer = observer
@@ -281,3 +272,25 @@ def run_recall_bench(loaded, config: RecallBenchConfig, on_progress=None, on_ind
         report["ingest_speed_ratio"] = round(plain / with_index, 3)  # tokens/s with graph / without
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def print_recall_table(report: dict) -> None:
+    from rich.table import Table
+
+    from ra_cli.ui import stderr
+
+    table = Table(title=f"Recall@100 on {report['context_tokens']:,} tokens ({report['indexed_keys']:,} indexed keys, "
+                        f"{report['held_out_queries']} held-out queries, layers {report['layers']})")
+    for column in ("index", "recall@100", "worst head", "evaluations/query", "scanned", "evals for 0.95", "build s", "bytes"):
+        table.add_column(column, justify="right")
+    for kind, row in report["indexes"].items():
+        at = row["evaluations_at_target"]
+        table.add_row(kind, f"{row['recall_at_100']:.3f}", f"{row['worst_head_recall_at_100']:.3f}",
+                      f"{row['evaluations_per_query']:,.0f}", f"{row['scanned_fraction']:.1%}",
+                      "-" if at is None else f"{at:,.0f}", f"{row['build_seconds']:.1f}", f"{row['index_bytes']:,}")
+    stderr.print(table)
+    stderr.print(f"hnsw/graph evaluations at 0.95: {report['hnsw_to_graph_scan_ratio']}; "
+                 f"centred hnsw/graph: {report['hnsw_centered_to_graph_scan_ratio']}")
+    for layer, mass in report["attention_mass"].items():
+        stderr.print(f"layer {layer}: static mass {mass['static_mean']:.3f} (min head {mass['static_min_head']:.3f}), "
+                     f"static+top100 {mass['static_top100_mean']:.3f} (min head {mass['static_top100_min_head']:.3f})")

@@ -3,7 +3,7 @@
 We do not fork model code: transformers calls `ra_attention` for every attention layer (registered
 through AttentionInterface), and it hands the work to the layer object of the active
 `ContextCache`. A full-attention layer attends to all of its KV on the compute device; a retrieval
-layer (see engine/retrieval.py) attends to a static set on the device plus keys retrieved from CPU
+layer (see retrieval/layer.py) attends to a static set on the device plus keys retrieved from CPU
 memory and merges the two exactly by log-sum-exp.
 """
 
@@ -90,19 +90,47 @@ def attention_with_lse(query, keys, values, scaling: float, mask: torch.Tensor |
     `mask` is [q, n] (True = visible), shared by all heads. Rows with no visible key get output 0
     and lse -inf, so they vanish in `merge_partial`.
     """
-    batch, heads, q_len, dim = query.shape
+    batch, heads, q_len, _ = query.shape
     kv_heads = keys.shape[1]
-    groups = heads // kv_heads
-    rows = query.reshape(batch, kv_heads, groups * q_len, dim)
-    scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * scaling
+    scores = grouped_scores(query, keys, grouped=True).float() * scaling  # [B, KVH, G*q, n]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        scores = scores.masked_fill(~mask.repeat(groups, 1), float("-inf"))
+        scores = scores.masked_fill(~mask.repeat(heads // kv_heads, 1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.matmul(weights.to(values.dtype), values).float()
     return out.reshape(batch, heads, q_len, -1), lse.reshape(batch, heads, q_len)
+
+
+def grouped_scores(queries: torch.Tensor, keys: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+    """q·k of every query head against the keys of its KV head, without expanding or copying KV:
+    queries [..., H, q, D], keys [..., KVH, n, D] -> [..., H, q, n] (query head h reads KV head
+    h // (H / KVH)); with `grouped`, the matmul's own layout [..., KVH, G*q, n]."""
+    *lead, heads, count, _ = queries.shape
+    scores = torch.matmul(grouped_rows(queries, keys.shape[-3]), keys.transpose(-1, -2))
+    return scores if grouped else scores.reshape(*lead, heads, count, keys.shape[-2])
+
+
+def grouped_rows(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The G query heads of each KV head as G*q rows against that head's keys: [..., H, q, D] ->
+    [..., KVH, G*q, D], a view (query head h = kv * G + g)."""
+    *lead, heads, count, dim = queries.shape
+    return queries.reshape(*lead, kv_heads, (heads // kv_heads) * count, dim)
+
+
+def static_and_top_mass(scores: torch.Tensor, lo: int, hi: int, budgets) -> dict[int, torch.Tensor]:
+    """Softmax mass that the static set (key positions < lo or >= hi) plus the exact top-k
+    indexed keys [lo, hi) hold, for each k in `budgets`: the best any retrieval with budget k can
+    do. scores [..., n] are scaled logits, -inf where a key is invisible -> {k: mass [...]}."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    lo = max(lo, 0)
+    hi = max(hi, lo)
+    static = probs[..., :lo].sum(-1) + probs[..., hi:].sum(-1)
+    if hi == lo or max(budgets) <= 0:
+        return {k: static for k in budgets}
+    ranked = torch.topk(probs[..., lo:hi], min(max(budgets), hi - lo), dim=-1).values.cumsum(-1)
+    return {k: static + ranked[..., min(k, ranked.shape[-1]) - 1] if k > 0 else static for k in budgets}
 
 
 def merge_partial(outputs: list[torch.Tensor], lses: list[torch.Tensor]):

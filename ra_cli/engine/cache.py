@@ -3,7 +3,7 @@
 `ContextCache` is one object per conversation. Each of its layers both stores KV (transformers
 calls `update`) and computes attention (our registered attention function calls `attend`), so a
 layer type *is* an attention mode: `DeviceKVLayer` is exact full attention over KV kept on the
-compute device; the retrieval layer of engine/retrieval.py keeps only a static set there.
+compute device; the retrieval layer of retrieval/layer.py keeps only a static set there.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ra_cli.buffers import with_room
 from ra_cli.engine.attention import exact_attention
 
 
@@ -68,21 +69,15 @@ class DeviceKVLayer(AttentionLayer):
         self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
         self.is_initialized = True
 
-    def reserve(self, capacity: int) -> None:
-        if self.keys.shape[2] >= capacity:
-            return
-        grown_k = self.keys.new_empty((*self.keys.shape[:2], capacity, self.keys.shape[3]))
-        grown_v = self.values.new_empty((*self.values.shape[:2], capacity, self.values.shape[3]))
-        grown_k[:, :, : self.length] = self.keys[:, :, : self.length]
-        grown_v[:, :, : self.length] = self.values[:, :, : self.length]
-        self.keys, self.values = grown_k, grown_v
+    def reserve(self, tokens: int) -> None:
+        self.keys = with_room(self.keys, self.length, tokens, axis=2, minimum=self.capacity)
+        self.values = with_room(self.values, self.length, tokens, axis=2, minimum=self.capacity)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[2]
-        if end > self.keys.shape[2]:
-            self.reserve(max(end, 2 * self.keys.shape[2], self.capacity))
+        self.reserve(end)
         self.keys[:, :, self.length:end] = key_states
         self.values[:, :, self.length:end] = value_states
         self.length = end
@@ -91,7 +86,6 @@ class DeviceKVLayer(AttentionLayer):
     def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fill an empty layer with stored KV [B,KVH,n,D]."""
         self.lazy_initialization(keys, values)
-        self.reserve(max(self.capacity, keys.shape[2]))
         self.update(keys, values)
 
     def attend(self, query, scaling, sliding_window=None, softcap=None):

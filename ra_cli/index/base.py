@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import numpy as np
 
-KINDS = ("graph", "hnsw", "flat")
+
+class IndexKind(str, Enum):
+    graph = "graph"  # attention-aware, built from prefill queries (ours)
+    hnsw = "hnsw"  # hnswlib over centred keys: the key-only baseline
+    flat = "flat"  # exact scan, nothing to build
+
+
+KINDS = tuple(kind.value for kind in IndexKind)
 
 
 @dataclass
@@ -74,6 +82,44 @@ class SearchBuffers:
             self.visited = np.zeros((self.heads, max(bitset_words(n), 2 * self.visited.shape[1])), np.int64)
 
 
+class LayerIndex:
+    """Search over one layer's indexed keys `keys` [KVH, >= n, D] float32 (id i = position lo + i).
+    Subclasses fill a result in `_search` and link keys that arrive later in `_insert`."""
+
+    kind = ""
+    default_ef = 0
+    n = 0
+    keys: np.ndarray
+
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra: np.ndarray | None = None) -> SearchResult:
+        """The top-k keys by inner product of each query [H, q, D]: ids best first (-1 padding),
+        raw scores and distance evaluations. ef: beam width (None: the index's own); extra [H, X]
+        int32: more entry points per head (e.g. what the previous decode step found)."""
+        heads, count, _ = queries.shape
+        result = SearchResult(*outputs(heads, count, k))
+        if self.n > 0 and k > 0:
+            self._search(np.ascontiguousarray(queries, dtype=np.float32), k, max(ef or self.default_ef, k), extra, result)
+        return result
+
+    def grow(self, keys: np.ndarray, n: int) -> None:
+        """Index keys [self.n, n) of `keys` (which holds at least n keys per KV head)."""
+        if n > self.n:
+            self._insert(keys, n)
+            self.n = n
+        self.keys = keys
+
+    def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
+        raise NotImplementedError
+
+    def _insert(self, keys: np.ndarray, n: int) -> None:
+        raise NotImplementedError
+
+
+def kv_head_of(heads: int, kv_heads: int) -> np.ndarray:
+    """The KV head each query head reads under grouped-query attention (int64 [heads])."""
+    return np.arange(heads, dtype=np.int64) // (heads // kv_heads)
+
+
 def bitset_words(n: int) -> int:
     return max(1, (n + 63) // 64)
 
@@ -81,12 +127,3 @@ def bitset_words(n: int) -> int:
 def outputs(heads: int, queries: int, k: int):
     return (np.full((heads, queries, k), -1, np.int32), np.full((heads, queries, k), -np.inf, np.float32),
             np.zeros((heads, queries), np.int64))
-
-
-def float32_keys(keys: np.ndarray, kv_dtype: str) -> np.ndarray:
-    """Keys [KVH, n, D] as float32 (numba has no half types): a view when already float32."""
-    if kv_dtype == "float32":
-        return keys
-    if kv_dtype == "bfloat16":
-        return (np.asarray(keys, dtype=np.uint32) << 16).view(np.float32)
-    return np.asarray(keys, dtype=np.float32)

@@ -5,7 +5,8 @@ top-k list are likely to be retrieved together by a decode query. Each key keeps
 candidate neighbours with co-selection counts (the Space-Saving heavy-hitters algorithm, so memory
 is O(n · slots) however long the prefill runs); the graph keeps each key's most frequent ones,
 plus a few nearest keys by L2 from its own neighbourhood so that keys no query selected stay
-reachable.
+reachable. Keys that arrive after the build (a long chat's evicted window) are linked in by search
+(`insert_nodes`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ra_cli.index.kernels import link_into
+from ra_cli.index.search_kernels import beam_search
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -147,3 +148,52 @@ def top_k_rows(scores, valid, out):
             out[r, t] = heap_ids[order[t]]
         for t in range(size, k):
             out[r, t] = -1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def link_into(row, target):
+    """Add an edge to `target` in an int32 adjacency row: the first empty slot, else the last
+    (the weakest edge: rows are ordered strongest first)."""
+    slot = row.shape[0] - 1
+    for s in range(row.shape[0]):
+        if row[s] < 0:
+            slot = s
+            break
+    row[slot] = target
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited):
+    """Link keys [first, last) into graphs adjacency [G, capacity, M] (int32, writable) that hold
+    keys [0, first): each new key searches the graph with its own vector, keeps the best hits as
+    neighbours plus its predecessor, and every neighbour gets an edge back (its weakest slot is
+    overwritten when full)."""
+    graphs = adjacency.shape[0]
+    width = adjacency.shape[2]
+    for g in prange(graphs):
+        key_set = keys[kv_of_graph[g]]
+        found = np.empty(width, np.int32)
+        scores = np.empty(width, np.float32)
+        entries = np.empty(2, np.int32)
+        for t in range(first, last):
+            row = adjacency[g, t]
+            row[:] = -1
+            filled = 0
+            if t > 0:
+                entries[0] = t - 1
+                entries[1] = 0
+                beam_search(key_set[t], key_set, adjacency[g], t, entries, max(ef, width), width - 1, visited[g],
+                            found, scores)
+                for j in range(width - 1):
+                    if found[j] >= 0:
+                        row[filled] = found[j]
+                        filled += 1
+                predecessor_known = False
+                for j in range(filled):
+                    if row[j] == t - 1:
+                        predecessor_known = True
+                if not predecessor_known:
+                    row[filled] = t - 1
+                    filled += 1
+            for j in range(filled):
+                link_into(adjacency[g, row[j]], t)

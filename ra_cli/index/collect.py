@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ra_cli.engine.attention import grouped_rows
 from ra_cli.index.base import IndexParams, indexed_range
 from ra_cli.index.build_kernels import top_k_rows
 
@@ -91,8 +92,7 @@ class PrefillCollector:
             return
         candidates = keys[:, self.lo - kv_offset: visible_end - kv_offset]  # [KVH, n, D]
         take = min(self.params.list_size, candidates.shape[1])
-        # rows of a KV head: its query heads' sampled queries, [KVH, G*s, D] (head = kv * G + g)
-        rows = sampled.reshape(self.kv_heads, -1, sampled.shape[-1])
+        rows = grouped_rows(sampled, self.kv_heads)  # [KVH, G*s, D]
         visible = np.minimum(self.positions[begin:end] + 1, self.hi) - self.lo  # causal prefix per query
         ids = top_lists(rows, candidates, np.tile(visible, self.heads // self.kv_heads), take)
         lists = self.lists[layer]

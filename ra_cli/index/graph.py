@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ra_cli.index.base import IndexParams, SearchBuffers, SearchResult, outputs
-from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency
-from ra_cli.index.kernels import insert_nodes, search_heads_routed
+from ra_cli.buffers import with_room
+from ra_cli.engine.attention import grouped_scores, static_and_top_mass
+from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult, kv_head_of
+from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes
+from ra_cli.index.search_kernels import search_heads_routed
 
 EF_CANDIDATES = (96, 128, 192, 256, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
@@ -107,7 +109,7 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     started = time.perf_counter()
     heads = lists.shape[0]
     kv_heads, n, _ = keys.shape
-    kv_of_head = np.arange(heads, dtype=np.int64) // (heads // kv_heads)
+    kv_of_head = kv_head_of(heads, kv_heads)
     train = ~held_out
     train_lists = np.ascontiguousarray(lists[:, train])
     table_ids = np.full((heads, n, params.slots), -1, np.int32)
@@ -139,18 +141,10 @@ def attention_coverage(all_keys: np.ndarray, queries: np.ndarray, positions: np.
     indexed keys hold, for each k in `budgets`, for queries [H, q, D] at `positions` over all_keys
     [KVH, N, D]: how well retrieval attention with budget k can do at best on this layer."""
     keys = torch.from_numpy(np.ascontiguousarray(all_keys, dtype=np.float32))
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    heads, count, dim = q.shape
-    kv_heads, n, _ = keys.shape
-    scores = torch.matmul(q.reshape(kv_heads, (heads // kv_heads) * count, dim), keys.transpose(-1, -2))
-    scores = scores.reshape(heads, count, n) * scaling
-    key_positions = torch.arange(n)
+    scores = grouped_scores(torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), keys) * scaling
+    key_positions = torch.arange(keys.shape[1])
     scores.masked_fill_(key_positions[None, None, :] > torch.from_numpy(positions)[None, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    static = (key_positions < lo) | (key_positions >= hi)
-    static_mass = probs[..., static].sum(-1)
-    ranked = torch.topk(probs[..., lo:hi], min(max(budgets), hi - lo), dim=-1).values.cumsum(-1)
-    return {k: float((static_mass + ranked[..., min(k, ranked.shape[-1]) - 1]).mean()) for k in budgets}
+    return {k: float(mass.mean()) for k, mass in static_and_top_mass(scores, lo, hi, budgets).items()}
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -191,7 +185,7 @@ def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, sta
     return trial(position)
 
 
-class GraphLayerIndex:
+class GraphLayerIndex(LayerIndex):
     """Search over one layer's graphs; keys [KVH, n, D] float32 are shared by the GQA group."""
 
     kind = "graph"
@@ -202,42 +196,28 @@ class GraphLayerIndex:
         self.params = params
         self.heads = layer.adjacency.shape[0]
         self.n = keys.shape[1]
-        self.kv_of_head = np.arange(self.heads, dtype=np.int64) // (self.heads // keys.shape[0])
+        self.kv_of_head = kv_head_of(self.heads, keys.shape[0])
         self.buffers = SearchBuffers(self.heads, self.n)
 
     @property
     def default_ef(self) -> int:
         return self.layer.ef
 
-    def grow(self, keys: np.ndarray, n: int) -> None:
-        """Index keys [self.n, n) of `keys` (which holds at least n keys per KV head)."""
-        if n <= self.n:
-            return
+    def _insert(self, keys: np.ndarray, n: int) -> None:
         adjacency = self.layer.adjacency
-        if adjacency.dtype != np.int32 or adjacency.shape[1] < n or not adjacency.flags.writeable:
-            capacity = max(n, adjacency.shape[1] + 1024)
-            grown = np.full((adjacency.shape[0], capacity, adjacency.shape[2]), -1, np.int32)
-            old = np.asarray(adjacency[:, : self.n]).astype(np.int32)
-            if adjacency.dtype == np.uint16:
-                old[old == NO_NEIGHBOR_16] = -1
-            grown[:, : self.n] = old
-            self.layer.adjacency = grown
-        self.keys = keys
+        private = adjacency.dtype == np.int32 and adjacency.flags.writeable  # not the stored uint16 map
+        grown = with_room(adjacency, self.n, n, axis=1, minimum=1024, fill=-1, dtype=np.int32, copy=not private)
+        if adjacency.dtype == np.uint16:
+            head = grown[:, : self.n]
+            head[head == NO_NEIGHBOR_16] = -1
+        self.layer.adjacency = grown
         self.buffers.grow(n)
-        insert_nodes(keys, self.kv_of_head, self.layer.adjacency, self.n, n, 64, self.buffers.visited)
-        self.n = n
+        insert_nodes(keys, self.kv_of_head, grown, self.n, n, 64, self.buffers.visited)
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra: np.ndarray | None = None) -> SearchResult:
-        """`extra` [H, X] int32: more entry points per head (e.g. what the previous decode step found)."""
-        heads, count, _ = queries.shape
-        ids, scores, evaluations = outputs(heads, count, k)
-        if self.n == 0:
-            return SearchResult(ids, scores, evaluations)
-        if extra is None:
-            extra = NO_EXTRA
-        search_heads_routed(np.ascontiguousarray(queries, dtype=np.float32), self.keys, self.kv_of_head,
-                            self.layer.adjacency, self.n, self.layer.centroids, self.layer.entries,
-                            min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
-                            np.ascontiguousarray(np.broadcast_to(extra, (heads, extra.shape[1]))), max(ef or self.layer.ef, k), k,
-                            self.buffers.visited, ids, scores, evaluations)
-        return SearchResult(ids, scores, evaluations)
+    def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
+        heads = queries.shape[0]
+        extra = NO_EXTRA if extra is None else extra
+        search_heads_routed(queries, self.keys, self.kv_of_head, self.layer.adjacency, self.n, self.layer.centroids,
+                            self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
+                            np.ascontiguousarray(np.broadcast_to(extra, (heads, extra.shape[1]))), ef, k,
+                            self.buffers.visited, result.ids, result.scores, result.evaluations)

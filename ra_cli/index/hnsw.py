@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ra_cli.errors import RaError
-from ra_cli.index.base import IndexParams, SearchBuffers, SearchResult, outputs
-from ra_cli.index.kernels import insert_nodes, search_heads_hnsw
+from ra_cli.buffers import with_room
+from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult, kv_head_of
+from ra_cli.index.build_kernels import insert_nodes
+from ra_cli.index.search_kernels import search_heads_hnsw
 
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 
@@ -96,7 +98,7 @@ def parse_hnsw_file(path: Path, dim: int) -> ParsedHnsw:
     return ParsedHnsw(int(internal_to_label[entry]) if n else 0, base, levels, upper_rows, upper)
 
 
-class HnswLayerIndex:
+class HnswLayerIndex(LayerIndex):
     """Counted search over the hnswlib graphs of one layer (one per KV head)."""
 
     kind = "hnsw"
@@ -106,7 +108,7 @@ class HnswLayerIndex:
         self.n = keys.shape[1]
         self.heads = heads
         self.default_ef = default_ef
-        self.kv_of_head = np.arange(heads, dtype=np.int64) // (heads // keys.shape[0])
+        self.kv_of_head = kv_head_of(heads, keys.shape[0])
         width0 = max(g.base_links.shape[1] for g in graphs)
         rows = max(g.upper_links.shape[0] for g in graphs)
         depth = max(g.upper_links.shape[1] for g in graphs)
@@ -125,33 +127,18 @@ class HnswLayerIndex:
             self.entry[g] = graph.entry_point
         self.buffers = SearchBuffers(heads, self.n)
 
-    def grow(self, keys: np.ndarray, n: int) -> None:
+    def _insert(self, keys: np.ndarray, n: int) -> None:
         """New keys join layer 0 only (as hnswlib inserts would, at level 0 for most keys)."""
-        if n <= self.n:
-            return
-        if self.base.shape[1] < n:
-            grown = np.full((self.base.shape[0], max(n, self.base.shape[1] + 1024), self.base.shape[2]), -1, np.int32)
-            grown[:, : self.n] = self.base[:, : self.n]
-            self.base = grown
-            levels = np.zeros((self.levels.shape[0], grown.shape[1]), np.int32)
-            levels[:, : self.n] = self.levels[:, : self.n]
-            rows = np.full((self.levels.shape[0], grown.shape[1]), -1, np.int32)
-            rows[:, : self.n] = self.upper_rows[:, : self.n]
-            self.levels, self.upper_rows = levels, rows
-        self.keys = keys
+        self.base = with_room(self.base, self.n, n, axis=1, minimum=1024, fill=-1)
+        self.levels = with_room(self.levels, self.n, n, axis=1, minimum=1024, fill=0)
+        self.upper_rows = with_room(self.upper_rows, self.n, n, axis=1, minimum=1024, fill=-1)
         self.buffers.grow(n)
         graph_buffers = SearchBuffers(self.base.shape[0], n)
         insert_nodes(keys, np.arange(self.base.shape[0], dtype=np.int64), self.base, self.n, n, 64,
                      graph_buffers.visited)
-        self.n = n
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra=None) -> SearchResult:
+    def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
         """hnswlib's algorithm starts from its own entry point only; `extra` is ignored."""
-        heads, count, _ = queries.shape
-        ids, scores, evaluations = outputs(heads, count, k)
-        if self.n == 0:
-            return SearchResult(ids, scores, evaluations)
-        search_heads_hnsw(np.ascontiguousarray(queries, dtype=np.float32), self.keys, self.kv_of_head, self.base, self.n,
-                          self.entry, self.levels, self.upper_rows, self.upper, max(ef or self.default_ef, k), k,
-                          self.buffers.visited, ids, scores, evaluations)
-        return SearchResult(ids, scores, evaluations)
+        search_heads_hnsw(queries, self.keys, self.kv_of_head, self.base, self.n, self.entry, self.levels,
+                          self.upper_rows, self.upper, ef, k, self.buffers.visited, result.ids, result.scores,
+                          result.evaluations)

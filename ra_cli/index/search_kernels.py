@@ -16,23 +16,11 @@ NO_ID = -1
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _dot(a, b):
+def dot(a, b):
     total = np.float32(0.0)
     for i in range(a.shape[0]):
         total += a[i] * b[i]
     return total
-
-
-@njit(cache=True, nogil=True, inline="always")
-def link_into(row, target):
-    """Add an edge to `target` in an int32 adjacency row: the first empty slot, else the last
-    (the weakest edge: rows are ordered strongest first)."""
-    slot = row.shape[0] - 1
-    for s in range(row.shape[0]):
-        if row[s] < 0:
-            slot = s
-            break
-    row[slot] = target
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -95,7 +83,7 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, out_id
             continue
         _mark(visited, node)
         evaluations += 1
-        size, _ = _pool_insert(pool_scores, pool_ids, pool_done, size, ef, _dot(query, keys[node]), node)
+        size, _ = _pool_insert(pool_scores, pool_ids, pool_done, size, ef, dot(query, keys[node]), node)
     cursor = 0
     unvisited = 0
     while True:
@@ -119,7 +107,7 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, out_id
                 batch[fresh] = neighbor
                 fresh += 1
             for j in range(fresh):
-                batch_scores[j] = _dot(query, keys[batch[j]])
+                batch_scores[j] = dot(query, keys[batch[j]])
             evaluations += fresh
             earliest = ef
             for j in range(fresh):
@@ -140,7 +128,7 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, out_id
         _mark(visited, unvisited)
         evaluations += 1
         size, position = _pool_insert(pool_scores, pool_ids, pool_done, size, ef,
-                                      _dot(query, keys[unvisited]), unvisited)
+                                      dot(query, keys[unvisited]), unvisited)
         cursor = min(cursor, position)
     for i in range(k):
         if i < size:
@@ -160,7 +148,7 @@ def _route(query, centroids, entries, route, recent, n_valid, chosen):
     clusters = centroids.shape[0]
     sims = np.empty(clusters, np.float32)
     for c in range(clusters):
-        sims[c] = _dot(query, centroids[c])
+        sims[c] = dot(query, centroids[c])
     order = np.argsort(-sims)
     width = entries.shape[1]
     for r in range(route):
@@ -194,7 +182,7 @@ def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids
 def _descend(query, keys, entry, levels, upper_rows, upper_links):
     """hnswlib's greedy descent through the upper layers (ef = 1). Returns (entry, evaluations)."""
     current = entry
-    best = _dot(query, keys[current])
+    best = dot(query, keys[current])
     evaluations = 1
     for level in range(levels[current], 0, -1):
         changed = True
@@ -205,7 +193,7 @@ def _descend(query, keys, entry, levels, upper_rows, upper_links):
                 neighbor = upper_links[row, level - 1, j]
                 if neighbor < 0:
                     break
-                score = _dot(query, keys[neighbor])
+                score = dot(query, keys[neighbor])
                 evaluations += 1
                 if score > best:
                     best = score
@@ -233,80 +221,3 @@ def search_heads_hnsw(queries, keys, kv_of_head, base_links, n_valid, entry_poin
             # the descent already evaluated `node`; beam_search evaluates it once more, so subtract it
             out_evals[h, i] = descent - 1 + beam_search(queries[h, i], key_set, base_links[g], n_valid, start, ef, k,
                                                         visited[h], out_ids[h, i], out_scores[h, i])
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
-    """Softmax attention of queries [H, q, D] over their own retrieved keys (ids [H, q, k], -1 =
-    none) of keys/values [KVH, n, D]: writes out [H, q, Dv] and the log-sum-exp [H, q] (-inf when
-    nothing was retrieved) so the result merges exactly with the static part."""
-    heads, count, _ = queries.shape
-    width = ids.shape[2]
-    for h in prange(heads):
-        g = kv_of_head[h]
-        weights = np.empty(width, np.float32)
-        for i in range(count):
-            best = -np.inf
-            for j in range(width):
-                node = ids[h, i, j]
-                if node < 0:
-                    weights[j] = -np.inf
-                    continue
-                weights[j] = _dot(queries[h, i], keys[g, node]) * scaling
-                if weights[j] > best:
-                    best = weights[j]
-            for d in range(out.shape[2]):
-                out[h, i, d] = 0.0
-            if best == -np.inf:
-                lse[h, i] = -np.inf
-                continue
-            total = np.float32(0.0)
-            for j in range(width):
-                node = ids[h, i, j]
-                if node < 0:
-                    continue
-                w = np.exp(weights[j] - best)
-                total += w
-                row = values[g, node]
-                for d in range(out.shape[2]):
-                    out[h, i, d] += w * row[d]
-            for d in range(out.shape[2]):
-                out[h, i, d] /= total
-            lse[h, i] = best + np.log(total)
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def insert_nodes(keys, kv_of_graph, adjacency, first, last, ef, visited):
-    """Link keys [first, last) into graphs adjacency [G, capacity, M] (int32, writable) that hold
-    keys [0, first): each new key searches the graph with its own vector, keeps the best hits as
-    neighbours plus its predecessor, and every neighbour gets an edge back (its weakest slot is
-    overwritten when full)."""
-    graphs = adjacency.shape[0]
-    width = adjacency.shape[2]
-    for g in prange(graphs):
-        key_set = keys[kv_of_graph[g]]
-        found = np.empty(width, np.int32)
-        scores = np.empty(width, np.float32)
-        entries = np.empty(2, np.int32)
-        for t in range(first, last):
-            row = adjacency[g, t]
-            row[:] = -1
-            filled = 0
-            if t > 0:
-                entries[0] = t - 1
-                entries[1] = 0
-                beam_search(key_set[t], key_set, adjacency[g], t, entries, max(ef, width), width - 1, visited[g],
-                            found, scores)
-                for j in range(width - 1):
-                    if found[j] >= 0:
-                        row[filled] = found[j]
-                        filled += 1
-                predecessor_known = False
-                for j in range(filled):
-                    if row[j] == t - 1:
-                        predecessor_known = True
-                if not predecessor_known:
-                    row[filled] = t - 1
-                    filled += 1
-            for j in range(filled):
-                link_into(adjacency[g, row[j]], t)

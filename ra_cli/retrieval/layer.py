@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ra_cli.buffers import with_room
 from ra_cli.engine.attention import attention_with_lse, merge_partial
 from ra_cli.engine.cache import AttentionLayer
-from ra_cli.index.kernels import attend_retrieved
+from ra_cli.index.base import kv_head_of
+from ra_cli.retrieval.kernels import attend_retrieved
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 # Each search is also seeded with the previous step's best keys and their successors: consecutive
@@ -74,13 +77,10 @@ class HostKV:
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         needed = self.count + keys.shape[1]
-        if not self.owned or needed > self.keys.shape[1]:
-            capacity = max(needed, int(self.count * 1.25) + 1024)
-            grown_k = np.empty((self.keys.shape[0], capacity, self.keys.shape[2]), np.float32)
-            grown_v = np.empty((self.values.shape[0], capacity, self.values.shape[2]), np.float32)
-            grown_k[:, : self.count] = self.keys[:, : self.count]
-            grown_v[:, : self.count] = self.values[:, : self.count]
-            self.keys, self.values, self.owned = grown_k, grown_v, True
+        self.keys = with_room(self.keys, self.count, needed, axis=1, minimum=1024, dtype=np.float32, copy=not self.owned)
+        self.values = with_room(self.values, self.count, needed, axis=1, minimum=1024, dtype=np.float32,
+                                copy=not self.owned)
+        self.owned = True
         self.keys[:, self.count:needed] = keys
         self.values[:, self.count:needed] = values
         self.count = needed
@@ -130,13 +130,8 @@ class RetrievalLayer(AttentionLayer):
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         end = self.static + keys.shape[2]
-        if end > self.keys.shape[2]:
-            capacity = max(end, 2 * self.keys.shape[2])
-            grown_k = self.keys.new_empty((*self.keys.shape[:2], capacity, self.keys.shape[3]))
-            grown_v = self.values.new_empty((*self.values.shape[:2], capacity, self.values.shape[3]))
-            grown_k[:, :, : self.static] = self.keys[:, :, : self.static]
-            grown_v[:, :, : self.static] = self.values[:, :, : self.static]
-            self.keys, self.values = grown_k, grown_v
+        self.keys = with_room(self.keys, self.static, end, axis=2)
+        self.values = with_room(self.values, self.static, end, axis=2)
         self.keys[:, :, self.static:end] = keys
         self.values[:, :, self.static:end] = values
         self.static = end
@@ -201,7 +196,7 @@ class RetrievalLayer(AttentionLayer):
             successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
             self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
             if self.kv_of_head is None:
-                self.kv_of_head = np.arange(heads, dtype=np.int64) // (heads // self.host.keys.shape[0])
+                self.kv_of_head = kv_head_of(heads, self.host.keys.shape[0])
             attend_retrieved(host_query, self.host.keys, self.host.values, self.kv_of_head, result.ids,
                              np.float32(scaling), retrieved_out, retrieved_lse)
             if self.auditor is not None:
@@ -226,55 +221,3 @@ def layer_budget(entry: dict, coverage: float, default: int = 100) -> int:
     if not measured:
         return default
     return next((k for k in sorted(measured) if measured[k] >= coverage), max(measured))
-
-
-def retrieval_cache(loaded, store, settings: RetrievalSettings, index_kind: str | None = None):
-    """A ContextCache over a stored context: retrieval layers for global attention layers (their
-    static set on the device), full device KV for sliding-window layers (which never look far)."""
-    from ra_cli.engine.cache import ContextCache, DeviceKVLayer
-    from ra_cli.index import open_layer_index
-    from ra_cli.index.base import float32_keys
-    from ra_cli.index.flat import FlatLayerIndex
-    from ra_cli.ingest import stored_kv_to_tensor
-
-    section = store.manifest["index"]
-    lo, hi, n = section["lo"], section["hi"], store.n_tokens
-    stats = RetrievalStats(indexed_keys=hi - lo)
-    layers = []
-
-    def device(array):
-        return stored_kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.dtype)[None]
-
-    def best_coverage(entry):
-        return max(entry.get("coverage", {"": 1.0}).values())
-
-    dense = {int(layer) for layer, entry in section["layers"].items() if best_coverage(entry) < settings.dense_below}
-    stats.dense_layers = sorted(dense)
-    stats.budgets = {}
-    for i, shape in enumerate(store.layers):
-        if shape.sliding_window is not None or i in dense:
-            layer = DeviceKVLayer(i, shape.sliding_window, capacity=n + 4096)
-            layer.load(device(store.keys(i)), device(store.values(i)))
-            layers.append(layer)
-            continue
-        # Every search touches keys at random: a RAM copy (numpy asks for transparent huge pages)
-        # measured 1.4x faster than the memory map, whose 4 KiB pages miss the TLB. Values are
-        # read 100 rows at a time and stay memory-mapped.
-        keys = np.array(float32_keys(store.keys(i)[:, lo:n], store.kv_dtype), dtype=np.float32)
-        host = HostKV(keys, float32_keys(store.values(i)[:, lo:n], store.kv_dtype))
-        if index_kind == "flat":
-            index = FlatLayerIndex(host.keys[:, : hi - lo])
-        else:
-            index = open_layer_index(store, i, host.keys)
-        layer = RetrievalLayer(i, index, host, hi - lo, lo, device(store.keys(i)[:, :lo]), device(store.values(i)[:, :lo]),
-                               device(store.keys(i)[:, hi:n]), device(store.values(i)[:, hi:n]), settings, stats)
-        if settings.top_k is None:
-            layer.top_k = layer_budget(section["layers"][str(i)], settings.coverage)
-        layers.append(layer)
-    retrieval_layers = [layer for layer in layers if isinstance(layer, RetrievalLayer)]
-    stats.budgets = {layer.layer_idx: layer.top_k for layer in retrieval_layers}
-    if retrieval_layers:
-        retrieval_layers[0].counts_steps = True
-    cache = ContextCache(layers)
-    cache.retrieval_stats = stats
-    return cache

@@ -1,0 +1,22 @@
+"""`ra` command line: each command parses its options, calls one function of the layer below and
+prints. Answers go to stdout, status and progress to stderr; every failure is one line
+(cli/boundary.py)."""
+
+from __future__ import annotations
+
+import typer
+
+from ra_cli.cli.bench import bench_command, eval_command
+from ra_cli.cli.boundary import OneLineErrors
+from ra_cli.cli.chat import chat_command
+from ra_cli.cli.ingest import ingest_command
+from ra_cli.cli.options import parse_tokens
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Chat with long documents on one machine, with retrieval attention over an on-disk KV cache.")
+app.command("ingest")(ingest_command)
+app.command("chat")(chat_command)
+app.command("bench")(bench_command)
+app.command("eval")(eval_command)
+
+__all__ = ["app", "parse_tokens"]

@@ -1,0 +1,113 @@
+"""`ra bench` (index recall, one decode step) and `ra eval` (fidelity against full attention)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ra_cli.cli import options as opt
+from ra_cli.cli.steps import load_model, open_store, read_source
+from ra_cli.errors import RaError
+
+
+def bench_command(
+    recall: bool = typer.Option(False, "--recall", help="Index quality: Recall@100 and keys scanned vs hnswlib and exact search."),
+    decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
+    shape: str = typer.Option("smollm2", "--shape", help="Layer shape for --decode-step: smollm2 or llama3-8b."),
+    context: str = typer.Option("16k", "--context", help="Context length in tokens (e.g. 8k, 16k, 32k)."),
+    document: Optional[Path] = typer.Option(None, "--document", exists=True, dir_okay=False,
+                                            help="Text to use (default: the shipped sample, repeated)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to evaluate (default: every 4th), or 'all'."),
+    queries: int = typer.Option(256, "--queries", min=1, help="Held-out decode-time queries."),
+    query_stride: int = typer.Option(16, "--query-stride", min=1, help="Graph build: sample every n-th prefill query."),
+    baseline_ingest: bool = typer.Option(False, "--baseline-ingest", help="With --recall: also time the same prefill without any index."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    model: Optional[str] = opt.Model,
+    device: str = opt.Device,
+    dtype: opt.ComputeDtype = opt.Dtype,
+):
+    """Measure ra: index recall and cost (--recall), or one decode step's cost (--decode-step)."""
+    from ra_cli.ui import TokenProgress, status
+
+    if recall == decode_step:
+        raise RaError("choose what to measure: --recall or --decode-step")
+    tokens = opt.parse_tokens(context)
+    if decode_step:
+        from ra_cli.bench.decode import SHAPES, DecodeStepConfig, run_decode_step_bench
+
+        if shape not in SHAPES:
+            raise RaError(f"unknown --shape '{shape}'; choose {', '.join(SHAPES)}")
+        report = run_decode_step_bench(DecodeStepConfig(keys=tokens, shape=shape, queries=min(queries, 256)), status=status)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            from ra_cli.ui import stderr
+
+            for key, value in report.items():
+                stderr.print(f"  {key:24s} {value}", markup=False)
+        return
+    from ra_cli.bench.recall import RecallBenchConfig, print_recall_table, run_recall_bench
+    from ra_cli.index import IndexParams
+
+    config = RecallBenchConfig(context=tokens, queries=queries, document=document,
+                               params=IndexParams(query_stride=query_stride), baseline_ingest=baseline_ingest)
+    if layers and layers != "all":
+        try:
+            config.layers = [int(part) for part in layers.split(",")]
+        except ValueError:
+            raise RaError("--layers takes comma-separated layer numbers, e.g. 2,15,28, or 'all'")
+    loaded = load_model(model, device, dtype)
+    if layers == "all":
+        from ra_cli.engine.cache import layer_windows
+
+        config.layers = [i for i, w in enumerate(layer_windows(loaded.model.config)) if w is None]
+    with TokenProgress("prefill") as bar:
+        report = run_recall_bench(loaded, config, on_progress=bar, status=status)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_recall_table(report)
+
+
+EVAL_FIELDS = ("token_agreement", "kl_mean", "mass_coverage", "recall_at_k", "scanned_fraction",
+               "keys_scanned_per_search", "ms_per_token_full", "ms_per_token_retrieval")
+
+
+def eval_command(
+    source: Path = typer.Argument(..., help="A context saved by `ra ingest`, or a document."),
+    tokens: int = typer.Option(64, "--tokens", min=1, help="Teacher-forced continuation tokens per prompt."),
+    attention: str = typer.Option("retrieval", "--attention", help="Mode compared with full attention: retrieval or flat."),
+    top_k: Optional[int] = opt.TopK,
+    ef: Optional[int] = opt.Ef,
+    coverage: float = opt.Coverage,
+    dense_below: float = opt.DenseBelow,
+    as_json: bool = opt.Json,
+    chunk_size: int = opt.ChunkSize,
+    model: Optional[str] = opt.Model,
+    device: str = opt.Device,
+    dtype: opt.ComputeDtype = opt.Dtype,
+    encoding: str = opt.Encoding,
+):
+    """Fidelity of retrieval attention against full attention on the same context."""
+    from ra_cli.bench.fidelity import EvalConfig, run_eval
+    from ra_cli.ingest import IngestOptions
+    from ra_cli.retrieval.modes import AttentionMode, settings_for
+    from ra_cli.ui import stderr, status
+
+    if attention not in ("retrieval", "flat", "graph", "hnsw"):
+        raise typer.BadParameter(f"'{attention}': choose retrieval, flat, graph or hnsw", param_hint="'--attention'")
+    found = read_source(source, encoding)
+    loaded = load_model(model, device, dtype)
+    store = open_store(loaded, found, IngestOptions(chunk_size=chunk_size))
+    settings = settings_for(store, top_k, ef, None, coverage, dense_below)
+    report = run_eval(loaded, store, EvalConfig(tokens=tokens, attention=AttentionMode(attention), settings=settings), status)
+    if as_json:
+        print(json.dumps(report))
+        return
+    stderr.print(f"{report['context_tokens']:,} tokens, {report['indexed_keys']:,} indexed keys per head; "
+                 f"{report['attention']} attention, top-k {report['top_k'] or 'per layer'}", markup=False)
+    for name in EVAL_FIELDS:
+        stderr.print(f"  {name:24s} {report[name]}", markup=False)

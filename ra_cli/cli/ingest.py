@@ -1,0 +1,57 @@
+"""`ra ingest`: document -> prefilled KV + index on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ra_cli.cli import options as opt
+from ra_cli.cli.steps import ingest_with_progress, load_model, read_source
+from ra_cli.errors import RaError
+
+
+def ingest_command(
+    document: Path = typer.Argument(..., help="Document to ingest (.pdf, .txt, .md)."),
+    save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
+    chunk_size: int = opt.ChunkSize,
+    kv_dtype: opt.KvDtype = opt.KvDtypeOption,
+    index: opt.IndexKind = opt.Index,
+    sinks: int = typer.Option(128, "--sinks", min=0, help="First tokens kept on the device at chat time, never indexed."),
+    window: int = typer.Option(512, "--window", min=0, help="Last tokens kept on the device at chat time, never indexed."),
+    model: Optional[str] = opt.Model,
+    device: str = opt.Device,
+    dtype: opt.ComputeDtype = opt.Dtype,
+    encoding: str = opt.Encoding,
+    as_json: bool = opt.Json,
+):
+    """Extract text, prefill it in chunks and save the KV cache (resumable: rerun after Ctrl-C)."""
+    from ra_cli.index import IndexParams
+    from ra_cli.ingest import IngestOptions, cached_context_path, ingest
+    from ra_cli.ui import stderr
+
+    source = read_source(document, encoding)
+    if source.document is None:
+        raise RaError(f"{document} is a directory; give a .pdf, .txt or .md file")
+    doc = source.document
+    loaded = load_model(model, device, dtype)
+    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value,
+                            index=IndexParams(kind=index.value, sinks=sinks, window=window))
+    out = save or cached_context_path(loaded, doc, options)
+    result = ingest_with_progress(lambda bar, layers: ingest(loaded, doc, out, options, bar, layers), index.value,
+                                  "interrupted; the finished chunks are kept — run the same command again to resume")
+    summary = {
+        "context": str(result.path), "document": doc.name, "pages": len(doc.pages), "tokens": result.n_tokens,
+        "reused_tokens": result.reused_tokens, "prefilled_tokens": result.prefilled_tokens, "index": index.value,
+        "seconds": round(result.seconds, 3), "prefill_seconds": round(result.prefill_seconds, 3),
+        "index_seconds": round(result.index_seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1),
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
+    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({len(doc.pages)} pages) to {result.path}: "
+                 f"prefilled {result.prefilled_tokens:,}{resumed} in {result.seconds:.1f} s, "
+                 f"{result.tokens_per_second:,.0f} tok/s", markup=False, highlight=False)

@@ -1,0 +1,77 @@
+"""Options shared by several commands, validated by Typer before any slow work starts."""
+
+from __future__ import annotations
+
+import codecs
+import re
+
+import typer
+
+from ra_cli.index.base import IndexKind
+from ra_cli.model import ComputeDtype
+from ra_cli.store import KvDtype
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"'{value}': use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _encoding(value: str) -> str:
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise typer.BadParameter(f"unknown encoding '{value}'; use a Python codec name such as utf-8 or latin-1")
+    return value
+
+
+def positive(value: float) -> float:
+    if value <= 0:
+        raise typer.BadParameter(f"{value} must be greater than 0")
+    return value
+
+
+def parse_tokens(text: str) -> int:
+    """'16k' -> 16384, '128K' -> 131072, '5000' -> 5000; at least 1."""
+    value = text.strip().lower()
+    try:
+        count = int(float(value[:-1]) * 1024) if value.endswith("k") else int(value)
+    except ValueError:
+        raise typer.BadParameter(f"cannot read '{text}' as a token count; use e.g. 4096, 16k or 128k")
+    if count < 1:
+        raise typer.BadParameter(f"'{text}': a token count must be at least 1")
+    return count
+
+
+def token_counts(text: str) -> list[int]:
+    """'8k,16k,32k' -> sizes; '4k..32k' -> every doubling from 4K to 32K."""
+    if ".." in text:
+        first, last = (parse_tokens(part) for part in text.split("..", 1))
+        if first > last:
+            raise typer.BadParameter(f"'{text}': the first size must not exceed the last")
+        sizes = []
+        while first <= last:
+            sizes.append(first)
+            first *= 2
+        return sizes
+    return [parse_tokens(part) for part in text.split(",") if part.strip()]
+
+
+Model = typer.Option(None, "--model", "-m", envvar="RA_MODEL",
+                     help="Model: 'smollm2' (embedded, default), a named model (see `ra models`), a .gguf file, "
+                          "a model directory, or a cached HF id.")
+Device = typer.Option("auto", "--device", callback=_device, help="auto, cpu, cuda, cuda:N")
+Dtype = typer.Option(ComputeDtype.auto, "--dtype", help="Compute dtype (auto: float32 on CPU, bf16/fp16 on GPU).")
+Encoding = typer.Option("utf-8", "--encoding", callback=_encoding, help="Encoding of .txt/.md files (default: strict UTF-8).")
+ChunkSize = typer.Option(512, "--chunk-size", min=1, help="Tokens per prefill chunk.")
+KvDtypeOption = typer.Option(KvDtype.auto, "--kv-dtype", help="Stored KV dtype (auto = the compute dtype).")
+Coverage = typer.Option(0.97, "--coverage", min=0.0, max=1.0,
+                        help="Per-layer retrieval budget: the smallest top-k whose keys held this much attention at ingest.")
+DenseBelow = typer.Option(0.8, "--dense-below", min=0.0, max=1.0,
+                          help="Layers whose static + largest budget held less softmax mass than this at ingest attend densely (0 = never).")
+Index = typer.Option(IndexKind.graph, "--index",
+                     help="Search index: graph (attention-aware, ours), hnsw (hnswlib on centred keys, a baseline), flat (exact).")
+TopK = typer.Option(None, "--top-k", min=1, help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest).")
+Ef = typer.Option(None, "--ef", min=1, help="Search beam width (default: calibrated per layer at ingest).")
+Json = typer.Option(False, "--json", help="Print JSON on stdout.")

@@ -1,0 +1,59 @@
+"""Steps several commands share, each with its status line or progress bar on stderr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ra_cli.errors import Interrupted
+
+
+def load_model(model, device, dtype):
+    from ra_cli import model as models  # looked up at call time: tests substitute load_model
+    from ra_cli.ui import status
+
+    loaded = models.load_model(model, device=device, dtype=dtype)
+    status(f"model {loaded.fingerprint.source} on {loaded.device} ({loaded.fingerprint.dtype}), "
+           f"loaded in {loaded.load_seconds:.1f} s")
+    return loaded
+
+
+def read_source(path: Path, encoding: str):
+    """A saved context or a document, read (with a page bar for PDFs) before any model loads."""
+    from ra_cli.ingest import resolve_source
+    from ra_cli.ui import page_progress
+
+    with page_progress(f"reading {path.name}") as on_page:
+        return resolve_source(path, encoding, on_page)
+
+
+def ingest_with_progress(run, kind: str, interrupted: str):
+    """Run `run(on_progress, on_index)` under a prefill bar and an index bar; Ctrl-C ends it with
+    `interrupted` (what was kept) and exit code 130."""
+    from ra_cli.ui import LayerProgress, TokenProgress
+
+    layers = LayerProgress(f"{kind} index")
+    try:
+        with TokenProgress("prefill") as bar:
+            return run(bar, layers)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted)
+    finally:
+        layers.close()
+
+
+def open_store(loaded, source, options):
+    """The store behind a chat/eval source, ingesting the document into the cache when needed."""
+    from ra_cli.ingest import open_source
+    from ra_cli.ui import status
+
+    store, result = ingest_with_progress(lambda bar, layers: open_source(loaded, source, options, bar, layers),
+                                         options.index.kind, "interrupted while ingesting; run the same command "
+                                         "again to resume")
+    if source.context is not None:
+        status(f"context {source.context}: {store.n_tokens:,} tokens of {store.manifest['document']['name']}")
+    elif result is None:
+        status(f"reused {store.n_tokens:,}/{store.n_tokens:,} tokens of {source.document.name} from the cache")
+    else:
+        status(f"reused {result.reused_tokens:,}/{result.n_tokens:,} tokens; prefilled {result.prefilled_tokens:,} "
+               f"in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s)")
+    return store
