@@ -19,7 +19,7 @@ from ra_cli.model import LoadedModel, dtype_name
 from ra_cli.paths import contexts_dir
 from ra_cli.prompt import Prompter, layout_for
 from ra_cli.store import (MANIFEST, ContextStore, LayerShape, StoreWriter, kv_to_numpy, kv_to_tensor,
-                          numpy_storage_dtype, partial_path)
+                          partial_path)
 
 
 COMMIT_SECONDS = 2.0  # how much prefill a crash may cost: progress is synced to disk this often
@@ -105,7 +105,6 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
         raise RaError("--chunk-size must be at least 1")
     out = Path(out)
     kv_dtype = header["params"]["kv_dtype"]
-    storage = numpy_storage_dtype(kv_dtype)
     shapes = layer_shapes(loaded.model.config)
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype)
     n = len(tokens)
@@ -120,8 +119,8 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
             layer.observer = collector.observe
     if start:
         for index, layer in enumerate(cache.layers):
-            keys = kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
-            values = kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.dtype)[None]
+            keys = kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.cache_dtype)[None]
+            values = kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.cache_dtype)[None]
             layer.load(keys, values)
     if on_progress is not None:
         on_progress(start, n, writer.resumed_from)
@@ -138,8 +137,8 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
             end = min(n, start + options.chunk_size)
             prefill(loaded.model, cache, tokens[start:end], want_logits=False)
             for index, layer in enumerate(cache.layers):
-                writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], storage),
-                             kv_to_numpy(layer.values[0, :, start:end], storage))
+                writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], kv_dtype),
+                             kv_to_numpy(layer.values[0, :, start:end], kv_dtype))
             start = end
             # syncing every file to disk per chunk cost ~2% of ingest: do it every few seconds
             if end == n or time.perf_counter() - committed >= COMMIT_SECONDS:

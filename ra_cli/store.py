@@ -51,13 +51,13 @@ def numpy_storage_dtype(dtype_name: str):
         raise RaError(f"unsupported KV dtype {dtype_name}; use float32, float16 or bfloat16")
 
 
-def kv_to_numpy(tensor, storage) -> np.ndarray:
-    """A KV tensor as the numpy array the store keeps (bfloat16 as its raw uint16 bits)."""
+def kv_to_numpy(tensor, kv_dtype: str) -> np.ndarray:
+    """A KV tensor as the numpy array a store keeps in `kv_dtype` (bfloat16 as its raw uint16 bits)."""
     import torch
 
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
-    return tensor.detach().to("cpu").numpy().astype(storage, copy=False)
+    if kv_dtype == "bfloat16":
+        return tensor.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    return tensor.detach().to("cpu").numpy().astype(numpy_storage_dtype(kv_dtype), copy=False)
 
 
 def kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype):

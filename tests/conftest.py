@@ -57,6 +57,22 @@ def loaded(model_cache_dir):
             os.environ["RA_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="session")
+def loaded_fast(loaded, model_cache_dir):
+    """The embedded model as ra runs it by default on a CPU: bf16 activations, int4 decode weights."""
+    old = os.environ.get("RA_CACHE_DIR")
+    os.environ["RA_CACHE_DIR"] = str(model_cache_dir.parent / "ra-session-cache")
+    try:
+        from ra_cli.model import load_model
+
+        return load_model(None, device="cpu", dtype="auto")
+    finally:
+        if old is None:
+            os.environ.pop("RA_CACHE_DIR", None)
+        else:
+            os.environ["RA_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def reuse_loaded_model(loaded, monkeypatch):
     """Make CLI commands reuse the session's model instead of loading it again."""

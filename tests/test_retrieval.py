@@ -25,14 +25,24 @@ runner = CliRunner()
 QUESTION = "Who was the keeper in 1902?"
 
 
-@pytest.fixture(scope="module")
-def small_context(tmp_path_factory, loaded):
+def _small_context(tmp_path_factory, model):
     """~1.1K tokens with a small static set (32 sinks + 64 recent), so most keys are indexed."""
     path = tmp_path_factory.mktemp("ret") / "doc.txt"
     path.write_text((LIGHTHOUSE + "\n") * 11)
     out = path.parent / "ctx.idx"
-    ingest(loaded, load_document(path), out, IngestOptions(chunk_size=256, index=IndexParams(sinks=32, window=64)))
-    return ContextStore.open(out, loaded.fingerprint)
+    ingest(model, load_document(path), out, IngestOptions(chunk_size=256, index=IndexParams(sinks=32, window=64)))
+    return ContextStore.open(out, model.fingerprint)
+
+
+@pytest.fixture(scope="module")
+def small_context(tmp_path_factory, loaded):
+    return _small_context(tmp_path_factory, loaded)
+
+
+@pytest.fixture(scope="module")
+def small_context_fast(tmp_path_factory, loaded_fast):
+    """The same context made by the CPU default: bf16 KV on disk (uint16 bits), int4 weights."""
+    return _small_context(tmp_path_factory, loaded_fast)
 
 
 def question_tokens(loaded, store):
@@ -58,6 +68,34 @@ def test_full_budget_equals_full_attention(small_context, loaded, attention):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-4)
         assert int(a.argmax()) == int(b.argmax())
     assert cache.retrieval_stats.searches > 0
+
+
+@pytest.mark.parametrize("attention", ["retrieval", "flat"])
+def test_full_budget_equals_full_attention_with_bf16_kv(small_context_fast, loaded_fast, attention):
+    """The CPU default stores bf16 KV and holds it as float32: every layer's attention over the
+    static set + every retrieved key equals full attention over the same keys; end to end, bf16
+    rounding of the attention outputs (last-bit flips between two summation orders) leaves the same
+    tokens and a tiny divergence."""
+    loaded, store = loaded_fast, small_context_fast
+    assert store.kv_dtype == "bfloat16" and store.keys(0).dtype == np.uint16
+    n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000)
+    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, attention, everything)
+    generator = torch.Generator().manual_seed(4)
+    for index in (0, 11, 29):
+        key, value = (torch.randn(1, 3, 1, 64, generator=generator) for _ in range(2))
+        query = torch.randn(1, 9, 1, 64, generator=generator) * 3
+        for layer in (full.layers[index], cache.layers[index]):
+            layer.update(key, value)
+        torch.testing.assert_close(cache.layers[index].attend(query, 0.125), full.layers[index].attend(query, 0.125),
+                                   atol=1e-5, rtol=1e-5)
+    tokens = question_tokens(loaded, store)
+    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, attention, everything)
+    pairs = [(prefill(loaded.model, full, tokens), prefill(loaded.model, cache, tokens))]
+    pairs += [(prefill(loaded.model, full, [token]), prefill(loaded.model, cache, [token])) for token in (100, 200, 300)]
+    for want, got in pairs:
+        p, q = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
+        assert int(want.argmax()) == int(got.argmax()) and float((p.exp() * (p - q)).sum()) < 0.01
 
 
 def test_default_budget_tracks_full_attention(small_context, loaded):

@@ -74,6 +74,11 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
     q_len, kv_len = query.shape[2], keys.shape[2]
     needs_mask = q_len > 1 or (sliding_window is not None and q_offset - kv_offset >= sliding_window)
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
+    if mask is None and softcap is None and q_len <= SMALL_QUERY:
+        # decode: scores of the grouped heads, softmax, values — no log-sum-exp needed here
+        weights = torch.softmax(grouped_scores(query, keys, grouped=True).float() * scaling, dim=-1)
+        out = torch.matmul(weights.to(values.dtype), values)
+        return out.reshape(query.shape[0], query.shape[1], q_len, -1).to(query.dtype)
     if q_len <= SMALL_QUERY or softcap is not None:
         out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)
         return out.to(query.dtype)

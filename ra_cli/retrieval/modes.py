@@ -67,7 +67,7 @@ def full_attention_cache(loaded, store: ContextStore) -> ContextCache:
 
 
 def _device_kv(loaded, store: ContextStore, array):
-    return kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.dtype)[None]
+    return kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.cache_dtype)[None]
 
 
 def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, exact: bool = False) -> ContextCache:

@@ -1,0 +1,108 @@
+"""A lean forward pass for llama-family decoders (Llama, Qwen2, Mistral): the model's own weights
+without transformers' per-module overhead (gpt-fast style: prefill and decode are one plain
+function over a token batch and a ContextCache).
+
+A decode step of the 135M embedded model streams ~4 ms of weights on this class of CPU, but
+transformers' module stack spent ~10 ms more on Python and ~600 small tensor ops around it
+(measured: docs/benchmarks.md). This forward computes what transformers' LlamaDecoderLayer
+computes — RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP, residuals — with q|k|v
+and gate|up fused into one projection each, one `rms_norm` kernel per norm, a rotary table built
+once, a float32 residual stream, and ra's cache layers called directly for attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ra_cli.engine.linear import PackedLinear, WeightFormat, fused
+
+SUPPORTED = {"llama", "qwen2", "mistral"}
+
+
+def supports(model) -> bool:
+    config = model.config
+    return (config.model_type in SUPPORTED and getattr(config, "hidden_act", "silu") == "silu"
+            and not getattr(config, "mlp_bias", False) and hasattr(model, "lm_head"))
+
+
+class LeanDecoder(torch.nn.Module):
+    def __init__(self, model, decode: WeightFormat, dtype: torch.dtype = torch.bfloat16,
+                 cache_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.kv_dtype = dtype  # precision of keys and values (what a store keeps)
+        self.cache_dtype = cache_dtype or dtype  # dtype of the tensors handed to the cache layers
+        config = model.config
+        base = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim ** -0.5
+        self.eps = config.rms_norm_eps
+        self.hidden = config.hidden_size
+        self.embed = base.embed_tokens.weight.detach().to(dtype)
+        self.rotary = base.rotary_emb
+        self.blocks = torch.nn.ModuleList()
+        for layer in base.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            block = torch.nn.Module()
+            block.attn_norm = layer.input_layernorm.weight.detach().float()
+            block.qkv = fused([attention.q_proj, attention.k_proj, attention.v_proj], decode, dtype)
+            block.out = PackedLinear(attention.o_proj.weight, attention.o_proj.bias, decode, dtype)
+            block.mlp_norm = layer.post_attention_layernorm.weight.detach().float()
+            block.gate_up = fused([mlp.gate_proj, mlp.up_proj], decode, dtype)
+            block.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, decode, dtype)
+            self.blocks.append(block)
+        self.norm = base.norm.weight.detach().float()
+        self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), decode, dtype)
+        self._cos = self._sin = None
+
+    @property
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads (embedding lookups aside)."""
+        linears = [m for m in self.modules() if isinstance(m, PackedLinear)]
+        return sum(m.decode_bytes for m in linears)
+
+    def _rotary(self, start: int, count: int, device):
+        """cos, sin [count, D] float32 for positions start.. (the model's own rotary module fills a
+        table that doubles as needed, so any rope scaling it implements is honoured)."""
+        end = start + count
+        if self._cos is None or self._cos.shape[0] < end:
+            size = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)
+            positions = torch.arange(size, device=device)[None]
+            probe = torch.empty(1, dtype=torch.float32, device=device)
+            cos, sin = self.rotary(probe, positions)
+            self._cos, self._sin = cos[0].float(), sin[0].float()
+        return self._cos[start:end], self._sin[start:end]
+
+    def forward(self, ids: torch.Tensor, cache, want_logits: bool = True) -> torch.Tensor | None:
+        """Run token ids [1, T] after what `cache` holds; returns last-position logits [vocab]."""
+        count = ids.shape[1]
+        start = cache.length
+        cos, sin = self._rotary(start, count, ids.device)
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # [1, T, 1, D]
+        half = self.head_dim // 2
+        x = self.embed[ids[0]].float()[None]  # [1, T, hidden]
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for index, block in enumerate(self.blocks):
+            layer = cache.layers[index]
+            h = F.rms_norm(x, (self.hidden,), block.attn_norm, self.eps)
+            qkv = block.qkv(h).float()
+            # rotate q and k together: [1, T, H + KVH, D]
+            qk = qkv[..., : q_width + kv_width].reshape(1, count, self.heads + self.kv_heads, self.head_dim)
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            query = qk[:, :, : self.heads].transpose(1, 2).to(self.cache_dtype)
+            key = qk[:, :, self.heads:].transpose(1, 2)
+            value = qkv[..., q_width + kv_width:].reshape(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+            # rounded to the KV precision, held in the cache dtype: what a store reloads, exactly
+            layer.update(key.to(self.kv_dtype).to(self.cache_dtype), value.to(self.kv_dtype).to(self.cache_dtype))
+            attended = layer.attend(query, self.scaling)  # [1, H, T, D]
+            x = x + block.out(attended.transpose(1, 2).reshape(1, count, q_width)).float()
+            h = F.rms_norm(x, (self.hidden,), block.mlp_norm, self.eps)
+            gate, up = block.gate_up(h).chunk(2, dim=-1)
+            x = x + block.down(F.silu(gate) * up).float()
+        if not want_logits:
+            return None
+        last = F.rms_norm(x[:, -1], (self.hidden,), self.norm, self.eps)
+        return self.lm_head(last)[0].float()

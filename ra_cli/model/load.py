@@ -1,0 +1,203 @@
+"""Load a model for ra's engine: device, compute dtype and weight format chosen per device.
+
+On a CPU the default is bf16 activations with int4/int8 decode weights and bf16 prefill weights
+through the lean forward (engine/forward.py) for llama-family models — float32 weights stream
+4x the bytes per token and transformers' module stack adds more overhead than the weights cost
+(measured: docs/benchmarks.md). `--dtype float32` keeps transformers' own float32 path: the
+exactness reference. On a GPU the default is bf16 (or fp16) through transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+from ra_cli.engine.linear import WeightFormat
+from ra_cli.errors import RaError
+from ra_cli.model.convert import converted_gguf
+from ra_cli.model.fingerprint import Fingerprint, config_sha256, tokenizer_sha256, weights_id_for_dir
+from ra_cli.model.resolve import ModelSpec, resolve_model
+
+
+class ComputeDtype(str, Enum):
+    auto = "auto"  # bfloat16 (+ int4 decode weights) on CPU for llama-family models, else float32; bf16/fp16 on GPUs
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel (its decoder layers dropped when `lean` runs it)
+    tokenizer: object
+    spec: ModelSpec
+    fingerprint: Fingerprint
+    device: object  # torch.device
+    dtype: object  # torch.dtype of activations and KV
+    load_seconds: float
+    weights: WeightFormat = WeightFormat.dense
+    trained_context: int | None = None  # tokens the model was trained on, from its config
+
+    @property
+    def cache_dtype(self):
+        """dtype of the KV tensors cache layers hold. On a CPU with bf16 compute they hold float32
+        copies of bf16 values — exact, and CPU kernels are several times faster in float32 than
+        in bf16 at decode shapes (measured) — while stores keep bf16 on disk."""
+        import torch
+
+        return torch.float32 if self.device.type == "cpu" else self.dtype
+
+
+def pick_device(requested: str = "auto"):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise RaError(f"unknown device '{requested}'; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RaError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def plan(dtype: ComputeDtype | str, weights: WeightFormat | str, device, lean_ok: bool):
+    """(torch dtype, weight format) for the request on this device and model."""
+    import torch
+
+    dtype, weights = ComputeDtype(dtype), WeightFormat(weights)
+    if device.type == "cuda":
+        if weights in (WeightFormat.int4, WeightFormat.int8):
+            raise RaError(f"--weights {weights.value} uses CPU kernels; on a GPU use --load-in-4bit or --load-in-8bit")
+        if dtype is ComputeDtype.auto:
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), WeightFormat.dense
+        return getattr(torch, dtype.value), WeightFormat.dense
+    if weights in (WeightFormat.int4, WeightFormat.int8):
+        if not lean_ok:
+            raise RaError(f"--weights {weights.value} needs a llama-family model (Llama, Qwen2, Mistral); "
+                          "use --weights dense")
+        if dtype not in (ComputeDtype.auto, ComputeDtype.bfloat16):
+            raise RaError(f"--weights {weights.value} computes in bfloat16; use --dtype bfloat16 (or auto)")
+        return torch.bfloat16, weights
+    if dtype is ComputeDtype.auto:
+        return (torch.bfloat16, WeightFormat.int4) if lean_ok and weights is WeightFormat.auto else (torch.float32, WeightFormat.dense)
+    if dtype is ComputeDtype.bfloat16 and weights is WeightFormat.auto and lean_ok:
+        return torch.bfloat16, WeightFormat.int4
+    return getattr(torch, dtype.value), WeightFormat.dense
+
+
+def pick_dtype(requested: ComputeDtype | str, device):
+    """The compute dtype a request means for a model without the lean path."""
+    return plan(requested, WeightFormat.dense, device, lean_ok=False)[0]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_model(name: str | None = None, device: str = "auto", dtype: ComputeDtype | str = "auto",
+               weights: WeightFormat | str = "auto", quantize: str | None = None) -> LoadedModel:
+    """`quantize`: None, "4bit" or "8bit" (bitsandbytes, GPU)."""
+    import torch
+
+    from ra_cli.engine.attention import install
+    from ra_cli.engine.forward import LeanDecoder, supports
+
+    spec = resolve_model(name)
+    torch_device = pick_device(device)
+    _quiet_transformers()
+    started = time.perf_counter()
+    if spec.kind == "gguf":
+        model, tokenizer, source, weights_id = _load_gguf(spec)
+    else:
+        model, tokenizer, source, weights_id = _load_transformers(spec, torch_device, quantize)
+    lean_ok = quantize is None and supports(model)
+    torch_dtype, weight_format = plan(dtype, weights, torch_device, lean_ok)
+    model.eval()
+    if weight_format is not WeightFormat.dense:
+        # Packed weights start from the float32 values (the GGUF's 4-bit groups are only exact there).
+        cache_dtype = torch.float32 if torch_device.type == "cpu" else torch_dtype
+        model.ra_lean = LeanDecoder(model.float(), weight_format, torch_dtype, cache_dtype).to(torch_device)
+        model.model.layers = torch.nn.ModuleList()  # the lean decoder holds its own weights
+    elif quantize is None:
+        model.to(device=torch_device, dtype=torch_dtype)
+    install(model)
+    label = dtype_name(torch_dtype) + ("" if weight_format is WeightFormat.dense else f"+{weight_format.value}")
+    label += f"-{quantize}" if quantize else ""
+    fingerprint = Fingerprint(source=source, weights_id=weights_id, config_sha256=config_sha256(model.config),
+                              tokenizer_sha256=tokenizer_sha256(tokenizer), dtype=label)
+    return LoadedModel(model, tokenizer, spec, fingerprint, torch_device, torch_dtype, time.perf_counter() - started,
+                       weight_format, trained_context(model.config))
+
+
+def trained_context(config) -> int | None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def _load_gguf(spec: ModelSpec):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted, record = converted_gguf(spec.path)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    # Dequantized weights are stored in float32 so that every dtype and format gets exact values.
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    return model, tokenizer, spec.path.name, record["weights_id"]
+
+
+def _load_transformers(spec: ModelSpec, device, quantize: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = str(spec.path) if spec.kind == "dir" else spec.hub_id
+    kwargs = {"dtype": torch.float32}
+    if spec.kind == "hub":
+        kwargs["local_files_only"] = True
+    if quantize:
+        kwargs.update(_bitsandbytes_kwargs(quantize, device))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=spec.kind == "hub")
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        if spec.kind == "hub":
+            raise RaError(
+                f"model '{spec.hub_id}' is not in the local Hugging Face cache; download it where there is network "
+                f"(`huggingface-cli download {spec.hub_id}`) or pass a local directory / .gguf file"
+            )
+        raise RaError(f"cannot load model from {location}: {str(exc).splitlines()[0][:200]}")
+    except ValueError as exc:
+        raise RaError(f"cannot load model from {location}: {str(exc).splitlines()[0][:200]}")
+    if spec.kind == "dir":
+        weights_id = weights_id_for_dir(spec.path)
+    else:
+        weights_id = "hub:" + spec.hub_id + ":" + str(getattr(model.config, "_commit_hash", "") or "")
+    return model, tokenizer, spec.name, weights_id
+
+
+def _bitsandbytes_kwargs(quantize: str, device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        raise RaError(f"--load-in-{quantize} needs a CUDA GPU (bitsandbytes); on a CPU ra uses int4/int8 weights "
+                      "by default (--weights)")
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise RaError(f"--load-in-{quantize} needs bitsandbytes: {exc}")
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
+              if quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    return {"quantization_config": config, "device_map": {"": device.index or 0}, "dtype": compute}

@@ -1,0 +1,103 @@
+"""The CPU fast path: packed int4/int8 decode weights and the lean decoder forward, against
+transformers' own float32 forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ra_cli.engine.attention import install
+from ra_cli.engine.cache import ContextCache
+from ra_cli.engine.forward import LeanDecoder
+from ra_cli.engine.generate import prefill
+from ra_cli.engine.linear import PackedLinear, WeightFormat, int4_groups
+
+
+def q4_weight(rows=48, cols=64, seed=0):
+    """A weight as a GGUF Q4 checkpoint dequantizes: each group of 32 inputs is low + q * step,
+    q in 0..15 (step and low bf16-exact, as fp16 GGUF scales mostly are after rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    step = (torch.rand(rows, cols // 32, 1, generator=g) * 0.1 + 0.01).bfloat16().float()
+    low = (torch.randn(rows, cols // 32, 1, generator=g) * 0.3).bfloat16().float()
+    q = torch.randint(0, 16, (rows, cols // 32, 32), generator=g).float()
+    return (low + q * step).reshape(rows, cols)
+
+
+def test_int4_groups_recover_a_4bit_grid_and_refuse_anything_else():
+    weight = q4_weight()
+    q, step, low = int4_groups(weight)
+    rebuilt = (low[..., None] + q.reshape(48, 2, 32).float() * step[..., None]).reshape(48, 64)
+    assert torch.equal(rebuilt, weight)
+    assert int4_groups(weight + 1e-3 * torch.randn(48, 64)) is None  # off the grid: int8 instead
+    assert int4_groups(torch.randn(8, 48)) is None  # not a multiple of the group size
+
+
+@pytest.mark.parametrize("decode", [WeightFormat.int4, WeightFormat.int8])
+def test_packed_linear_decode_matches_its_dense_weights(decode):
+    weight, bias = q4_weight(), torch.randn(48)
+    layer = PackedLinear(weight, bias, decode)
+    assert layer.kind == decode.value
+    x = torch.randn(3, 64).bfloat16()
+    reference = (x.float() @ weight.T + bias.bfloat16().float())
+    tolerance = 0.02 if decode is WeightFormat.int4 else 0.05  # bf16 output rounding; int8 requantizes
+    torch.testing.assert_close(layer(x).float(), reference, atol=tolerance * reference.abs().max(), rtol=0)
+    prefill_rows = torch.randn(40, 64).bfloat16()  # more rows than DECODE_ROWS: the dense bf16 weights
+    torch.testing.assert_close(layer(prefill_rows).float(), prefill_rows.float() @ weight.bfloat16().float().T
+                               + bias.bfloat16().float(), atol=0.05, rtol=0.01)
+
+
+def _transformers_logits(model, ids):
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            return model(ids).logits[0].float()
+    finally:
+        install(model)
+
+
+PREFILL = 17  # more rows than DECODE_ROWS: the prefill path, then decode steps
+
+
+def _lean_logits(lean, config, ids):
+    """Logits at positions PREFILL-1.. through the lean forward: one prefill chunk, then one token
+    at a time."""
+    cache = ContextCache.full(config)
+    with torch.inference_mode():
+        rows = [lean(ids[:, :PREFILL], cache)]
+        for position in range(PREFILL, ids.shape[1]):
+            rows.append(lean(ids[:, position:position + 1], cache))
+    return torch.stack(rows)
+
+
+def test_lean_forward_equals_transformers_in_float32(loaded):
+    lean = LeanDecoder(loaded.model, WeightFormat.dense, torch.float32)
+    ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_lean_logits(lean, loaded.model.config, ids),
+                               _transformers_logits(loaded.model, ids)[PREFILL - 1:], atol=2e-4, rtol=0)
+
+
+def test_lean_forward_handles_qwen2_biases_and_rope():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    for layer in model.model.layers:  # random biases so that a missing one shows
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            projection.bias.data.normal_()
+    install(model)
+    lean = LeanDecoder(model, WeightFormat.dense, torch.float32)
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_lean_logits(lean, config, ids), _transformers_logits(model, ids)[PREFILL - 1:],
+                               atol=1e-4, rtol=0)
+
+
+def test_fast_default_tracks_float32(loaded, loaded_fast):
+    """bf16 activations with the GGUF's own int4 groups: the same next token, a small divergence."""
+    assert loaded_fast.fingerprint.dtype == "bfloat16+int4" and loaded_fast.cache_dtype == torch.float32
+    ids = loaded.tokenizer("The lighthouse on Karsk Island was built in 1871 by the engineer", add_special_tokens=False).input_ids
+    reference = torch.log_softmax(prefill(loaded.model, ContextCache.full(loaded.model.config), ids), -1)
+    fast = torch.log_softmax(prefill(loaded_fast.model, ContextCache.full(loaded_fast.model.config), ids), -1)
+    assert int(fast.argmax()) == int(reference.argmax())
+    assert float((reference.exp() * (reference - fast)).sum()) < 0.05
