@@ -28,7 +28,7 @@ from ra_cli.errors import RaError
 from ra_cli.files import file_sha256, write_json_atomic
 
 FORMAT_NAME = "ra-context"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one graph per KV head (1: per query head)
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 # Files above this size are checked by size on open and fully hashed only on request (`verify`).

@@ -116,7 +116,7 @@ def test_real_model_recall_and_manifest(indexed_context, loaded):
     queries, _ = capture_decode_queries(loaded, store, question, list(layers), hi, lo)
     for layer in layers:
         entry = section["layers"][str(layer)]
-        assert entry["validation_recall"] >= 0.9 and 64 <= entry["ef"] <= 512
+        assert entry["validation_recall"] >= 0.9 and 16 <= entry["ef"] <= 512
         index = open_layer_index(store, layer)
         keys = np.asarray(store.keys(layer)[:, lo:hi])
         exact = FlatLayerIndex(keys).search(queries[layer], 100)

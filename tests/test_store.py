@@ -68,7 +68,7 @@ def context(tmp_path, lighthouse_txt, loaded):
 def test_reopen_reads_back_exact_arrays(context, loaded):
     store = ContextStore.open(context, loaded.fingerprint, verify=True)
     manifest = json.loads((context / "manifest.json").read_text())
-    assert manifest["format"] == "ra-context" and manifest["format_version"] == 1
+    assert manifest["format"] == "ra-context" and manifest["format_version"] == 2
     assert set(manifest["files"]) >= {"tokens.npy", "token_pages.npy", "kv/k_000.npy", "kv/v_029.npy"}
     assert store.keys(5).dtype == np.float32 and isinstance(store.keys(5), np.memmap)
 
@@ -86,7 +86,7 @@ def test_other_format_version_is_refused(context):
     manifest = json.loads((context / "manifest.json").read_text())
     manifest["format_version"] = 99
     (context / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RaError, match="format version 99 but this ra reads version 1"):
+    with pytest.raises(RaError, match="format version 99 but this ra reads version 2"):
         ContextStore.open(context)
 
 

@@ -49,29 +49,33 @@ class Auditor:
         self.recall: list[float] = []
         self.per_layer: dict[int, list[float]] = {}
 
-    def __call__(self, layer, query, static_lse, retrieved_ids, retrieved_lse, scaling):
+    def __call__(self, layer, query, q_offset, retrieved_ids, scaling):
         started = time.perf_counter()
         try:
-            self._audit(layer, query, static_lse, retrieved_ids, retrieved_lse, scaling)
+            self._audit(layer, query, q_offset, retrieved_ids, scaling)
         finally:
             self.seconds += time.perf_counter() - started
 
-    def _audit(self, layer, query, static_lse, retrieved_ids, retrieved_lse, scaling):
+    def _audit(self, layer, query, q_offset, retrieved_ids, scaling):
         n = layer.n_indexed
         if n == 0:
             return
         keys = torch.from_numpy(np.ascontiguousarray(layer.host.keys[:, :n]))
-        scores = grouped_scores(torch.from_numpy(query), keys) * scaling  # [H, q, n]
+        q = torch.from_numpy(query)
+        scores = grouped_scores(q, keys) * scaling  # [H, q, n]
         indexed_lse = torch.logsumexp(scores, dim=-1)
+        found = torch.from_numpy(retrieved_ids.astype(np.int64))
+        picked = torch.gather(scores, -1, found.clamp_min(0)).masked_fill(found < 0, float("-inf"))
+        retrieved_lse = torch.logsumexp(picked, dim=-1)
+        _, static_lse = layer.static_attention(q[None].to(layer.keys.dtype).to(layer.device), q_offset, scaling)
         static = static_lse[0].float().cpu()
-        retrieved = torch.from_numpy(retrieved_lse)
-        covered = torch.exp(torch.logaddexp(static, retrieved) - torch.logaddexp(static, indexed_lse))
+        covered = torch.exp(torch.logaddexp(static, retrieved_lse) - torch.logaddexp(static, indexed_lse))
         self.coverage.append(covered.reshape(-1).numpy())
         self.per_layer.setdefault(layer.layer_idx, []).append(float(covered.mean()))
         k = retrieved_ids.shape[-1]
-        exact = torch.topk(scores, k, dim=-1).indices.numpy()
-        for found, truth in zip(retrieved_ids.reshape(-1, k), exact.reshape(-1, k)):
-            self.recall.append(np.isin(truth, found).mean())
+        exact = torch.topk(scores, min(k, n), dim=-1).indices.numpy()
+        for found_row, truth in zip(retrieved_ids.reshape(-1, k), exact.reshape(-1, exact.shape[-1])):
+            self.recall.append(np.isin(truth, found_row).mean())
 
 
 def reference_continuation(loaded, cache, prompt_tokens: list[int], count: int, stop_ids: set[int]) -> list[int]:

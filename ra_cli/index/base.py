@@ -81,6 +81,17 @@ class SearchBuffers:
         if bitset_words(n) > self.visited.shape[1]:
             self.visited = np.zeros((self.heads, max(bitset_words(n), 2 * self.visited.shape[1])), np.int64)
 
+    def pools(self, groups: int, ef: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate pools of the lockstep search, kept between calls (packed int64 entries):
+        kept [heads, groups, >= ef], todo [heads, groups, 4 ef + 8], best [heads, groups, >= k]."""
+        pools = getattr(self, "_pools", None)
+        if pools is None or pools[0].shape[1] != groups or pools[0].shape[2] < ef or pools[2].shape[2] < k:
+            ef, k = max(ef, 0 if pools is None else pools[0].shape[2]), max(k, 0 if pools is None else pools[2].shape[2])
+            pools = (np.empty((self.heads, groups, ef), np.int64), np.empty((self.heads, groups, 4 * ef + 8), np.int64),
+                     np.empty((self.heads, groups, k), np.int64))
+            self._pools = pools
+        return pools
+
 
 class LayerIndex:
     """Search over one layer's indexed keys `keys` [KVH, >= n, D] float32 (id i = position lo + i).
@@ -98,8 +109,13 @@ class LayerIndex:
         heads, count, _ = queries.shape
         result = SearchResult(*outputs(heads, count, k))
         if self.n > 0 and k > 0:
-            self._search(np.ascontiguousarray(queries, dtype=np.float32), k, max(ef or self.default_ef, k), extra, result)
+            self._search(np.ascontiguousarray(queries, dtype=np.float32), k, self.beam(ef, k), extra, result)
         return result
+
+    def beam(self, ef: int | None, k: int) -> int:
+        """The beam width a search uses: asked for, else the index's own; at least k unless the
+        index keeps the best k of every key it scores (then the beam only sets the effort)."""
+        return max(ef or self.default_ef, k)
 
     def grow(self, keys: np.ndarray, n: int) -> None:
         """Index keys [self.n, n) of `keys` (which holds at least n keys per KV head)."""

@@ -12,9 +12,9 @@ from ra_cli.index.base import LayerIndex, SearchResult
 class FlatLayerIndex(LayerIndex):
     kind = "flat"
 
-    def __init__(self, keys: np.ndarray):
-        self.keys = keys  # [KVH, n, D] float32
-        self.n = keys.shape[1]
+    def __init__(self, keys: np.ndarray, n: int | None = None):
+        self.keys = keys  # [KVH, >= n, D] float32
+        self.n = keys.shape[1] if n is None else n
 
     def _insert(self, keys: np.ndarray, n: int) -> None:
         pass  # an exact scan needs no structure: search reads keys [0, n)

@@ -20,11 +20,11 @@ import torch
 
 from ra_cli.buffers import with_room
 from ra_cli.engine.attention import grouped_scores, static_and_top_mass
-from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult, kv_head_of
+from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult
 from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes
-from ra_cli.index.search_kernels import search_heads_routed
+from ra_cli.index.group_search import search_groups_routed
 
-EF_CANDIDATES = (96, 128, 192, 256, 384, 512)
+EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
 # Calibrate a little above the recall wanted: the held-out prefill queries are a bit easier than
 # real decode queries (measured: 0.95 on them gave 0.91-0.94 on held-out continuations).
@@ -104,25 +104,27 @@ def cluster_entries(tops: np.ndarray, assign: np.ndarray, clusters: int, width: 
 
 def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, held_out: np.ndarray,
                       keys: np.ndarray, params: IndexParams, ef_hint: int | None = None) -> GraphLayer:
-    """lists [H, s, L], queries [H, s, D], knn [KVH, n, NK] from the collector, held_out [s] bool
-    (samples kept for calibration); keys [KVH, n, D] float32; ef_hint: where calibration starts."""
+    """One graph per KV head, learned from the prefill queries of all its query heads (they search
+    it together: search_groups_routed). lists [H, s, L], queries [H, s, D], knn [KVH, n, NK] from
+    the collector, held_out [s] bool (samples kept for calibration); keys [KVH, n, D] float32;
+    ef_hint: where calibration starts."""
     started = time.perf_counter()
     heads = lists.shape[0]
     kv_heads, n, _ = keys.shape
-    kv_of_head = kv_head_of(heads, kv_heads)
     train = ~held_out
-    train_lists = np.ascontiguousarray(lists[:, train])
-    table_ids = np.full((heads, n, params.slots), -1, np.int32)
-    table_counts = np.zeros((heads, n, params.slots), np.int32)
-    absorb_lists(train_lists, table_ids, table_counts)
-    adjacency = np.full((heads, n, params.degree), -1, np.int32)
-    assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]), kv_of_head, n,
-                       params.degree - params.knn, adjacency)
+    # the G query heads of a KV head are consecutive: their samples become one group's rows
+    group_lists = np.ascontiguousarray(lists[:, train]).reshape(kv_heads, -1, lists.shape[2])
+    group_queries = np.asarray(queries[:, train]).reshape(kv_heads, -1, queries.shape[2])
+    table_ids = np.full((kv_heads, n, params.slots), -1, np.int32)
+    table_counts = np.zeros((kv_heads, n, params.slots), np.int32)
+    absorb_lists(group_lists, table_ids, table_counts)
+    adjacency = np.full((kv_heads, n, params.degree), -1, np.int32)
+    assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]), np.arange(kv_heads, dtype=np.int64),
+                       n, params.degree - params.knn, adjacency)
     del table_ids, table_counts
-    dtype = adjacency_dtype(n)
-    if dtype == np.uint16:
+    if adjacency_dtype(n) == np.uint16:
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
-    centroids, entries = kmeans_router(np.asarray(queries[:, train]), train_lists, params)
+    centroids, entries = kmeans_router(group_queries, group_lists, params)
     layer = GraphLayer(adjacency, centroids, entries, ef=128)
     probes = np.nonzero(held_out)[0][-CALIBRATION_QUERIES:]
     if probes.size:
@@ -164,7 +166,8 @@ def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, sta
     with ef). Walks from `start` (e.g. the previous layer's choice: neighbouring layers need
     similar beams) down while the target holds, else up. Returns (ef, recall, mean evaluations)."""
     k = truth.shape[-1]
-    candidates = sorted({max(candidate, k) for candidate in EF_CANDIDATES})
+    beam = getattr(index, "beam", lambda ef, k: max(ef, k))
+    candidates = sorted({beam(candidate, k) for candidate in EF_CANDIDATES})
     position = candidates.index(start) if start in candidates else 0
     tried = {}
 
@@ -186,22 +189,25 @@ def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, sta
 
 
 class GraphLayerIndex(LayerIndex):
-    """Search over one layer's graphs; keys [KVH, n, D] float32 are shared by the GQA group."""
+    """Search over one layer's graphs, one per KV head; keys [KVH, n, D] float32."""
 
     kind = "graph"
 
-    def __init__(self, layer: GraphLayer, keys: np.ndarray, params: IndexParams):
+    def __init__(self, layer: GraphLayer, keys: np.ndarray, params: IndexParams, n: int | None = None):
         self.layer = layer
-        self.keys = keys
+        self.keys = keys  # [KVH, >= n, D] float32, C-contiguous
         self.params = params
-        self.heads = layer.adjacency.shape[0]
-        self.n = keys.shape[1]
-        self.kv_of_head = kv_head_of(self.heads, keys.shape[0])
-        self.buffers = SearchBuffers(self.heads, self.n)
+        self.kv_heads = layer.adjacency.shape[0]
+        self.n = keys.shape[1] if n is None else n
+        self.buffers = SearchBuffers(self.kv_heads, self.n)
 
     @property
     def default_ef(self) -> int:
         return self.layer.ef
+
+    def beam(self, ef: int | None, k: int) -> int:
+        # the lockstep search keeps the best k of every key it scores: the beam only sets the effort
+        return max(ef or self.default_ef, 1)
 
     def _insert(self, keys: np.ndarray, n: int) -> None:
         adjacency = self.layer.adjacency
@@ -212,12 +218,14 @@ class GraphLayerIndex(LayerIndex):
             head[head == NO_NEIGHBOR_16] = -1
         self.layer.adjacency = grown
         self.buffers.grow(n)
-        insert_nodes(keys, self.kv_of_head, grown, self.n, n, 64, self.buffers.visited)
+        insert_nodes(keys, np.arange(self.kv_heads, dtype=np.int64), grown, self.n, n, 64, self.buffers.visited)
 
     def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
-        heads = queries.shape[0]
-        extra = NO_EXTRA if extra is None else extra
-        search_heads_routed(queries, self.keys, self.kv_of_head, self.layer.adjacency, self.n, self.layer.centroids,
-                            self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
-                            np.ascontiguousarray(np.broadcast_to(extra, (heads, extra.shape[1]))), ef, k,
-                            self.buffers.visited, result.ids, result.scores, result.evaluations)
+        """`extra` [KVH, X] or [H, X] int32 (regrouped per KV head): more entry points."""
+        kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k)
+        extra = NO_EXTRA if extra is None else extra.reshape(self.kv_heads, -1) if extra.shape[0] != 1 else extra
+        extra = np.ascontiguousarray(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32)
+        search_groups_routed(queries, self.keys, self.layer.adjacency, self.n, self.layer.centroids,
+                             self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
+                             extra, ef, k, self.buffers.visited, kept, todo, best, result.ids, result.scores,
+                             result.evaluations)

@@ -103,9 +103,9 @@ class HnswLayerIndex(LayerIndex):
 
     kind = "hnsw"
 
-    def __init__(self, graphs: list[ParsedHnsw], keys: np.ndarray, heads: int, default_ef: int = 128):
+    def __init__(self, graphs: list[ParsedHnsw], keys: np.ndarray, heads: int, default_ef: int = 128, n: int | None = None):
         self.keys = keys
-        self.n = keys.shape[1]
+        self.n = keys.shape[1] if n is None else n
         self.heads = heads
         self.default_ef = default_ef
         self.kv_of_head = kv_head_of(heads, keys.shape[0])

@@ -1,10 +1,11 @@
-"""numba kernels for graph search: best-first beam search by inner product, counted evaluations.
+"""numba kernels for single-query graph search: best-first beam search by inner product with
+counted evaluations (hnswlib's algorithm over its parsed graph, and linking new keys in).
 
 Graphs are fixed-width adjacency arrays [n, M] of ids (int32 with -1 padding, or uint16 with 65535
-padding when n < 65535; rows are filled from the left). One search runs per
-(query head, query); heads run in parallel threads (prange, nogil), each with its own visited
-bitset (n/8 bytes: 16 KB at 128K keys, so it stays in L1/L2 while an epoch-stamped array of n
-words would miss the cache at every check; clearing it costs one memset per search).
+padding when n < 65535; rows are filled from the left). Every search has its own visited bitset
+(n/8 bytes: 16 KB at 128K keys, so it stays in L1/L2 while an epoch-stamped array of n words
+would miss the cache at every check; clearing it costs one memset per search). The search ra's
+index runs at decode, one KV head's graph by all its query heads at once, is group_search.py.
 """
 
 from __future__ import annotations
@@ -138,44 +139,6 @@ def beam_search(query, keys, adjacency, n_valid, entries, ef, k, visited, out_id
             out_ids[i] = NO_ID
             out_scores[i] = -np.inf
     return evaluations
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _route(query, centroids, entries, route, recent, n_valid, chosen):
-    """Entry points for one query: the entries of the `route` centroids most similar to it, then
-    the `recent` newest keys (decode queries favour the recent past). Returns router evaluations.
-    Slots of `chosen` after these are left as the caller filled them (extra entries)."""
-    clusters = centroids.shape[0]
-    sims = np.empty(clusters, np.float32)
-    for c in range(clusters):
-        sims[c] = dot(query, centroids[c])
-    order = np.argsort(-sims)
-    width = entries.shape[1]
-    for r in range(route):
-        for e in range(width):
-            chosen[r * width + e] = entries[order[r], e]
-    for j in range(recent):
-        chosen[route * width + j] = n_valid - 1 - j
-    return clusters
-
-
-@njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def search_heads_routed(queries, keys, kv_of_head, adjacency, n_valid, centroids, entries, route, recent, extra, ef,
-                        k, visited, out_ids, out_scores, out_evals):
-    """Graph search where each query first picks its entry points through a router: the centroids
-    [H, C, D] of prefill queries, each with entry keys [H, C, E]; plus the newest keys and the
-    caller's `extra` entries [H, X] (-1 = none). Router dot products count as evaluations."""
-    heads = queries.shape[0]
-    for h in prange(heads):
-        key_set = keys[kv_of_head[h]]
-        fixed = route * entries.shape[2] + recent
-        chosen = np.empty(fixed + extra.shape[1], np.int32)
-        for j in range(extra.shape[1]):
-            chosen[fixed + j] = extra[h, j]
-        for i in range(queries.shape[1]):
-            routed = _route(queries[h, i], centroids[h], entries[h], route, min(recent, n_valid), n_valid, chosen)
-            out_evals[h, i] = routed + beam_search(queries[h, i], key_set, adjacency[h], n_valid, chosen, ef, k,
-                                                   visited[h], out_ids[h, i], out_scores[h, i])
 
 
 @njit(cache=True, nogil=True)

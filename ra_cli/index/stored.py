@@ -81,14 +81,14 @@ def open_layer_index(store, layer: int, keys: np.ndarray | None = None):
     if entry is None:
         return None
     params = IndexParams.from_dict(section["params"])
-    if keys is None:
-        keys = layer_keys(store, layer, section["lo"], section["hi"])
-    else:
-        keys = keys[:, : section["hi"] - section["lo"]]
+    n = section["hi"] - section["lo"]
+    # Kernels read whole C-contiguous buffers (ids < n): a sliced view would stop their dot
+    # products from vectorizing.
+    keys = np.ascontiguousarray(layer_keys(store, layer, section["lo"], section["hi"]) if keys is None else keys)
     heads = store.manifest["model_shape"]["heads"]
     kind = section["kind"]
     if kind == "flat":
-        return FlatLayerIndex(keys)
+        return FlatLayerIndex(keys, n)
     files = entry["files"]
     if kind == "graph":
         graph = GraphLayer(
@@ -97,11 +97,11 @@ def open_layer_index(store, layer: int, keys: np.ndarray | None = None):
             entries=_load(store, files["entries"]),
             ef=int(entry["ef"]),
         )
-        _check_graph(store, graph, heads, keys.shape[1])
-        return GraphLayerIndex(graph, keys, params)
+        _check_graph(store, graph, keys.shape[0], n)
+        return GraphLayerIndex(graph, keys, params, n)
     if kind == "hnsw":
         graphs = [parse_hnsw_file(store.file(files[f"hnsw{g}"]), keys.shape[2]) for g in range(keys.shape[0])]
-        return HnswLayerIndex(graphs, keys, heads, int(entry["ef"]))
+        return HnswLayerIndex(graphs, keys, heads, int(entry["ef"]), n)
     raise RaError(f"{store.path}: unknown index kind {kind!r}; ingest again")
 
 
@@ -113,6 +113,7 @@ def _load(store, relative: str, mmap: bool = False) -> np.ndarray:
 
 
 def _check_graph(store, graph: GraphLayer, heads: int, n: int) -> None:
+    """`heads`: graphs expected, one per KV head."""
     adjacency = graph.adjacency
     if adjacency.ndim != 3 or adjacency.shape[:2] != (heads, n):
         raise RaError(f"{store.path}: graph has shape {adjacency.shape}, expected ({heads}, {n}, M); ingest again")

@@ -46,3 +46,51 @@ def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
             for d in range(out.shape[2]):
                 out[h, i, d] /= total
             lse[h, i] = best + np.log(total)
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def attend_static_and_retrieved(queries, static_keys, static_values, static_visible, values, ids, scores, scaling, out):
+    """Attention of queries [H, q, D] over their static keys and their retrieved keys in one softmax
+    (the CPU path: both halves live in host memory, so no log-sum-exp merge is needed).
+
+    static_keys/static_values [KVH, S, D]: query i sees the first static_visible[i] of them (sinks,
+    then the window up to its own position); ids/scores [H, q, k]: retrieved ids into values [KVH,
+    N, D] with their raw q·k from the search (-1 = none), reused rather than recomputed. Query head
+    h reads KV head h // (H / KVH). Writes out [H, q, D]."""
+    heads, count, dim = queries.shape
+    groups = heads // static_keys.shape[0]
+    width = ids.shape[2]
+    for h in prange(heads):
+        g = h // groups
+        weights = np.empty(static_keys.shape[1], np.float32)
+        for i in range(count):
+            visible = static_visible[i]
+            best = -np.inf
+            for j in range(visible):
+                weights[j] = dot(queries[h, i], static_keys[g, j]) * scaling
+                best = max(best, weights[j])
+            for j in range(width):
+                if ids[h, i, j] < 0:
+                    break
+                best = max(best, scores[h, i, j] * scaling)
+            total = np.float32(0.0)
+            for d in range(dim):
+                out[h, i, d] = 0.0
+            for j in range(visible):
+                w = np.exp(weights[j] - best)
+                total += w
+                row = static_values[g, j]
+                for d in range(dim):
+                    out[h, i, d] += w * row[d]
+            for j in range(width):
+                node = ids[h, i, j]
+                if node < 0:
+                    break
+                w = np.exp(scores[h, i, j] * scaling - best)
+                total += w
+                row = values[g, node]
+                for d in range(dim):
+                    out[h, i, d] += w * row[d]
+            if total > 0:
+                for d in range(dim):
+                    out[h, i, d] /= total

@@ -22,7 +22,7 @@ from ra_cli.buffers import with_room
 from ra_cli.engine.attention import attention_with_lse, merge_partial
 from ra_cli.engine.cache import AttentionLayer
 from ra_cli.index.base import kv_head_of
-from ra_cli.retrieval.kernels import attend_retrieved
+from ra_cli.retrieval.kernels import attend_retrieved, attend_static_and_retrieved
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 # Each search is also seeded with the previous step's best keys and their successors: consecutive
@@ -50,7 +50,9 @@ class RetrievalStats:
     steps: int = 0  # query positions searched (per layer)
     evaluations: int = 0  # distance evaluations, summed over heads and layers
     searches: int = 0  # (query head, position, layer) searches
-    retrieval_seconds: float = 0.0  # CPU search + gather + attention
+    retrieval_seconds: float = 0.0  # everything a retrieval layer's attention took
+    search_seconds: float = 0.0  # of which: index search
+    attention_seconds: float = 0.0  # of which: attention over the retrieved (and, on CPU, static) keys
     evicted: int = 0
     indexed_keys: int = 0
     dense_layers: list = field(default_factory=list)
@@ -173,46 +175,91 @@ class RetrievalLayer(AttentionLayer):
     def attend(self, query, scaling, sliding_window=None, softcap=None):
         q_len = query.shape[2]
         q_offset = self.length - q_len
-        static_k = self.keys[:, :, : self.static]
-        static_v = self.values[:, :, : self.static]
+        if self.observer is not None:
+            self.observer(self.layer_idx, query, self.keys[:, :, : self.static], q_offset, 0, scaling)
+        began = time.perf_counter()
+        host_query = np.ascontiguousarray(query[0].detach().float().cpu().numpy())  # on a GPU, a sync point
+        if self.device.type == "cpu" and softcap is None:
+            out = self._attend_in_host_memory(host_query, q_offset, scaling)
+        else:
+            out = self._attend_split(query, host_query, q_offset, scaling, softcap)
+        if self.counts_steps:
+            self.stats.steps += q_len
+        self.stats.retrieval_seconds += time.perf_counter() - began
+        return out.to(query.dtype)
+
+    def _search(self, host_query: np.ndarray):
+        """Top-k indexed keys of every query head and position; remembers the last position's best
+        keys and their successors as the next step's extra entry points."""
+        began = time.perf_counter()
+        result = self.index.search(host_query, min(self.top_k, self.n_indexed), self.settings.ef, self.carried)
+        last = result.ids[:, -1, :CARRY]
+        successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
+        self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
+        evaluations = int(result.evaluations.sum())
+        self.stats.evaluations += evaluations
+        self.stats.searches += result.evaluations.size
+        self.stats.per_layer_evaluations[self.layer_idx] = self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations
+        self.stats.search_seconds += time.perf_counter() - began
+        return result
+
+    def _searching(self) -> bool:
+        return self.n_indexed > 0 and self.top_k > 0
+
+    def static_visible(self, q_len: int, q_offset: int) -> np.ndarray:
+        """How many static keys each query position sees: the sinks, then window tokens up to it."""
+        return np.minimum(self.static, self.lo + q_offset + np.arange(1, q_len + 1) - self.window_start).astype(np.int64)
+
+    def _attend_in_host_memory(self, host_query: np.ndarray, q_offset: int, scaling: float) -> torch.Tensor:
+        heads, q_len, _ = host_query.shape
+        if self._searching():
+            result = self._search(host_query)
+            ids, scores = result.ids, result.scores
+        else:
+            ids, scores = np.full((heads, q_len, 1), -1, np.int32), np.zeros((heads, q_len, 1), np.float32)
+        began = time.perf_counter()
+        out = np.empty((heads, q_len, self.values.shape[3]), np.float32)
+        # whole C-contiguous buffers (the visible counts bound what is read): numba vectorizes those
+        attend_static_and_retrieved(host_query, self.keys[0].numpy(), self.values[0].numpy(),
+                                    self.static_visible(q_len, q_offset), self.host.values, ids, scores,
+                                    np.float32(scaling), out)
+        self.stats.attention_seconds += time.perf_counter() - began
+        if self.auditor is not None:
+            self.auditor(self, host_query, q_offset, ids, scaling)
+        return torch.from_numpy(out)[None]
+
+    def static_attention(self, query: torch.Tensor, q_offset: int, scaling: float, softcap=None):
+        """(output, log-sum-exp) of attention over the static set alone, causally masked."""
         mask = None
-        if q_len > 1:
+        if query.shape[2] > 1:
             positions = torch.cat([torch.arange(self.lo, device=self.device),
                                    torch.arange(self.window_start, self.length, device=self.device)])
             query_positions = torch.arange(q_offset, self.length, device=self.device)
             mask = positions[None, :] <= query_positions[:, None]
-        if self.observer is not None:
-            self.observer(self.layer_idx, query, static_k, q_offset, 0, scaling)
-        host_query = query[0].float().cpu().numpy()  # a sync point: start device work after it
-        static_out, static_lse = attention_with_lse(query, static_k, static_v, scaling, mask, softcap)
-        began = time.perf_counter()
-        heads = query.shape[1]
+        return attention_with_lse(query, self.keys[:, :, : self.static], self.values[:, :, : self.static], scaling,
+                                  mask, softcap)
+
+    def _attend_split(self, query, host_query, q_offset, scaling, softcap):
+        """Accelerator path: the static set's attention on the device, the retrieved keys' on the
+        CPU, merged exactly by log-sum-exp."""
+        static_out, static_lse = self.static_attention(query, q_offset, scaling, softcap)
+        heads, q_len, _ = host_query.shape
         retrieved_out = np.zeros((heads, q_len, self.values.shape[3]), np.float32)
         retrieved_lse = np.full((heads, q_len), -np.inf, np.float32)
-        if self.n_indexed > 0 and self.top_k > 0:
-            k = min(self.top_k, self.n_indexed)
-            result = self.index.search(host_query, k, self.settings.ef, self.carried)
-            last = result.ids[:, -1, :CARRY]
-            successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
-            self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
+        ids = np.full((heads, q_len, 1), -1, np.int32)
+        if self._searching():
+            ids = self._search(host_query).ids
+            began = time.perf_counter()
             if self.kv_of_head is None:
                 self.kv_of_head = kv_head_of(heads, self.host.keys.shape[0])
-            attend_retrieved(host_query, self.host.keys, self.host.values, self.kv_of_head, result.ids,
-                             np.float32(scaling), retrieved_out, retrieved_lse)
-            if self.auditor is not None:
-                self.auditor(self, host_query, static_lse, result.ids, retrieved_lse, scaling)
-            evaluations = int(result.evaluations.sum())
-            self.stats.evaluations += evaluations
-            self.stats.searches += result.evaluations.size
-            self.stats.per_layer_evaluations[self.layer_idx] = (
-                self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations)
-        self.stats.retrieval_seconds += time.perf_counter() - began
-        if self.counts_steps:
-            self.stats.steps += q_len
-        out_cpu = torch.from_numpy(retrieved_out)[None].to(self.device)
-        lse_cpu = torch.from_numpy(retrieved_lse)[None].to(self.device)
-        merged, _ = merge_partial([static_out, out_cpu], [static_lse, lse_cpu])
-        return merged.to(query.dtype)
+            attend_retrieved(host_query, self.host.keys, self.host.values, self.kv_of_head, ids, np.float32(scaling),
+                             retrieved_out, retrieved_lse)
+            self.stats.attention_seconds += time.perf_counter() - began
+        if self.auditor is not None:
+            self.auditor(self, host_query, q_offset, ids, scaling)
+        merged, _ = merge_partial([static_out, torch.from_numpy(retrieved_out)[None].to(self.device)],
+                                  [static_lse, torch.from_numpy(retrieved_lse)[None].to(self.device)])
+        return merged
 
 
 def layer_budget(entry: dict, coverage: float, default: int = 100) -> int:

@@ -95,7 +95,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         # read 100 rows at a time and stay memory-mapped.
         keys = np.array(float32_keys(store.keys(i)[:, lo:n], store.kv_dtype), dtype=np.float32)
         host = HostKV(keys, float32_keys(store.values(i)[:, lo:n], store.kv_dtype))
-        index = FlatLayerIndex(host.keys[:, : hi - lo]) if exact else open_layer_index(store, i, host.keys)
+        index = FlatLayerIndex(host.keys, hi - lo) if exact else open_layer_index(store, i, host.keys)
         layer = RetrievalLayer(i, index, host, hi - lo, lo,
                                _device_kv(loaded, store, store.keys(i)[:, :lo]),
                                _device_kv(loaded, store, store.values(i)[:, :lo]),
