@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ra_cli.bench.recall import (EF_SWEEP, K, TARGET, RecallBenchConfig, _pooled, bench_text, capture_decode_queries,
-                                 evaluations_at, ingest_for_bench)
+from ra_cli.bench.corpus import bench_text, cached_context
+from ra_cli.bench.recall import EF_SWEEP, K, TARGET, RecallBenchConfig, _pooled, capture_decode_queries, evaluations_at
 from ra_cli.index import IndexParams, open_layer_index
 from ra_cli.store import float32_keys
 from ra_cli.index.flat import FlatLayerIndex
@@ -24,7 +24,8 @@ for spec in sys.argv[2:]:
     query_stride, final_stride = map(int, spec.split(","))
     config = RecallBenchConfig(context=int(sys.argv[1]),
                                params=IndexParams(query_stride=query_stride, final_stride=final_stride))
-    store, held_out, _ = ingest_for_bench(loaded, name, text, config)
+    bench = cached_context(loaded, name, text, config.context, config.queries, config.params)
+    store, held_out = bench.store, bench.continuation
     section = store.manifest["index"]
     lo, hi = section["lo"], section["hi"]
     layers = list(range(0, 30, 4))

@@ -11,7 +11,7 @@ from pathlib import Path
 import ra_cli.index as index_package
 import ra_cli.index.collect as collect
 import ra_cli.index.graph as graph
-from ra_cli.bench.recall import bench_text, context_tokens
+from ra_cli.bench.corpus import bench_text, context_tokens
 from ra_cli.document import Document
 from ra_cli.index import IndexParams
 from ra_cli.ingest import IngestOptions, store_header, write_context

@@ -30,10 +30,14 @@ class IngestOptions:
     chunk_size: int = 512
     kv_dtype: str = "auto"  # auto = the model's compute dtype, so reloaded KV is bit-identical
     index: IndexParams = field(default_factory=IndexParams)
+    prefill: str = "full"  # full: every chunk attends to all earlier tokens
 
     def content_params(self, model_dtype: str) -> dict:
         """Parameters that change what is stored (a resumed or cached store must match them)."""
-        return {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype, "index": self.index.as_dict()}
+        params = {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype, "index": self.index.as_dict()}
+        if self.prefill != "full":
+            params["prefill"] = self.prefill
+        return params
 
 
 @dataclass

@@ -85,3 +85,39 @@ def test_recall_bench_compares_ingest_times_from_the_same_run(reuse_loaded_model
         assert report["ingest_baseline_seconds"] > 0 and report["ingest_with_graph_seconds"] > 0, run
         assert abs(report["ingest_speed_ratio"] - report["ingest_baseline_seconds"] / report["ingest_with_graph_seconds"]) < 0.05
     assert "timing the graph ingest again" in result.stderr
+
+
+def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
+    """Whole-model decode per mode, each run in its own worker process (no llama.cpp in CI: the
+    run says how to get it), with a plot."""
+    result = runner.invoke(app, ["bench", "--context", "1k", "--modes", "retrieval,full", "--steps", "3", "--json",
+                                 "--baseline", "llama.cpp", "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["synthetic"] is False and report["machine"]["cpus"] >= 1
+    runs = {run["mode"]: run for run in report["runs"]}
+    from ra_cli.bench.context import llama_cpp_available
+
+    assert set(runs) == ({"retrieval", "full", "llama.cpp"} if llama_cpp_available() else {"retrieval", "full"})
+    if not llama_cpp_available():
+        assert "pip install 'ra-cli[bench]'" in result.stderr
+    for mode in ("retrieval", "full"):
+        run = runs[mode]
+        assert run["context_tokens"] == 1024 and run["steps"] == 3
+        for key in ("decode_ms_per_token", "body_ms", "attention_ms", "ingest_tokens_per_s", "peak_rss_bytes", "disk_bytes"):
+            assert run[key] > 0, (mode, key)
+        assert run["peak_device_bytes"] is None  # no accelerator here
+        assert abs(run["body_ms"] + run["search_ms"] + run["attention_ms"] + run["other_ms"] - run["decode_ms_per_token"]) \
+            < 0.5 * run["decode_ms_per_token"]  # parts of the mean step vs the median step
+    assert runs["retrieval"]["search_ms"] > 0 and runs["retrieval"]["keys_scanned"] > 0
+    assert runs["full"]["search_ms"] == 0 and runs["full"]["keys_scanned"] is None
+    assert runs["full"]["ingest_cached"]  # the second mode reused the first run's ingest
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_context_bench_rejects_bad_choices():
+    for args, message in ((["--modes", "magic"], "choose from retrieval, full, flat"),
+                          (["--baseline", "vllm"], "the one baseline is llama.cpp"),
+                          (["--recall", "--context", "8k,16k"], "give --context a single size")):
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code == 1 and message in result.stderr, result.output

@@ -9,8 +9,6 @@ searches them and is compared with the exact top-100 by inner product over the i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,17 +23,15 @@ from ra_cli.errors import RaError
 from ra_cli.index import IndexParams, indexed_range, open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import recall
+from ra_cli.bench.corpus import bench_text, cached_context, context_tokens
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 from ra_cli.ingest import IngestOptions, model_shape, store_header, write_context
-from ra_cli.paths import contexts_dir
-from ra_cli.prompt import layout_for
 from ra_cli.retrieval.modes import full_attention_cache
 from ra_cli.store import ContextStore, float32_keys
 
 K = 100
 EF_SWEEP = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 TARGET = 0.95
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ra-handbook.md"  # shipped inside the package
 
 
 @dataclass
@@ -47,44 +43,6 @@ class RecallBenchConfig:
     baseline_ingest: bool = False  # also time the same prefill with no index (for the ingest ratio)
     chunk_size: int = 512
     params: IndexParams = field(default_factory=IndexParams)
-
-
-def bench_text(document: Path | None) -> tuple[str, str]:
-    """(name, text) of the benchmark document: the shipped sample unless one is given."""
-    path = Path(document) if document else SAMPLE
-    if not path.is_file():
-        raise RaError(f"benchmark document {path} not found; pass --document FILE")
-    from ra_cli.document import load_document
-
-    return path.name, load_document(path).text
-
-
-def context_tokens(loaded, text: str, total: int) -> tuple[list[int], dict]:
-    """Template opening + document tokens, the document repeated until `total` tokens exist."""
-    layout = layout_for(loaded.tokenizer)
-    doc_ids = loaded.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-    ids = [layout.bos_token_id] if layout.bos_token_id is not None else []
-    ids += loaded.tokenizer(layout.opening, add_special_tokens=False).input_ids if layout.opening else []
-    while len(ids) < total:
-        ids.extend(doc_ids)
-    return ids[:total], layout.as_dict()
-
-
-def ingest_for_bench(loaded, name: str, text: str, config: RecallBenchConfig, on_progress=None, on_index=None):
-    tokens, layout = context_tokens(loaded, text, config.context + config.queries)
-    context, held_out = tokens[: config.context], tokens[config.context:]
-    options = IngestOptions(chunk_size=config.chunk_size, index=config.params)
-    key = hashlib.sha256(json.dumps([context, loaded.fingerprint.digest, options.content_params(str(loaded.dtype))],
-                                    default=str).encode()).hexdigest()[:16]
-    path = contexts_dir() / f"bench-{Path(name).stem[:24]}-{config.context}-{key}.idx"
-    result = None
-    if not (path / "manifest.json").is_file():
-        from ra_cli.document import Document
-
-        document = Document(name=f"{name} (bench, {config.context} tokens)", sha256=key, kind="text", text="")
-        header = store_header(loaded, document, options, layout)
-        result = write_context(loaded, context, [0] * len(context), header, path, options, on_progress, on_index)
-    return ContextStore.open(path, loaded.fingerprint), held_out, result
 
 
 def time_ingest(loaded, name: str, text: str, config: RecallBenchConfig, params: IndexParams, on_progress=None) -> float:
@@ -166,7 +124,9 @@ def _pooled(results: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
 def run_recall_bench(loaded, config: RecallBenchConfig, on_progress=None, on_index=None, status=print) -> dict:
     name, text = bench_text(config.document)
     started = time.perf_counter()
-    store, held_out, ingest_result = ingest_for_bench(loaded, name, text, config, on_progress, on_index)
+    bench = cached_context(loaded, name, text, config.context, config.queries, config.params, config.chunk_size,
+                           on_progress, on_index)
+    store, held_out, ingest_result = bench.store, bench.continuation, bench.result
     section = store.manifest["index"]
     lo, hi = section["lo"], section["hi"]
     n_indexed = hi - lo

@@ -14,27 +14,55 @@ from ra_cli.errors import RaError
 
 
 def bench_command(
+    context: str = typer.Option("16k", "--context",
+                                help="Context length(s) in tokens: 16k, 8k,16k,32k or 4k..32k (--recall and --decode-step take one)."),
     recall: bool = typer.Option(False, "--recall", help="Index quality: Recall@100 and keys scanned vs hnswlib and exact search."),
     decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
+    modes: str = typer.Option("retrieval,full,flat", "--modes", help="Attention modes for whole-model decode: retrieval, full, flat."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="llama.cpp: the same GGUF and tokens in the same run (pip install 'ra-cli[bench]')."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write ms/token vs context, one line per mode, to this PNG."),
+    steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per run (after 4 warm-up steps)."),
     shape: str = typer.Option("smollm2", "--shape", help="Layer shape for --decode-step: smollm2 or llama3-8b."),
-    context: str = typer.Option("16k", "--context", help="Context length in tokens (e.g. 8k, 16k, 32k)."),
     document: Optional[Path] = typer.Option(None, "--document", exists=True, dir_okay=False,
-                                            help="Text to use (default: the shipped sample, repeated)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to evaluate (default: every 4th), or 'all'."),
-    queries: int = typer.Option(256, "--queries", min=1, help="Held-out decode-time queries."),
-    query_stride: int = typer.Option(16, "--query-stride", min=1, help="Graph build: sample every n-th prefill query."),
-    baseline_ingest: bool = typer.Option(False, "--baseline-ingest", help="With --recall: also time the same prefill without any index."),
+                                            help="Text to use (default: the shipped corpus; the sample for --recall)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="--recall: comma-separated layers (default: every 4th), or 'all'."),
+    queries: int = typer.Option(256, "--queries", min=1, max=4096, help="--recall: held-out decode-time queries."),
+    query_stride: int = typer.Option(16, "--query-stride", min=1, help="--recall: graph trained on every n-th prefill query."),
+    baseline_ingest: bool = typer.Option(False, "--baseline-ingest", help="--recall: also time the same prefill without any index."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
     dtype: opt.ComputeDtype = opt.Dtype,
 ):
-    """Measure ra: index recall and cost (--recall), or one decode step's cost (--decode-step)."""
+    """Measure ra: whole-model decode per context size (default), index recall (--recall), or one
+    decode step of one layer (--decode-step)."""
     from ra_cli.ui import TokenProgress, status
 
-    if recall == decode_step:
-        raise RaError("choose what to measure: --recall or --decode-step")
-    tokens = opt.parse_tokens(context)
+    if recall and decode_step:
+        raise RaError("choose one of --recall and --decode-step (or neither, for whole-model decode)")
+    sizes = opt.token_counts(context)
+    if (recall or decode_step) and len(sizes) != 1:
+        raise RaError("--recall and --decode-step measure one context size; give --context a single size")
+    if not (recall or decode_step):
+        from ra_cli.bench.context import LLAMA_CPP, MODES, ContextBenchConfig, plot, print_table, run_context_bench
+
+        chosen = tuple(mode.strip() for mode in modes.split(",") if mode.strip())
+        unknown = [mode for mode in chosen if mode not in MODES]
+        if unknown or not chosen:
+            raise RaError(f"--modes {modes}: choose from {', '.join(MODES)}")
+        if baseline not in (None, LLAMA_CPP):
+            raise RaError(f"--baseline {baseline}: the one baseline is {LLAMA_CPP}")
+        report = run_context_bench(ContextBenchConfig(contexts=sizes, modes=chosen, document=document, steps=steps,
+                                                      baseline=baseline, model=model, device=device, dtype=dtype.value),
+                                   status=status)
+        print_table(report)
+        if plot_file is not None:
+            plot(report, plot_file)
+            status(f"plot written to {plot_file}")
+        if as_json:
+            print(json.dumps(report))
+        return
+    tokens = sizes[0]
     if decode_step:
         from ra_cli.bench.decode import SHAPES, DecodeStepConfig, run_decode_step_bench
 

@@ -8,6 +8,8 @@ compute device; the retrieval layer of retrieval/layer.py keeps only a static se
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,6 +26,14 @@ def layer_windows(config) -> list[int | None]:
     types = getattr(config, "layer_types", None) or ["full_attention"] * count
     window = getattr(config, "sliding_window", None)
     return [window if kind in ("sliding_attention", "chunked_attention") and window else None for kind in types]
+
+
+@dataclass
+class AttentionTimer:
+    """Seconds the full-attention layers of a cache spent attending (benchmarks split a decode
+    step into model body and attention with it)."""
+
+    seconds: float = 0.0
 
 
 class AttentionLayer(CacheLayerMixin):
@@ -62,6 +72,7 @@ class DeviceKVLayer(AttentionLayer):
         self.capacity = capacity  # first allocation, in tokens
         self.length = 0
         self.observer: Callable | None = None
+        self.timer: AttentionTimer | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -98,7 +109,11 @@ class DeviceKVLayer(AttentionLayer):
             keys, values = keys[:, :, kv_offset:], values[:, :, kv_offset:]
         if self.observer is not None:
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
-        return exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap)
+        began = time.perf_counter()
+        out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap)
+        if self.timer is not None:
+            self.timer.seconds += time.perf_counter() - began
+        return out
 
     def crop(self, tokens_to_remove: int) -> None:
         self._check_crop(tokens_to_remove)
@@ -113,6 +128,10 @@ class ContextCache(Cache):
 
     def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers=layers)
+        self.attention_timer = AttentionTimer()
+        for layer in layers:
+            if isinstance(layer, DeviceKVLayer):
+                layer.timer = self.attention_timer
 
     @classmethod
     def full(cls, config, capacity: int = 256) -> "ContextCache":

@@ -1,0 +1,154 @@
+"""One measurement of `ra bench --context`, in a process of its own (so that its peak memory is its
+own): `python -m ra_cli.bench.worker '<json>'` prints one JSON object on stdout."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (VmHWM), the whole run included."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _context(loaded, config: dict, context: int):
+    from ra_cli.bench.corpus import bench_text, cached_context
+    from ra_cli.index import IndexParams
+    from ra_cli.ui import LayerProgress, TokenProgress
+
+    name, text = bench_text(Path(config["document"]) if config["document"] else None, default="corpus")
+    layers = LayerProgress("graph index")
+    try:
+        with TokenProgress(f"ingest {context:,}") as bar:
+            return cached_context(loaded, name, text, context, config["warmup"] + config["steps"] + 1, IndexParams(),
+                                  on_progress=bar, on_index=layers, prefill=config["prefill"])
+    finally:
+        layers.close()
+
+
+def decode_run(config: dict, context: int, mode: str) -> dict:
+    import torch
+
+    from ra_cli.engine.generate import prefill
+    from ra_cli.model import load_model
+    from ra_cli.retrieval.modes import open_cache, settings_for
+
+    loaded = load_model(config["model"], config["device"], config["dtype"], quantize=config["quantize"])
+    bench = _context(loaded, config, context)
+    store = bench.store
+    if bench.result is not None:
+        ingest_rate, ingest_cached = bench.result.tokens_per_second, False
+    else:
+        record = store.manifest.get("ingest", {})
+        ingest_rate = record.get("prefilled_tokens", 0) / record["seconds"] if record.get("seconds") else None
+        ingest_cached = True
+    cache = open_cache(loaded, store, mode, settings_for(store))
+    stats = getattr(cache, "retrieval_stats", None)
+    tokens = bench.continuation
+    for token in tokens[: config["warmup"]]:
+        prefill(loaded.model, cache, [token])
+    cache.attention_timer.seconds = 0.0
+    if stats is not None:
+        stats.retrieval_seconds = stats.search_seconds = stats.attention_seconds = 0.0
+        stats.evaluations = stats.searches = 0
+    steps = []
+    for token in tokens[config["warmup"]: config["warmup"] + config["steps"]]:
+        began = time.perf_counter()
+        prefill(loaded.model, cache, [token])
+        steps.append(time.perf_counter() - began)
+    count = len(steps)
+    per_step = lambda seconds: 1000 * seconds / count  # noqa: E731
+    search = per_step(stats.search_seconds) if stats else 0.0
+    attention = per_step(cache.attention_timer.seconds + (stats.attention_seconds if stats else 0.0))
+    other = per_step(stats.retrieval_seconds - stats.search_seconds - stats.attention_seconds) if stats else 0.0
+    mean = per_step(sum(steps))
+    device = loaded.device.type == "cuda"
+    return {
+        "context_tokens": store.n_tokens, "mode": mode, "decode_ms_per_token": round(1000 * statistics.median(steps), 3),
+        "body_ms": round(mean - search - attention - other, 3), "search_ms": round(search, 3),
+        "attention_ms": round(attention, 3), "other_ms": round(other, 3),
+        "ingest_tokens_per_s": round(ingest_rate, 1) if ingest_rate else None, "ingest_cached": ingest_cached,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": torch.cuda.max_memory_allocated() if device else None,
+        "disk_bytes": directory_bytes(store.path),
+        "keys_scanned": round(stats.evaluations / stats.searches, 1) if stats and stats.searches else None,
+        "dense_layers": stats.dense_layers if stats else None, "model": loaded.fingerprint.source,
+        "dtype": loaded.fingerprint.dtype, "steps": count,
+    }
+
+
+def llama_run(config: dict, context: int) -> dict:
+    """llama.cpp on the same GGUF and the same token ids: prefill of the context, then decode."""
+    import os
+
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from ra_cli.bench.corpus import bench_text, context_tokens
+    from ra_cli.model.convert import converted_gguf
+    from ra_cli.model.resolve import resolve_model
+
+    spec = resolve_model(config["model"])
+    if spec.kind != "gguf":
+        raise SystemExit(f"the llama.cpp baseline needs a GGUF model; {spec.name} is not one")
+    converted, _ = converted_gguf(spec.path)
+
+    class Tokenizer:  # what context_tokens needs: ra's own tokenizer, without loading the weights
+        def __init__(self):
+            self.tokenizer = AutoTokenizer.from_pretrained(converted)
+
+    name, text = bench_text(Path(config["document"]) if config["document"] else None, default="corpus")
+    tokens, _ = context_tokens(Tokenizer(), text, context + config["warmup"] + config["steps"] + 1)
+    prefix, continuation = tokens[:context], tokens[context:]
+    llm = Llama(model_path=str(spec.path), n_ctx=len(tokens) + 16, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    began = time.perf_counter()
+    llm.eval(prefix)
+    prefill_seconds = time.perf_counter() - began
+    steps = []
+    for index, token in enumerate(continuation[: config["warmup"] + config["steps"]]):
+        began = time.perf_counter()
+        llm.eval([token])
+        if index >= config["warmup"]:
+            steps.append(time.perf_counter() - began)
+    return {
+        "context_tokens": len(prefix), "mode": "llama.cpp", "decode_ms_per_token": round(1000 * statistics.median(steps), 3),
+        "body_ms": None, "search_ms": None, "attention_ms": None, "other_ms": None,
+        "ingest_tokens_per_s": round(len(prefix) / prefill_seconds, 1), "ingest_cached": False,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": None, "disk_bytes": spec.path.stat().st_size,
+        "keys_scanned": None, "dense_layers": None, "model": spec.path.name, "dtype": "gguf", "steps": len(steps),
+    }
+
+
+def main() -> None:
+    from ra_cli.cli.boundary import describe, report
+
+    job = json.loads(sys.argv[1])
+    try:
+        if job["task"] == "llama":
+            result = llama_run(job["config"], job["context"])
+        else:
+            result = decode_run(job["config"], job["context"], job["mode"])
+    except Exception as exc:  # one line for the parent to point at, as the CLI would print it
+        message, code = describe(exc)
+        report(message)
+        raise SystemExit(code)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
