@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ra_cli.index.intrinsics import prefetch
 from ra_cli.index.search_kernels import dot
 
 
@@ -63,6 +64,7 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
     for h in prange(heads):
         g = h // groups
         weights = np.empty(static_keys.shape[1], np.float32)
+        acc = np.empty(dim, np.float32)
         for i in range(count):
             visible = static_visible[i]
             best = -np.inf
@@ -72,16 +74,16 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
             for j in range(width):
                 if ids[h, i, j] < 0:
                     break
+                prefetch(values[g, ids[h, i, j]], 0)  # the value rows' misses overlap the static half
                 best = max(best, scores[h, i, j] * scaling)
             total = np.float32(0.0)
-            for d in range(dim):
-                out[h, i, d] = 0.0
+            acc[:] = 0.0  # a local accumulator: writes through `out` would not stay in registers
             for j in range(visible):
                 w = np.exp(weights[j] - best)
                 total += w
                 row = static_values[g, j]
                 for d in range(dim):
-                    out[h, i, d] += w * row[d]
+                    acc[d] += w * row[d]
             for j in range(width):
                 node = ids[h, i, j]
                 if node < 0:
@@ -90,7 +92,6 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
                 total += w
                 row = values[g, node]
                 for d in range(dim):
-                    out[h, i, d] += w * row[d]
-            if total > 0:
-                for d in range(dim):
-                    out[h, i, d] /= total
+                    acc[d] += w * row[d]
+            for d in range(dim):
+                out[h, i, d] = acc[d] / total if total > 0 else 0.0
