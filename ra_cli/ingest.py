@@ -12,6 +12,7 @@ from typing import Callable
 from ra_cli.document import Document, load_document
 from ra_cli.engine.cache import ContextCache, layer_windows
 from ra_cli.engine.generate import prefill
+from ra_cli.engine.sparse import SparsePrefill
 from ra_cli.errors import RaError
 from ra_cli.index import IndexParams, build_store_indexes
 from ra_cli.index.collect import PrefillCollector
@@ -23,6 +24,9 @@ from ra_cli.store import (MANIFEST, ContextStore, LayerShape, StoreWriter, kv_to
 
 
 COMMIT_SECONDS = 2.0  # how much prefill a crash may cost: progress is synced to disk this often
+# Longer documents are prefilled sparsely on a CPU unless --prefill full: full prefill is quadratic
+# (32K tokens take minutes, 128K hours), sparse prefill costs the same per chunk at any length.
+SPARSE_FROM = 32768
 
 
 @dataclass
@@ -30,12 +34,19 @@ class IngestOptions:
     chunk_size: int = 512
     kv_dtype: str = "auto"  # auto = the model's compute dtype, so reloaded KV is bit-identical
     index: IndexParams = field(default_factory=IndexParams)
-    prefill: str = "full"  # full: every chunk attends to all earlier tokens
+    prefill: str = "auto"  # full | sparse | auto (sparse past SPARSE_FROM tokens on a CPU)
+
+    def prefill_mode(self, n_tokens: int, device) -> str:
+        if self.prefill not in ("auto", "full", "sparse"):
+            raise RaError(f"unknown prefill mode '{self.prefill}'; use auto, full or sparse")
+        if self.prefill != "auto":
+            return self.prefill
+        return "sparse" if n_tokens > SPARSE_FROM and device.type == "cpu" else "full"
 
     def content_params(self, model_dtype: str) -> dict:
         """Parameters that change what is stored (a resumed or cached store must match them)."""
         params = {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype, "index": self.index.as_dict()}
-        if self.prefill != "full":
+        if self.prefill != "auto":
             params["prefill"] = self.prefill
         return params
 
@@ -85,18 +96,50 @@ def cached_context_path(loaded: LoadedModel, document: Document, options: Ingest
     return contexts_dir() / (Path(document.name).stem[:40] + "-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".idx")
 
 
+def sparse_policy(options: IngestOptions) -> SparsePrefill:
+    # the window covers the index's static window, so every KV head's attended set meets the
+    # indexed range in the same number of positions (index/collect.py relies on it)
+    return SparsePrefill(window=max(1024, options.index.window))
+
+
+def context_limit_notice(loaded: LoadedModel, n_tokens: int) -> str | None:
+    """What to tell the user when a context is longer than the model was trained on (None: it fits)."""
+    trained = loaded.trained_context
+    if not trained or n_tokens <= trained:
+        return None
+    from ra_cli.model.resolve import NAMED
+
+    longer = [m for m in NAMED.values() if m.trained_context >= n_tokens]
+    advice = (f"use a model trained on longer texts (--model {longer[0].name}: {longer[0].trained_context:,} tokens; "
+              "`ra models` lists them)" if longer else "split the document or use a model trained on longer texts")
+    return (f"the context is {n_tokens:,} tokens but {loaded.fingerprint.source} was trained on {trained:,}: "
+            f"ra will use all of it, but the model's answers about text beyond its trained length are unreliable; "
+            f"{advice}")
+
+
 def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: IngestOptions | None = None,
            on_progress: Callable[[int, int, int], None] | None = None,
-           on_index: Callable[[int, int], None] | None = None) -> IngestResult:
+           on_index: Callable[[int, int], None] | None = None,
+           on_notice: Callable[[str], None] | None = None) -> IngestResult:
     """Prefill `document` in chunks and store its KV (and search index) at `out`.
 
     `on_progress(done, total, reused)` is called after every chunk, `on_index(done, total)` after
-    each layer's index is built. A partial store from an earlier run with equal inputs is resumed.
+    each layer's index is built, `on_notice(message)` before any prefill when the document is
+    longer than the model's trained context. A partial store from an earlier run with equal inputs
+    is resumed.
     """
     options = options or IngestOptions()
     layout = layout_for(loaded.tokenizer)
     prompter = Prompter(loaded.tokenizer, layout)
     tokens, pages = prompter.document_tokens(document.text, [p.char_start for p in document.pages])
+    notice = context_limit_notice(loaded, len(tokens))
+    if notice and on_notice is not None:
+        on_notice(notice)
+    if options.prefill == "auto" and options.prefill_mode(len(tokens), loaded.device) == "sparse" and on_notice:
+        policy = sparse_policy(options)
+        on_notice(f"{len(tokens):,} tokens: prefilling sparsely (each chunk attends to {policy.sinks} sinks, the last "
+                  f"{policy.window:,} tokens and {policy.blocks} blocks of {policy.block} chosen per KV head; linear "
+                  "time instead of quadratic); --prefill full for exact attention over everything")
     header = store_header(loaded, document, options, layout.as_dict())
     return write_context(loaded, tokens, pages, header, out, options, on_progress, on_index)
 
@@ -113,6 +156,9 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype)
     n = len(tokens)
     cache = ContextCache.full(loaded.model.config, capacity=n)
+    mode = options.prefill_mode(n, loaded.device)
+    if mode == "sparse":
+        cache.use_sparse_prefill(sparse_policy(options))
     start = writer.tokens_done
     collector = None
     if options.index.kind == "graph":
@@ -161,7 +207,7 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
     index_seconds = time.perf_counter() - index_began
     seconds = time.perf_counter() - began
     extra = {"index": section,
-             "ingest": {"chunk_size": options.chunk_size, "seconds": round(seconds, 3),
+             "ingest": {"chunk_size": options.chunk_size, "prefill": mode, "seconds": round(seconds, 3),
                         "prefill_seconds": round(prefill_seconds, 3), "index_seconds": round(index_seconds, 3),
                         "prefilled_tokens": n - writer.resumed_from}}
     path = writer.publish(extra)
@@ -189,17 +235,22 @@ def resolve_source(path: Path, encoding: str = "utf-8", on_page=None) -> Source:
 
 
 def open_source(loaded: LoadedModel, source: Source, options: IngestOptions | None = None, on_progress=None,
-                on_index=None) -> tuple[ContextStore, IngestResult | None]:
+                on_index=None, on_notice=None) -> tuple[ContextStore, IngestResult | None]:
     """The store behind a source: the saved context itself, or the document's cached context
     (ingested, or an interrupted ingest finished, when needed). The result is None when nothing
-    was prefilled."""
+    was prefilled. `on_notice` hears when the context is longer than the model's trained context."""
     if source.context is not None:
-        return ContextStore.open(source.context, loaded.fingerprint), None
-    return ensure_context(loaded, source.document, options, on_progress, on_index)
+        store, result = ContextStore.open(source.context, loaded.fingerprint), None
+    else:
+        store, result = ensure_context(loaded, source.document, options, on_progress, on_index, on_notice)
+    notice = context_limit_notice(loaded, store.n_tokens)
+    if notice and on_notice is not None and result is None:  # an ingest already said it
+        on_notice(notice)
+    return store, result
 
 
 def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptions | None = None,
-                   on_progress=None, on_index=None) -> tuple[ContextStore, IngestResult | None]:
+                   on_progress=None, on_index=None, on_notice=None) -> tuple[ContextStore, IngestResult | None]:
     """The cached context for `document`, ingesting (or finishing an ingest) when needed."""
     options = options or IngestOptions()
     path = cached_context_path(loaded, document, options)
@@ -208,5 +259,5 @@ def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptio
             return ContextStore.open(path, loaded.fingerprint), None
         except RaError:
             pass  # damaged cache entry: rebuild it below
-    result = ingest(loaded, document, path, options, on_progress, on_index)
+    result = ingest(loaded, document, path, options, on_progress, on_index, on_notice)
     return ContextStore.open(path, loaded.fingerprint), result

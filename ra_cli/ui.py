@@ -97,3 +97,13 @@ class LayerProgress:
 def status(message: str) -> None:
     # Text, not markup: messages carry file names, and "notes[draft].pdf" must print as it is.
     stderr.print(Text(message, style="dim"), soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    stderr.print(Text.assemble(("warning:", "bold yellow"), " ", message), soft_wrap=True)
+
+
+def report(message: str) -> None:
+    """One line on stderr: `error: ...`. Text, not markup: file names like "notes[draft].pdf"
+    must print as they are."""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message.replace("\n", " ")), soft_wrap=True)

@@ -10,6 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_PDFS = REPO.parent / "shared" / "corpus" / "pdfs"
 
+
+def _fetched(name: str) -> Path | None:
+    """A named model fetched into the user's own cache (found before the tests isolate the cache)."""
+    from ra_cli.model.resolve import NAMED, downloads_dir
+
+    path = downloads_dir() / NAMED[name].file_name
+    return path if path.is_file() else None
+
+
+QWEN = _fetched("qwen2.5-coder-0.5b")  # the 32K-context model: its tests skip cleanly without it
+
 LIGHTHOUSE = (
     "The lighthouse on Karsk Island was built in 1871 by the engineer Mira Oster. "
     "Its lamp is visible for 19 nautical miles. In 1902 the keeper was Tobias Venn, who kept goats "

@@ -11,6 +11,7 @@ from conftest import REPO
 LAYERS = ["base", "store", "document", "prompt", "engine", "model", "index", "retrieval", "ingest", "chat", "bench",
           "cli"]
 BASE = {"errors", "paths", "files", "buffers", "ui", "__init__"}
+ALSO = {"manifest": "store"}  # modules whose layer is not their name
 PACKAGE = REPO / "ra_cli"
 
 
@@ -20,7 +21,7 @@ def layer_of(module: str) -> str:
     top = parts[1] if len(parts) > 1 else "__init__"
     if top in BASE:
         return "base"
-    return "cli" if top == "__main__" else top
+    return "cli" if top == "__main__" else ALSO.get(top, top)
 
 
 def imports_of(path: Path) -> set[str]:

@@ -109,6 +109,13 @@ def test_pickled_array_is_never_loaded(context):
     manifest = json.loads((context / "manifest.json").read_text())
     manifest["files"].pop("tokens.npy")
     (context / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RaError, match="names the token file .* that is not a listed file"):
+        ContextStore.open(context)  # a file the manifest does not hash is never read
+    from ra_cli.files import file_sha256, sample_sha256
+
+    size = tokens.stat().st_size  # a hostile store that lists its pickle with the right hashes
+    manifest["files"]["tokens.npy"] = {"bytes": size, "sha256": file_sha256(tokens), "sample_sha256": sample_sha256(tokens, size)}
+    (context / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RaError, match="tokens.npy is not a plain numeric array"):
         ContextStore.open(context)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ra_cli.errors import RaError
 
-MODES = ("retrieval", "full", "flat")
+MODES = ("retrieval", "full", "flat", "offload")
 LLAMA_CPP = "llama.cpp"
 LLAMA_HINT = ("llama.cpp baseline skipped: llama-cpp-python is not installed; `pip install 'ra-cli[bench]'` "
               "builds it from source (a few minutes)")
@@ -30,7 +30,7 @@ LLAMA_HINT = ("llama.cpp baseline skipped: llama-cpp-python is not installed; `p
 @dataclass
 class ContextBenchConfig:
     contexts: list[int]
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("retrieval", "full", "flat")
     document: Path | None = None
     steps: int = 32
     warmup: int = 4
@@ -38,7 +38,8 @@ class ContextBenchConfig:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    prefill: str = "full"
+    weights: str = "auto"
+    prefill: str = "auto"
     synthetic: str | None = None  # a model shape with random weights (timing only)
     gpu_mem_gb: float | None = None
     quantize: str | None = None
@@ -91,7 +92,8 @@ def run_context_bench(config: ContextBenchConfig, status=print) -> dict:
         if config.baseline == LLAMA_CPP:
             status(f"{context:,} tokens, llama.cpp")
             runs.append(run_worker("llama", config, context, LLAMA_CPP))
-    return {"machine": machine(), "model": config.model or "smollm2", "synthetic": config.synthetic is not None,
+    model = f"synthetic:{config.synthetic}" if config.synthetic else config.model or "smollm2"
+    return {"machine": machine(), "model": model, "synthetic": config.synthetic is not None,
             "steps": config.steps, "prefill": config.prefill, "runs": runs}
 
 

@@ -55,10 +55,27 @@ class BenchContext:
 
 
 def cached_context(loaded, name: str, text: str, context: int, following: int, params: IndexParams,
-                   chunk_size: int = 512, on_progress=None, on_index=None, prefill: str = "full") -> BenchContext:
+                   chunk_size: int = 512, on_progress=None, on_index=None, prefill: str = "auto") -> BenchContext:
     """The first `context` tokens of `text` (repeated as needed) ingested as `ra ingest` would,
     cached under a key of tokens, model and parameters; plus the `following` tokens after them."""
     tokens, layout = context_tokens(loaded, text, context + following)
+    return cached_tokens(loaded, name, tokens, layout, context, params, chunk_size, on_progress, on_index, prefill)
+
+
+def random_tokens(loaded, count: int, seed: int = 0) -> tuple[list[int], dict]:
+    """Token ids for a model without a tokenizer (synthetic weights): seeded, uniform."""
+    import numpy as np
+
+    from ra_cli.prompt import PromptLayout
+
+    vocab = loaded.model.config.get_text_config(decoder=True).vocab_size
+    ids = np.random.default_rng(seed).integers(0, vocab, count).tolist()
+    return ids, PromptLayout("plain", "", "", "", "").as_dict()
+
+
+def cached_tokens(loaded, name: str, tokens: list[int], layout: dict, context: int, params: IndexParams,
+                  chunk_size: int = 512, on_progress=None, on_index=None, prefill: str = "auto") -> BenchContext:
+    """tokens[:context] ingested (cached by content), tokens[context:] returned as the continuation."""
     prefix, continuation = tokens[:context], tokens[context:]
     options = IngestOptions(chunk_size=chunk_size, index=params, prefill=prefill)
     key = hashlib.sha256(json.dumps([prefix, loaded.fingerprint.digest, options.content_params(str(loaded.dtype))],

@@ -24,6 +24,7 @@ from ra_cli.index import IndexParams, indexed_range, open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import recall
 from ra_cli.bench.corpus import bench_text, cached_context, context_tokens
+from ra_cli.bench.reach import measure_reach
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 from ra_cli.ingest import IngestOptions, model_shape, store_header, write_context
 from ra_cli.retrieval.modes import full_attention_cache
@@ -230,6 +231,7 @@ def run_recall_bench(loaded, config: RecallBenchConfig, on_progress=None, on_ind
         report["ingest_baseline_seconds"] = round(plain, 1)
         report["ingest_with_graph_seconds"] = round(with_index, 1)
         report["ingest_speed_ratio"] = round(plain / with_index, 3)  # tokens/s with graph / without
+    report["reach"] = measure_reach(loaded, store, layers, lo, hi, capture_decode_queries, status)
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -251,6 +253,11 @@ def print_recall_table(report: dict) -> None:
     stderr.print(table)
     stderr.print(f"hnsw/graph evaluations at 0.95: {report['hnsw_to_graph_scan_ratio']}; "
                  f"centred hnsw/graph: {report['hnsw_centered_to_graph_scan_ratio']}")
+    reach = report["reach"]
+    stderr.print(f"reachable from the entry points: min {reach['reachable_fraction_min']:.1%} of indexed keys over layers and "
+                 f"heads; keys no prefill query selected: {reach['unselected_fraction']:.1%}; found in the top-10 of copy "
+                 f"queries: rare keys {reach['rare_key_recall']}, selected keys {reach['selected_key_recall']} "
+                 f"({reach['rare_keys_checked']} rare checked)", markup=False)
     for layer, mass in report["attention_mass"].items():
         stderr.print(f"layer {layer}: static mass {mass['static_mean']:.3f} (min head {mass['static_min_head']:.3f}), "
                      f"static+top100 {mass['static_top100_mean']:.3f} (min head {mass['static_top100_min_head']:.3f})")

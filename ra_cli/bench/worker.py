@@ -28,28 +28,42 @@ def directory_bytes(path: Path) -> int:
 
 
 def _context(loaded, config: dict, context: int):
-    from ra_cli.bench.corpus import bench_text, cached_context
+    from ra_cli.bench.corpus import bench_text, cached_context, cached_tokens, random_tokens
     from ra_cli.index import IndexParams
     from ra_cli.ui import LayerProgress, TokenProgress
 
-    name, text = bench_text(Path(config["document"]) if config["document"] else None, default="corpus")
+    following = config["warmup"] + config["steps"] + 1
     layers = LayerProgress("graph index")
     try:
         with TokenProgress(f"ingest {context:,}") as bar:
-            return cached_context(loaded, name, text, context, config["warmup"] + config["steps"] + 1, IndexParams(),
-                                  on_progress=bar, on_index=layers, prefill=config["prefill"])
+            if config["synthetic"]:
+                tokens, layout = random_tokens(loaded, context + following)
+                return cached_tokens(loaded, f"synthetic-{config['synthetic']}", tokens, layout, context, IndexParams(),
+                                     on_progress=bar, on_index=layers, prefill=config["prefill"])
+            name, text = bench_text(Path(config["document"]) if config["document"] else None, default="corpus")
+            return cached_context(loaded, name, text, context, following, IndexParams(), on_progress=bar,
+                                  on_index=layers, prefill=config["prefill"])
     finally:
         layers.close()
+
+
+def _load(config: dict):
+    from ra_cli.model import load_model
+    from ra_cli.model.load import cap_device_memory, load_synthetic
+
+    cap_device_memory(config["device"], config["gpu_mem_gb"])
+    if config["synthetic"]:
+        return load_synthetic(config["synthetic"], config["device"], config["dtype"], config["weights"], config["quantize"])
+    return load_model(config["model"], config["device"], config["dtype"], config["weights"], config["quantize"])
 
 
 def decode_run(config: dict, context: int, mode: str) -> dict:
     import torch
 
     from ra_cli.engine.generate import prefill
-    from ra_cli.model import load_model
     from ra_cli.retrieval.modes import open_cache, settings_for
 
-    loaded = load_model(config["model"], config["device"], config["dtype"], quantize=config["quantize"])
+    loaded = _load(config)
     bench = _context(loaded, config, context)
     store = bench.store
     if bench.result is not None:
@@ -135,7 +149,8 @@ def llama_run(config: dict, context: int) -> dict:
 
 
 def main() -> None:
-    from ra_cli.cli.boundary import describe, report
+    from ra_cli.errors import explain
+    from ra_cli.ui import report
 
     job = json.loads(sys.argv[1])
     try:
@@ -144,7 +159,7 @@ def main() -> None:
         else:
             result = decode_run(job["config"], job["context"], job["mode"])
     except Exception as exc:  # one line for the parent to point at, as the CLI would print it
-        message, code = describe(exc)
+        message, code = explain(exc)
         report(message)
         raise SystemExit(code)
     print(json.dumps(result), flush=True)

@@ -10,6 +10,7 @@ from ra_cli.cli.bench import bench_command, eval_command
 from ra_cli.cli.boundary import OneLineErrors
 from ra_cli.cli.chat import chat_command
 from ra_cli.cli.ingest import ingest_command
+from ra_cli.cli.models import models_app
 from ra_cli.cli.options import parse_tokens
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,5 +19,6 @@ app.command("ingest")(ingest_command)
 app.command("chat")(chat_command)
 app.command("bench")(bench_command)
 app.command("eval")(eval_command)
+app.add_typer(models_app, name="models")
 
 __all__ = ["app", "parse_tokens"]

@@ -14,14 +14,19 @@ from ra_cli.errors import RaError
 
 
 def bench_command(
-    context: str = typer.Option("16k", "--context",
-                                help="Context length(s) in tokens: 16k, 8k,16k,32k or 4k..32k (--recall and --decode-step take one)."),
+    context: Optional[str] = typer.Option(None, "--context",
+                                          help="Context length(s) in tokens: 16k, 8k,16k,32k or 4k..32k (default 16k; "
+                                               "--recall, --decode-step and --needles take one; --needles: document size, default 6k)."),
     recall: bool = typer.Option(False, "--recall", help="Index quality: Recall@100 and keys scanned vs hnswlib and exact search."),
     decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
+    needles: bool = typer.Option(False, "--needles", help="Needle sweep: real documents, needles at 10 depths, full vs flat vs retrieval."),
     modes: str = typer.Option("retrieval,full,flat", "--modes", help="Attention modes for whole-model decode: retrieval, full, flat."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="llama.cpp: the same GGUF and tokens in the same run (pip install 'ra-cli[bench]')."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write ms/token vs context, one line per mode, to this PNG."),
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per run (after 4 warm-up steps)."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic",
+                                            help="Random weights of a real shape, made on the device: llama-3-8b, qwen2.5-7b, tiny (timing only)."),
+    prefill: str = opt.Prefill,
     shape: str = typer.Option("smollm2", "--shape", help="Layer shape for --decode-step: smollm2 or llama3-8b."),
     document: Optional[Path] = typer.Option(None, "--document", exists=True, dir_okay=False,
                                             help="Text to use (default: the shipped corpus; the sample for --recall)."),
@@ -33,16 +38,34 @@ def bench_command(
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
     dtype: opt.ComputeDtype = opt.Dtype,
+    weights: opt.WeightFormat = opt.Weights,
+    load_in_4bit: bool = opt.LoadIn4bit,
+    load_in_8bit: bool = opt.LoadIn8bit,
+    gpu_mem_gb: Optional[float] = opt.GpuMemGb,
 ):
     """Measure ra: whole-model decode per context size (default), index recall (--recall), or one
     decode step of one layer (--decode-step)."""
     from ra_cli.ui import TokenProgress, status
 
-    if recall and decode_step:
-        raise RaError("choose one of --recall and --decode-step (or neither, for whole-model decode)")
-    sizes = opt.token_counts(context)
-    if (recall or decode_step) and len(sizes) != 1:
-        raise RaError("--recall and --decode-step measure one context size; give --context a single size")
+    if recall + decode_step + needles > 1:
+        raise RaError("choose one of --recall, --decode-step and --needles (or none, for whole-model decode)")
+    sizes = opt.token_counts(context or ("6k" if needles else "16k"))
+    if (recall or decode_step or needles) and len(sizes) != 1:
+        raise RaError("--recall, --decode-step and --needles measure one context size; give --context a single size")
+    if needles:
+        from ra_cli.bench.needles import NeedleBenchConfig, run_needle_bench
+
+        config = NeedleBenchConfig(tokens=sizes[0])
+        if document is not None:
+            config.documents = [document]
+        report = run_needle_bench(load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb), config, status=status)
+        status(f"{report['placements']} placements: full right {report['full_right']}, flat right {report['flat_right']}, "
+               f"retrieval right {report['retrieval_right']}; retrieval right where full is right: "
+               f"{report['retrieval_right_where_full_right']}/{report['full_right_placements']}; retrieval differs from "
+               f"full: {report['retrieval_differs_from_full']}")
+        if as_json:
+            print(json.dumps(report))
+        return
     if not (recall or decode_step):
         from ra_cli.bench.context import LLAMA_CPP, MODES, ContextBenchConfig, plot, print_table, run_context_bench
 
@@ -52,9 +75,19 @@ def bench_command(
             raise RaError(f"--modes {modes}: choose from {', '.join(MODES)}")
         if baseline not in (None, LLAMA_CPP):
             raise RaError(f"--baseline {baseline}: the one baseline is {LLAMA_CPP}")
-        report = run_context_bench(ContextBenchConfig(contexts=sizes, modes=chosen, document=document, steps=steps,
-                                                      baseline=baseline, model=model, device=device, dtype=dtype.value),
-                                   status=status)
+        from ra_cli.model.synthetic import SHAPES
+
+        if synthetic is not None and synthetic not in SHAPES:
+            raise RaError(f"unknown --synthetic '{synthetic}'; choose {', '.join(SHAPES)}")
+        if synthetic is not None and baseline:
+            raise RaError("--synthetic weights have no GGUF for llama.cpp to run; drop --baseline")
+        if prefill not in ("auto", "full", "sparse"):
+            raise RaError(f"unknown --prefill '{prefill}'; use auto, full or sparse")
+        config = ContextBenchConfig(contexts=sizes, modes=chosen, document=document, steps=steps, baseline=baseline,
+                                    model=model, device=device, dtype=dtype.value, weights=weights.value,
+                                    prefill=prefill, synthetic=synthetic, gpu_mem_gb=gpu_mem_gb,
+                                    quantize=opt.quantization(load_in_4bit, load_in_8bit))
+        report = run_context_bench(config, status=status)
         print_table(report)
         if plot_file is not None:
             plot(report, plot_file)
@@ -87,7 +120,7 @@ def bench_command(
             config.layers = [int(part) for part in layers.split(",")]
         except ValueError:
             raise RaError("--layers takes comma-separated layer numbers, e.g. 2,15,28, or 'all'")
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     if layers == "all":
         from ra_cli.engine.cache import layer_windows
 
@@ -117,6 +150,10 @@ def eval_command(
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
     dtype: opt.ComputeDtype = opt.Dtype,
+    weights: opt.WeightFormat = opt.Weights,
+    load_in_4bit: bool = opt.LoadIn4bit,
+    load_in_8bit: bool = opt.LoadIn8bit,
+    gpu_mem_gb: Optional[float] = opt.GpuMemGb,
     encoding: str = opt.Encoding,
 ):
     """Fidelity of retrieval attention against full attention on the same context."""
@@ -128,7 +165,7 @@ def eval_command(
     if attention not in ("retrieval", "flat", "graph", "hnsw"):
         raise typer.BadParameter(f"'{attention}': choose retrieval, flat, graph or hnsw", param_hint="'--attention'")
     found = read_source(source, encoding)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     store = open_store(loaded, found, IngestOptions(chunk_size=chunk_size))
     settings = settings_for(store, top_k, ef, None, coverage, dense_below)
     report = run_eval(loaded, store, EvalConfig(tokens=tokens, attention=AttentionMode(attention), settings=settings), status)

@@ -4,52 +4,27 @@ RA_DEBUG=1 shows the traceback instead."""
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 
+import typer
 from typer import _click as click  # typer vendors click: its exceptions are these, not click's
 from typer.core import TyperGroup
 
-from ra_cli.errors import RaError
+from ra_cli.errors import explain
+from ra_cli.ui import report
 
 USAGE = 2
 INTERRUPTED = 130
 
 
 def describe(exc: BaseException) -> tuple[str, int]:
-    """(one-line message, exit code) for an exception that reached the top."""
-    if isinstance(exc, RaError):
-        return str(exc), exc.exit_code
+    """(one-line message, exit code): click's usage errors here, everything else in errors.py."""
     if isinstance(exc, click.exceptions.ClickException):
         return exc.format_message(), exc.exit_code or USAGE
-    if isinstance(exc, (KeyboardInterrupt, click.exceptions.Abort)):
+    if isinstance(exc, typer.Abort):
         return "interrupted", INTERRUPTED
-    if isinstance(exc, MemoryError):
-        return "out of memory; close other programs, or use a smaller context or model", 1
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        if exc.errno == errno.ENOSPC:
-            return f"no space left on the disk{where}; free some space and run the same command again", 1
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return f"permission denied{where}; check the file's permissions or choose another path", 1
-        if exc.errno == errno.EROFS:
-            return f"read-only file system{where}; choose a writable location (e.g. RA_CACHE_DIR)", 1
-        return f"{exc.strerror or exc}{where}", 1
-    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-        return "the accelerator ran out of memory; use a smaller context, --gpu-mem-gb or a 4-bit model", 1
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return (f"unexpected {type(exc).__name__}{': ' + first if first else ''} — this is a bug in ra; "
-            "rerun with RA_DEBUG=1 for the traceback and report it"), 1
-
-
-def report(message: str) -> None:
-    from rich.text import Text
-
-    from ra_cli.ui import stderr
-
-    # Text, not markup: file names like "notes[draft].pdf" must print as they are.
-    stderr.print(Text.assemble(("error:", "bold red"), " ", message.replace("\n", " ")), soft_wrap=True)
+    return explain(exc)
 
 
 class OneLineErrors(TyperGroup):

@@ -40,6 +40,10 @@ def chat_command(
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
     dtype: opt.ComputeDtype = opt.Dtype,
+    weights: opt.WeightFormat = opt.Weights,
+    load_in_4bit: bool = opt.LoadIn4bit,
+    load_in_8bit: bool = opt.LoadIn8bit,
+    gpu_mem_gb: Optional[float] = opt.GpuMemGb,
     encoding: str = opt.Encoding,
 ):
     """Chat with a document: interactive, or scripted with --ask."""
@@ -50,7 +54,7 @@ def chat_command(
     from ra_cli.retrieval.modes import settings_for
 
     found = read_source(source, encoding)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     defaults = IndexParams()
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value,
                             index=IndexParams(kind=index.value, sinks=defaults.sinks if sinks is None else sinks,

@@ -17,6 +17,7 @@ def ingest_command(
     document: Path = typer.Argument(..., help="Document to ingest (.pdf, .txt, .md)."),
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
     chunk_size: int = opt.ChunkSize,
+    prefill: str = opt.Prefill,
     kv_dtype: opt.KvDtype = opt.KvDtypeOption,
     index: opt.IndexKind = opt.Index,
     sinks: int = typer.Option(128, "--sinks", min=0, help="First tokens kept on the device at chat time, never indexed."),
@@ -24,6 +25,10 @@ def ingest_command(
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
     dtype: opt.ComputeDtype = opt.Dtype,
+    weights: opt.WeightFormat = opt.Weights,
+    load_in_4bit: bool = opt.LoadIn4bit,
+    load_in_8bit: bool = opt.LoadIn8bit,
+    gpu_mem_gb: Optional[float] = opt.GpuMemGb,
     encoding: str = opt.Encoding,
     as_json: bool = opt.Json,
 ):
@@ -36,11 +41,15 @@ def ingest_command(
     if source.document is None:
         raise RaError(f"{document} is a directory; give a .pdf, .txt or .md file")
     doc = source.document
-    loaded = load_model(model, device, dtype)
-    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value,
+    loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
+    if prefill not in ("auto", "full", "sparse"):
+        raise typer.BadParameter(f"'{prefill}': use auto, full or sparse", param_hint="'--prefill'")
+    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value, prefill=prefill,
                             index=IndexParams(kind=index.value, sinks=sinks, window=window))
     out = save or cached_context_path(loaded, doc, options)
-    result = ingest_with_progress(lambda bar, layers: ingest(loaded, doc, out, options, bar, layers), index.value,
+    from ra_cli.ui import warn
+
+    result = ingest_with_progress(lambda bar, layers: ingest(loaded, doc, out, options, bar, layers, warn), index.value,
                                   "interrupted; the finished chunks are kept — run the same command again to resume")
     summary = {
         "context": str(result.path), "document": doc.name, "pages": len(doc.pages), "tokens": result.n_tokens,

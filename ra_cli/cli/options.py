@@ -8,6 +8,7 @@ import re
 import typer
 
 from ra_cli.index.base import IndexKind
+from ra_cli.engine.linear import WeightFormat
 from ra_cli.model import ComputeDtype
 from ra_cli.store import KvDtype
 
@@ -75,3 +76,17 @@ Index = typer.Option(IndexKind.graph, "--index",
 TopK = typer.Option(None, "--top-k", min=1, help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest).")
 Ef = typer.Option(None, "--ef", min=1, help="Search beam width (default: calibrated per layer at ingest).")
 Json = typer.Option(False, "--json", help="Print JSON on stdout.")
+Prefill = typer.Option("auto", "--prefill",
+                       help="full: every chunk attends to all earlier tokens (quadratic); sparse: sinks, recent window "
+                            "and selected blocks (linear); auto: sparse past 32K tokens on a CPU.")
+Weights = typer.Option(WeightFormat.auto, "--weights",
+                       help="Weight format: auto (int4 groups of the GGUF where exact, else int8, on CPU; dense on GPU), dense, int8, int4.")
+LoadIn4bit = typer.Option(False, "--load-in-4bit", help="4-bit weights with bitsandbytes (NF4; CUDA GPUs).")
+LoadIn8bit = typer.Option(False, "--load-in-8bit", help="8-bit weights with bitsandbytes (CUDA GPUs).")
+GpuMemGb = typer.Option(None, "--gpu-mem-gb", min=1.0, help="Cap this process's GPU memory (a big card standing in for a smaller one).")
+
+
+def quantization(load_in_4bit: bool, load_in_8bit: bool) -> str | None:
+    if load_in_4bit and load_in_8bit:
+        raise typer.BadParameter("choose one of --load-in-4bit and --load-in-8bit", param_hint="'--load-in-4bit'")
+    return "4bit" if load_in_4bit else "8bit" if load_in_8bit else None

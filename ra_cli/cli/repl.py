@@ -14,7 +14,7 @@ HELP_TEXT = """commands:
 
 
 def repl(session, answer) -> None:
-    from ra_cli.cli.boundary import report
+    from ra_cli.ui import report
     from ra_cli.ui import stderr
 
     stderr.print(f"[dim]{session.document_tokens:,} document tokens ready. /help for commands.[/dim]")

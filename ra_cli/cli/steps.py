@@ -7,11 +7,16 @@ from pathlib import Path
 from ra_cli.errors import Interrupted
 
 
-def load_model(model, device, dtype):
+def load_model(model, device, dtype, weights="auto", quantize=None, gpu_mem_gb=None):
     from ra_cli import model as models  # looked up at call time: tests substitute load_model
+    from ra_cli.model.load import cap_device_memory
     from ra_cli.ui import status
 
-    loaded = models.load_model(model, device=device, dtype=dtype)
+    cap_device_memory(device, gpu_mem_gb)
+    if weights == "auto" and quantize is None:
+        loaded = models.load_model(model, device=device, dtype=dtype)
+    else:
+        loaded = models.load_model(model, device=device, dtype=dtype, weights=weights, quantize=quantize)
     status(f"model {loaded.fingerprint.source} on {loaded.device} ({loaded.fingerprint.dtype}), "
            f"loaded in {loaded.load_seconds:.1f} s")
     return loaded
@@ -44,9 +49,9 @@ def ingest_with_progress(run, kind: str, interrupted: str):
 def open_store(loaded, source, options):
     """The store behind a chat/eval source, ingesting the document into the cache when needed."""
     from ra_cli.ingest import open_source
-    from ra_cli.ui import status
+    from ra_cli.ui import status, warn
 
-    store, result = ingest_with_progress(lambda bar, layers: open_source(loaded, source, options, bar, layers),
+    store, result = ingest_with_progress(lambda bar, layers: open_source(loaded, source, options, bar, layers, warn),
                                          options.index.kind, "interrupted while ingesting; run the same command "
                                          "again to resume")
     if source.context is not None:

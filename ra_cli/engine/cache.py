@@ -16,7 +16,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ra_cli.buffers import with_room
-from ra_cli.engine.attention import exact_attention
+from ra_cli.engine.attention import SMALL_QUERY, exact_attention
+from ra_cli.engine.sparse import BlockMeans, SparsePrefill, sparse_chunk_attention
 
 
 def layer_windows(config) -> list[int | None]:
@@ -73,6 +74,8 @@ class DeviceKVLayer(AttentionLayer):
         self.length = 0
         self.observer: Callable | None = None
         self.timer: AttentionTimer | None = None
+        self.sparse = None  # a SparsePrefill policy: prefill chunks attend to selected blocks only
+        self.block_means = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -107,9 +110,17 @@ class DeviceKVLayer(AttentionLayer):
             # Keys older than the first query's window are invisible to every query: skip them.
             kv_offset = q_offset + 1 - sliding_window
             keys, values = keys[:, :, kv_offset:], values[:, :, kv_offset:]
+        began = time.perf_counter()
+        if self.sparse is not None and query.shape[2] > SMALL_QUERY and kv_offset == 0 and softcap is None:
+            out, positions = sparse_chunk_attention(query, keys, values, scaling, q_offset, self.block_means, self.sparse)
+            if out is not None:
+                if self.observer is not None:
+                    self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling, positions)
+                if self.timer is not None:
+                    self.timer.seconds += time.perf_counter() - began
+                return out
         if self.observer is not None:
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
-        began = time.perf_counter()
         out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap)
         if self.timer is not None:
             self.timer.seconds += time.perf_counter() - began
@@ -123,6 +134,37 @@ class DeviceKVLayer(AttentionLayer):
         self.length = 0
 
 
+class HostKVLayer(DeviceKVLayer):
+    """All KV of a layer in host memory (pinned, on a GPU machine), streamed to the compute device
+    whenever the layer attends: exact attention when the KV does not fit on the accelerator —
+    what long contexts fall back to without retrieval. On a CPU it is DeviceKVLayer."""
+
+    def __init__(self, layer_idx: int, device, sliding_window: int | None = None, capacity: int = 256):
+        super().__init__(layer_idx, sliding_window, capacity)
+        self.compute_device = torch.device(device)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pinned = self.compute_device.type == "cuda"
+        self.device = torch.device("cpu")
+        self.keys = torch.empty((*key_states.shape[:2], 0, key_states.shape[3]), dtype=key_states.dtype,
+                                pin_memory=pinned)
+        self.values = torch.empty((*value_states.shape[:2], 0, value_states.shape[3]), dtype=value_states.dtype,
+                                  pin_memory=pinned)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.to("cpu"), value_states.to("cpu"))
+
+    def attend(self, query, scaling, sliding_window=None, softcap=None):
+        began = time.perf_counter()
+        keys = self.keys[:, :, : self.length].to(self.compute_device, non_blocking=True)
+        values = self.values[:, :, : self.length].to(self.compute_device, non_blocking=True)
+        out = exact_attention(query, keys, values, scaling, self.length - query.shape[2], 0, sliding_window, softcap)
+        if self.timer is not None:
+            self.timer.seconds += time.perf_counter() - began
+        return out
+
+
 class ContextCache(Cache):
     """The KV of one conversation: stored document prefix + everything said since."""
 
@@ -132,6 +174,12 @@ class ContextCache(Cache):
         for layer in layers:
             if isinstance(layer, DeviceKVLayer):
                 layer.timer = self.attention_timer
+
+    def use_sparse_prefill(self, policy: SparsePrefill) -> None:
+        """Prefill chunks of full-attention layers attend to sinks, window and selected blocks."""
+        for layer in self.layers:
+            if isinstance(layer, DeviceKVLayer) and layer.sliding_window is None:
+                layer.sparse, layer.block_means = policy, BlockMeans()
 
     @classmethod
     def full(cls, config, capacity: int = 256) -> "ContextCache":

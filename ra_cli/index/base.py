@@ -7,6 +7,8 @@ from enum import Enum
 
 import numpy as np
 
+from ra_cli.errors import RaError
+
 
 class IndexKind(str, Enum):
     graph = "graph"  # attention-aware, built from prefill queries (ours)
@@ -46,9 +48,28 @@ class IndexParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> "IndexParams":
-        known = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
-        if "budgets" in known:
-            known["budgets"] = tuple(known["budgets"])
+        """Parameters read back from a store (untrusted): each must have its field's type and a
+        sane range, since searches and builds size arrays and loops from them."""
+        defaults = cls()
+        known = {}
+        for name, value in data.items():
+            if name not in cls.__dataclass_fields__:
+                continue  # a parameter of another version
+            default = getattr(defaults, name)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 20
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+            elif isinstance(default, tuple):
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and 0 < v <= 1 << 20 for v in value)
+                value = tuple(value) if ok else value
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise RaError(f"index parameter {name}={value!r} is not valid; the context is damaged — ingest again")
+            known[name] = value
         return cls(**known)
 
 

@@ -4,9 +4,9 @@ Edges come from co-selection: two keys that sit next to each other in some prefi
 top-k list are likely to be retrieved together by a decode query. Each key keeps a bounded table of
 candidate neighbours with co-selection counts (the Space-Saving heavy-hitters algorithm, so memory
 is O(n · slots) however long the prefill runs); the graph keeps each key's most frequent ones,
-plus a few nearest keys by L2 from its own neighbourhood so that keys no query selected stay
-reachable. Keys that arrive after the build (a long chat's evicted window) are linked in by search
-(`insert_nodes`).
+plus a few nearest keys by L2 from its own neighbourhood and its positional successor, so that
+every key is reachable. Keys that arrive after the build (a long chat's evicted window) are linked
+in by search (`insert_nodes`).
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ def absorb_lists(lists, table_ids, table_counts):
 
 @njit(cache=True, nogil=True, parallel=True)
 def assemble_adjacency(table_ids, table_counts, knn_all, kv_of_head, n, learned, adjacency):
-    """adjacency [H, n, M] (int32, -1 = empty): per key its `learned` most co-selected neighbours,
-    then its L2 nearest keys (knn_all [KVH, n, NK]). Keys left without an incoming edge get one from
-    their nearest key, so every key is reachable."""
-    heads = table_ids.shape[0]
+    """adjacency [G, n, M] (int32, -1 = empty): per key its `learned` most co-selected neighbours,
+    then its L2 nearest keys (knn_all [KVH, n, NK]), then its positional successor i + 1 in the
+    last slot it can take. The successor edges make every key reachable from key 0 (an entry of
+    every search) whatever the learned edges are — keys no prefill query selected included — and
+    they are the direction a copied phrase is read in."""
+    graphs = table_ids.shape[0]
     width = adjacency.shape[2]
     slots = table_ids.shape[2]
-    for h in prange(heads):
+    for h in prange(graphs):
         knn = knn_all[kv_of_head[h]]
         for i in range(n):
             row = adjacency[h, i]
@@ -80,30 +82,47 @@ def assemble_adjacency(table_ids, table_counts, knn_all, kv_of_head, n, learned,
                     break
             for s in range(knn.shape[1]):
                 j = knn[i, s]
-                if j < 0 or j >= n or j == i or filled == width:
+                if j < 0 or j >= n or j == i or filled == width - 1:
                     continue
-                duplicate = False
-                for t in range(filled):
-                    if row[t] == j:
-                        duplicate = True
-                        break
-                if not duplicate:
+                if not _contains(row, filled, j):
                     row[filled] = j
                     filled += 1
-        indegree = np.zeros(n, np.int32)
-        for i in range(n):
-            for s in range(width):
-                j = adjacency[h, i, s]
-                if j >= 0:
-                    indegree[j] += 1
-        for i in range(n):
-            if indegree[i] > 0:
-                continue
-            for s in range(knn.shape[1]):
-                source = knn[i, s]
-                if 0 <= source < n and source != i:
-                    link_into(adjacency[h, source], i)
-                    break
+            if i + 1 < n and not _contains(row, filled, i + 1):
+                row[filled] = i + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _contains(row, filled, node):
+    for t in range(filled):
+        if row[t] == node:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def reachable(adjacency, n, entries):
+    """Which of ids [0, n) a search can reach from `entries` by following adjacency [n, M] rows
+    (breadth-first): bool [n]."""
+    seen = np.zeros(n, np.bool_)
+    queue = np.empty(n, np.int64)
+    head = tail = 0
+    for e in entries:
+        if 0 <= e < n and not seen[e]:
+            seen[e] = True
+            queue[tail] = e
+            tail += 1
+    while head < tail:
+        node = queue[head]
+        head += 1
+        for j in range(adjacency.shape[1]):
+            neighbor = np.int64(adjacency[node, j])
+            if neighbor < 0 or neighbor >= n:
+                break
+            if not seen[neighbor]:
+                seen[neighbor] = True
+                queue[tail] = neighbor
+                tail += 1
+    return seen
 
 
 @njit(cache=True, nogil=True, inline="always")

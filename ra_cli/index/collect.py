@@ -71,14 +71,17 @@ class PrefillCollector:
                 array.flush()
 
     @torch.inference_mode()
-    def observe(self, layer: int, query: torch.Tensor, keys: torch.Tensor, q_offset: int, kv_offset: int, scaling: float):
+    def observe(self, layer: int, query: torch.Tensor, keys: torch.Tensor, q_offset: int, kv_offset: int, scaling: float,
+                attended: torch.Tensor | None = None):
+        """`attended` [KVH, L] (ascending positions): a sparse prefill chunk attended only these;
+        its sampled queries then rank only them, which keeps the collection linear in length too."""
         if layer not in self.lists or self.n_indexed <= 0:
             return
         self.scaling[layer] = float(scaling)
-        self._record_lists(layer, query[0], keys[0], q_offset, kv_offset)
+        self._record_lists(layer, query[0], keys[0], q_offset, kv_offset, attended)
         self._record_neighbours(layer, keys[0], q_offset, q_offset + query.shape[2], kv_offset)
 
-    def _record_lists(self, layer, query, keys, q_offset, kv_offset):
+    def _record_lists(self, layer, query, keys, q_offset, kv_offset, attended=None):
         q_len = query.shape[1]
         begin, end = np.searchsorted(self.positions, [q_offset, q_offset + q_len])
         if begin == end:
@@ -90,11 +93,22 @@ class PrefillCollector:
         visible_end = min(self.hi, int(positions[-1]) + 1)
         if visible_end <= self.lo:
             return
-        candidates = keys[:, self.lo - kv_offset: visible_end - kv_offset]  # [KVH, n, D]
+        if attended is None:
+            candidates = keys[:, self.lo - kv_offset: visible_end - kv_offset]  # [KVH, n, D]
+            visible = np.minimum(self.positions[begin:end] + 1, self.hi) - self.lo  # causal prefix per query
+        else:
+            # the attended positions in [lo, hi), the same count for every KV head (sparse.py)
+            row = attended[0].cpu().numpy()
+            first, stop = np.searchsorted(row, [self.lo, self.hi])
+            index = attended[:, first:stop]
+            candidates = torch.gather(keys, 1, index[:, :, None].expand(-1, -1, keys.shape[2]).to(keys.device))
+            visible = np.searchsorted(row[first:stop], self.positions[begin:end], side="right")
         take = min(self.params.list_size, candidates.shape[1])
         rows = grouped_rows(sampled, self.kv_heads)  # [KVH, G*s, D]
-        visible = np.minimum(self.positions[begin:end] + 1, self.hi) - self.lo  # causal prefix per query
-        ids = top_lists(rows, candidates, np.tile(visible, self.heads // self.kv_heads), take)
+        ids = top_lists(rows, candidates, np.tile(visible, self.heads // self.kv_heads), take)  # [KVH, G*s, take]
+        if attended is not None:  # candidate ranks -> positions -> ids of the indexed range
+            mapped = np.take_along_axis(index.cpu().numpy(), np.maximum(ids, 0).reshape(self.kv_heads, -1), axis=1)
+            ids = np.where(ids < 0, -1, mapped.reshape(ids.shape) - self.lo).astype(np.int32)
         lists = self.lists[layer]
         lists[:, slots, :take] = ids.reshape(self.heads, end - begin, take)
         lists[:, slots, take:] = -1

@@ -21,7 +21,7 @@ import torch
 from ra_cli.buffers import with_room
 from ra_cli.engine.attention import grouped_scores, static_and_top_mass
 from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult
-from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes
+from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes, reachable
 from ra_cli.index.group_search import search_groups_routed
 
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -40,10 +40,11 @@ def adjacency_dtype(n: int):
 
 @dataclass
 class GraphLayer:
-    adjacency: np.ndarray  # [H, n, M] uint16 (65535 = empty) or int32 (-1 = empty)
-    centroids: np.ndarray  # [H, C, D] float32
-    entries: np.ndarray  # [H, C, E] int32
+    adjacency: np.ndarray  # [KVH, n, M] uint16 (65535 = empty) or int32 (-1 = empty)
+    centroids: np.ndarray  # [KVH, C, D] float32
+    entries: np.ndarray  # [KVH, C, E] int32
     ef: int
+    selected: np.ndarray | None = None  # [KVH, ceil(n/8)] uint8 bits: keys in some sampled prefill query's list
     validation_recall: float | None = None
     validation_evaluations: float | None = None
     build_seconds: float = 0.0
@@ -125,7 +126,7 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     if adjacency_dtype(n) == np.uint16:
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
     centroids, entries = kmeans_router(group_queries, group_lists, params)
-    layer = GraphLayer(adjacency, centroids, entries, ef=128)
+    layer = GraphLayer(adjacency, centroids, entries, ef=128, selected=selected_keys(lists, kv_heads, n))
     probes = np.nonzero(held_out)[0][-CALIBRATION_QUERIES:]
     if probes.size:
         truth = np.asarray(lists[:, probes])
@@ -135,6 +136,18 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
             ef_hint)
     layer.build_seconds = time.perf_counter() - started
     return layer
+
+
+def selected_keys(lists: np.ndarray, kv_heads: int, n: int) -> np.ndarray:
+    """Bit-packed [KVH, ceil(n/8)]: the keys some sampled prefill query (training or held out) of
+    the KV head's query heads ranked in its top list. The others are the rare keys: a fact stated
+    once and never looked at again, which only the graph's other edges can lead a search to."""
+    grouped = np.asarray(lists).reshape(kv_heads, -1)
+    selected = np.zeros((kv_heads, n), bool)
+    for g in range(kv_heads):
+        ids = grouped[g][grouped[g] >= 0]
+        selected[g, ids[ids < n]] = True
+    return np.packbits(selected, axis=1)
 
 
 def attention_coverage(all_keys: np.ndarray, queries: np.ndarray, positions: np.ndarray, lo: int, hi: int,
@@ -204,6 +217,17 @@ class GraphLayerIndex(LayerIndex):
     @property
     def default_ef(self) -> int:
         return self.layer.ef
+
+    def entry_points(self, g: int) -> np.ndarray:
+        """Every key a search of KV head g can start from before decoding carries its own: the
+        router's entries, the newest keys and key 0."""
+        recent = np.arange(max(0, self.n - RECENT_ENTRIES), self.n)
+        return np.unique(np.concatenate([np.asarray(self.layer.entries[g]).reshape(-1), recent, [0]]))
+
+    def reachability(self) -> np.ndarray:
+        """Fraction of the indexed keys reachable from the entry points, per KV head (BFS)."""
+        return np.array([reachable(np.asarray(self.layer.adjacency[g]), self.n, self.entry_points(g)).mean()
+                         for g in range(self.kv_heads)])
 
     def beam(self, ef: int | None, k: int) -> int:
         # the lockstep search keeps the best k of every key it scores: the beam only sets the effort

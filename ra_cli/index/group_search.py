@@ -264,18 +264,19 @@ def search_groups_routed(queries, keys, adjacency, n_valid, centroids, entries, 
 
     queries [H, q, D] (head h reads KV head h // G); keys [KVH, n, D]; adjacency [KVH, n, M];
     router centroids [KVH, C, D] with entry keys [KVH, C, E]; each search starts from the entries of
-    the `route` clusters nearest each of its queries, the `recent` newest keys and extra [KVH, X]
-    (-1 = none). Scratch per KV head: visited [KVH, words], kept [KVH, G, >= ef], todo [KVH, G,
+    the `route` clusters nearest each of its queries, the `recent` newest keys, extra [KVH, X]
+    (-1 = none) and key 0. Scratch per KV head: visited [KVH, words], kept [KVH, G, >= ef], todo [KVH, G,
     cap], best [KVH, G, >= k]. out_evals [H, q]: keys each query head scored, router included."""
     kv_heads = keys.shape[0]
     groups = queries.shape[0] // kv_heads
     fixed = groups * route * entries.shape[2]
     for g in prange(kv_heads):
-        chosen = np.empty(fixed + recent + extra.shape[1], np.int32)
+        chosen = np.empty(fixed + recent + extra.shape[1] + 1, np.int32)
         for j in range(recent):
             chosen[fixed + j] = n_valid - 1 - j if j < n_valid else -1
         for j in range(extra.shape[1]):
             chosen[fixed + recent + j] = extra[g, j]
+        chosen[-1] = 0  # the first key: with successor edges every key is reachable from it
         first = g * groups
         group_queries = np.empty((groups, queries.shape[2]), np.float32)  # contiguous: dots vectorize
         for i in range(queries.shape[1]):

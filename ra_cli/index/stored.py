@@ -18,7 +18,7 @@ COVERAGE_QUERIES = 32
 
 def index_files(kind: str, layer: int, kv_heads: int) -> dict[str, str]:
     if kind == "graph":
-        return {name: f"index/{name}_{layer:03d}.npy" for name in ("graph", "router", "entries")}
+        return {name: f"index/{name}_{layer:03d}.npy" for name in ("graph", "router", "entries", "selected")}
     if kind == "hnsw":
         return {f"hnsw{g}": f"index/hnsw_{layer:03d}_{g}.bin" for g in range(kv_heads)}
     return {}
@@ -48,6 +48,7 @@ def build_store_indexes(writer, collector, params: IndexParams, heads: int, on_l
             np.save(writer.add_file(files["graph"]), built.adjacency)
             np.save(writer.add_file(files["router"]), built.centroids)
             np.save(writer.add_file(files["entries"]), built.entries)
+            np.save(writer.add_file(files["selected"]), built.selected)
             entry = {"ef": built.ef, "validation_recall": built.validation_recall,
                      "validation_evaluations": built.validation_evaluations,
                      "build_seconds": round(built.build_seconds, 3)}
@@ -96,8 +97,9 @@ def open_layer_index(store, layer: int, keys: np.ndarray | None = None):
             centroids=_load(store, files["router"]),
             entries=_load(store, files["entries"]),
             ef=int(entry["ef"]),
+            selected=_load(store, files["selected"]),
         )
-        _check_graph(store, graph, keys.shape[0], n)
+        _check_graph(store, graph, keys.shape[0], n, keys.shape[2])
         return GraphLayerIndex(graph, keys, params, n)
     if kind == "hnsw":
         graphs = [parse_hnsw_file(store.file(files[f"hnsw{g}"]), keys.shape[2]) for g in range(keys.shape[0])]
@@ -112,12 +114,24 @@ def _load(store, relative: str, mmap: bool = False) -> np.ndarray:
         raise RaError(f"{store.path}: cannot read {relative} ({exc}); ingest again")
 
 
-def _check_graph(store, graph: GraphLayer, heads: int, n: int) -> None:
-    """`heads`: graphs expected, one per KV head."""
-    adjacency = graph.adjacency
-    if adjacency.ndim != 3 or adjacency.shape[:2] != (heads, n):
-        raise RaError(f"{store.path}: graph has shape {adjacency.shape}, expected ({heads}, {n}, M); ingest again")
-    if graph.entries.shape[0] != heads or graph.centroids.shape[0] != heads:
-        raise RaError(f"{store.path}: graph router does not match the model's {heads} heads; ingest again")
-    if graph.entries.size and (graph.entries.max() >= n):
-        raise RaError(f"{store.path}: graph entry ids out of range; the index is damaged — ingest again")
+def _check_graph(store, graph: GraphLayer, kv_heads: int, n: int, dim: int) -> None:
+    """A stored graph is untrusted input: every shape, dtype and id the kernels rely on is checked
+    before they read it (one graph per KV head; router centroids of the keys' dimension)."""
+    adjacency, centroids, entries, selected = graph.adjacency, graph.centroids, graph.entries, graph.selected
+
+    def bad(what: str):
+        raise RaError(f"{store.path}: the graph index {what}; the context is damaged — ingest again")
+
+    if adjacency.ndim != 3 or adjacency.shape[:2] != (kv_heads, n) or adjacency.shape[2] < 1:
+        bad(f"has shape {adjacency.shape}, expected ({kv_heads}, {n}, M)")
+    if adjacency.dtype not in (np.uint16, np.int32) or (adjacency.dtype == np.uint16 and n >= 65535):
+        bad(f"has ids of type {adjacency.dtype} for {n} keys")
+    if centroids.ndim != 3 or centroids.shape[0] != kv_heads or centroids.shape[2] != dim or centroids.shape[1] < 1 \
+            or centroids.dtype != np.float32:
+        bad(f"router has shape {centroids.shape} ({centroids.dtype}), expected ({kv_heads}, C, {dim}) float32")
+    if entries.ndim != 3 or entries.shape[:2] != centroids.shape[:2] or entries.dtype != np.int32:
+        bad(f"entries have shape {entries.shape} ({entries.dtype}), expected {centroids.shape[:2] + ('E',)} int32")
+    if entries.size and (int(entries.max()) >= n or int(entries.min()) < -1):
+        bad("has entry ids out of range")
+    if selected is None or selected.shape != (kv_heads, (n + 7) // 8) or selected.dtype != np.uint8:
+        bad("has a malformed selected-keys mask")

@@ -201,3 +201,47 @@ def _bitsandbytes_kwargs(quantize: str, device) -> dict:
     config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
               if quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
     return {"quantization_config": config, "device_map": {"": device.index or 0}, "dtype": compute}
+
+
+def load_synthetic(shape: str, device: str = "auto", dtype: ComputeDtype | str = "auto",
+                   weights: WeightFormat | str = "auto", quantize: str | None = None) -> LoadedModel:
+    """A model of a real architecture's shape with random weights (model/synthetic.py): timing
+    only. It has no tokenizer; benchmarks feed it token ids."""
+    import torch
+
+    from ra_cli.engine.attention import install
+    from ra_cli.engine.forward import LeanDecoder, supports
+    from ra_cli.model.synthetic import synthetic_model
+
+    torch_device = pick_device(device)
+    lean_ok = quantize is None and torch_device.type == "cpu"
+    torch_dtype, weight_format = plan(dtype, weights, torch_device, lean_ok)
+    build_dtype = torch.float32 if weight_format is not WeightFormat.dense else torch_dtype
+    model, seconds = synthetic_model(shape, torch_device, build_dtype, quantize)
+    if weight_format is not WeightFormat.dense and supports(model):
+        model.ra_lean = LeanDecoder(model, weight_format, torch_dtype, torch.float32).to(torch_device)
+        model.model.layers = torch.nn.ModuleList()
+    install(model)
+    label = dtype_name(torch_dtype) + ("" if weight_format is WeightFormat.dense else f"+{weight_format.value}")
+    label += f"-{quantize}" if quantize else ""
+    fingerprint = Fingerprint(source=f"synthetic:{shape}", weights_id=f"synthetic:{shape}:seed0",
+                              config_sha256=config_sha256(model.config), tokenizer_sha256="none", dtype=label)
+    spec = ModelSpec(name=f"synthetic:{shape}", kind="synthetic")
+    return LoadedModel(model, None, spec, fingerprint, torch_device, torch_dtype, seconds, weight_format,
+                       trained_context(model.config))
+
+
+def cap_device_memory(device: str, gigabytes: float | None) -> None:
+    """Make a big accelerator stand in for a smaller one: torch may allocate at most `gigabytes`
+    in this process (beyond it, allocations fail as they would on the smaller card)."""
+    if gigabytes is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available() or pick_device(device).type != "cuda":
+        raise RaError("--gpu-mem-gb caps accelerator memory, and no CUDA GPU is in use; drop it or use --device cuda")
+    target = pick_device(device)
+    total = torch.cuda.get_device_properties(target).total_memory
+    if gigabytes * 2**30 > total:
+        raise RaError(f"--gpu-mem-gb {gigabytes:g} is more than this GPU has ({total / 2**30:.1f} GB)")
+    torch.cuda.set_per_process_memory_fraction(gigabytes * 2**30 / total, target)

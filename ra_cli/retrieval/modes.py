@@ -4,6 +4,8 @@
 - `retrieval`: global layers keep a static set (sinks + recent window) on the device and search
   the store's index for the rest; layers that ingest measured as too diffuse stay dense.
 - `flat`: like retrieval, but the search is an exact top-k scan (what retrieval approximates).
+- `offload`: full attention with all KV in host memory, streamed to the accelerator layer by layer
+  (what a long context falls back to when its KV does not fit; the same as full on a CPU).
 - `graph` / `hnsw`: retrieval, naming the index the context must have been built with.
 """
 
@@ -13,7 +15,7 @@ from enum import Enum
 
 import numpy as np
 
-from ra_cli.engine.cache import ContextCache, DeviceKVLayer
+from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
 from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
@@ -27,6 +29,7 @@ class AttentionMode(str, Enum):
     retrieval = "retrieval"
     full = "full"
     flat = "flat"
+    offload = "offload"
     graph = "graph"
     hnsw = "hnsw"
 
@@ -49,6 +52,8 @@ def open_cache(loaded, store: ContextStore, mode: AttentionMode | str = Attentio
     mode = AttentionMode(mode)
     if mode is AttentionMode.full:
         return full_attention_cache(loaded, store)
+    if mode is AttentionMode.offload:
+        return offloaded_cache(loaded, store)
     if "index" not in store.manifest:
         raise RaError(f"{store.path}: this context has no index section; ingest it again")
     kind = store.manifest["index"]["kind"]
@@ -63,6 +68,17 @@ def full_attention_cache(loaded, store: ContextStore) -> ContextCache:
     cache = ContextCache.full(loaded.model.config, capacity=store.n_tokens + CONVERSATION_ROOM)
     for index, layer in enumerate(cache.layers):
         layer.load(_device_kv(loaded, store, store.keys(index)), _device_kv(loaded, store, store.values(index)))
+    return cache
+
+
+def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
+    """Every stored key and value in host memory, streamed to the device per layer: exact attention."""
+    windows = [shape.sliding_window for shape in store.layers]
+    cache = ContextCache([HostKVLayer(i, loaded.device, window, store.n_tokens + CONVERSATION_ROOM)
+                          for i, window in enumerate(windows)])
+    for index, layer in enumerate(cache.layers):
+        layer.load(kv_to_tensor(store.keys(index), store.kv_dtype, "cpu", loaded.cache_dtype)[None],
+                   kv_to_tensor(store.values(index), store.kv_dtype, "cpu", loaded.cache_dtype)[None])
     return cache
 
 
