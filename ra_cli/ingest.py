@@ -155,7 +155,8 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
     shapes = layer_shapes(loaded.model.config)
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype)
     n = len(tokens)
-    cache = ContextCache.full(loaded.model.config, capacity=n)
+    # float32 copies on a CPU: the collector ranks prefill queries against these keys exactly
+    cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
     mode = options.prefill_mode(n, loaded.device)
     if mode == "sparse":
         cache.use_sparse_prefill(sparse_policy(options))

@@ -17,6 +17,7 @@ KV_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_KINDS = ("graph", "hnsw", "flat")
 PROMPT_TEXT = ("style", "opening", "first_open", "close", "turn_open")
 HEX64 = re.compile(r"[0-9a-f]{64}")
+GRAPH_FILES = ("graph", "router", "entries", "selected")
 
 
 class _Invalid(Exception):
@@ -116,3 +117,7 @@ def _validate(root: Path, manifest: dict) -> None:
               f"index layer {key} has a malformed coverage")
         for name, relative in entry.get("files", {}).items():
             listed(relative, f"index layer {key} file {name}")
+        needed = {"graph": GRAPH_FILES, "flat": (),
+                  "hnsw": tuple(f"hnsw{g}" for g in range(layers[int(key)]["kv_heads"]))}[index["kind"]]
+        missing = [name for name in needed if name not in entry.get("files", {})]
+        _need(not missing, f"index layer {key} lacks its {', '.join(missing)} file")

@@ -71,19 +71,33 @@ SMALL_QUERY = 16
 def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offset: int = 0,
                     sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D]."""
+    out_dtype = query.dtype
+    query = query.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
     q_len, kv_len = query.shape[2], keys.shape[2]
     needs_mask = q_len > 1 or (sliding_window is not None and q_offset - kv_offset >= sliding_window)
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
-    if mask is None and softcap is None and q_len <= SMALL_QUERY:
-        # decode: scores of the grouped heads, softmax, values — no log-sum-exp needed here
-        weights = torch.softmax(grouped_scores(query, keys, grouped=True).float() * scaling, dim=-1)
-        out = torch.matmul(weights.to(values.dtype), values)
-        return out.reshape(query.shape[0], query.shape[1], q_len, -1).to(query.dtype)
+    if mask is None and softcap is None and q_len <= SMALL_QUERY and query.shape[0] == 1:
+        return decode_attention(query, keys, values, scaling).to(out_dtype)
     if q_len <= SMALL_QUERY or softcap is not None:
         out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)
-        return out.to(query.dtype)
+        return out.to(out_dtype)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                          enable_gqa=keys.shape[1] != query.shape[1])
+                                          enable_gqa=keys.shape[1] != query.shape[1]).to(out_dtype)
+
+
+def decode_attention(query, keys, values, scaling: float) -> torch.Tensor:
+    """softmax(q k^T) v for a few query positions that see every key, no log-sum-exp: query
+    [1, H, q, D], keys/values [1, KVH, n, D] -> [1, H, q, D]. One KV head at a time: a head's [n, D]
+    slice of a cache buffer is contiguous while the whole [KVH, n, D] view is not, and bf16 matmuls
+    on strided views run several times slower (measured: 4.9 vs 0.9 ms at 32K keys)."""
+    heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
+    kv_heads = keys.shape[1]
+    rows = grouped_rows(query[0], kv_heads)  # [KVH, G*q, D]
+    out = []
+    for g in range(kv_heads):
+        scores = torch.matmul(rows[g], keys[0, g].transpose(0, 1)).float() * scaling
+        out.append(torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values[0, g]))
+    return torch.stack(out).reshape(1, heads, count, values.shape[3])
 
 
 def attention_with_lse(query, keys, values, scaling: float, mask: torch.Tensor | None = None,

@@ -66,11 +66,12 @@ class DeviceKVLayer(AttentionLayer):
 
     is_sliding = False
 
-    def __init__(self, layer_idx: int, sliding_window: int | None = None, capacity: int = 256):
+    def __init__(self, layer_idx: int, sliding_window: int | None = None, capacity: int = 256, dtype=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.capacity = capacity  # first allocation, in tokens
+        self.dtype = dtype  # of the buffers; None: that of the first keys written
         self.length = 0
         self.observer: Callable | None = None
         self.timer: AttentionTimer | None = None
@@ -79,8 +80,9 @@ class DeviceKVLayer(AttentionLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]))
-        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
+        dtype = self.dtype or key_states.dtype
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]), dtype=dtype)
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]), dtype=dtype)
         self.is_initialized = True
 
     def reserve(self, tokens: int) -> None:
@@ -182,9 +184,9 @@ class ContextCache(Cache):
                 layer.sparse, layer.block_means = policy, BlockMeans()
 
     @classmethod
-    def full(cls, config, capacity: int = 256) -> "ContextCache":
+    def full(cls, config, capacity: int = 256, dtype=None) -> "ContextCache":
         """Exact attention over all KV on the compute device; `capacity` tokens allocated up front."""
-        return cls([DeviceKVLayer(i, window, capacity) for i, window in enumerate(layer_windows(config))])
+        return cls([DeviceKVLayer(i, window, capacity, dtype) for i, window in enumerate(layer_windows(config))])
 
     @property
     def length(self) -> int:

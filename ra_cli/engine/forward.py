@@ -95,8 +95,9 @@ class LeanDecoder(torch.nn.Module):
             query = qk[:, :, : self.heads].transpose(1, 2).to(self.cache_dtype)
             key = qk[:, :, self.heads:].transpose(1, 2)
             value = qkv[..., q_width + kv_width:].reshape(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
-            # rounded to the KV precision, held in the cache dtype: what a store reloads, exactly
-            layer.update(key.to(self.kv_dtype).to(self.cache_dtype), value.to(self.kv_dtype).to(self.cache_dtype))
+            # rounded to the KV precision (what a store reloads, exactly); each layer holds it in
+            # its own buffer's dtype
+            layer.update(key.to(self.kv_dtype), value.to(self.kv_dtype))
             attended = layer.attend(query, self.scaling)  # [1, H, T, D]
             x = x + block.out(attended.transpose(1, 2).reshape(1, count, q_width)).float()
             h = F.rms_norm(x, (self.hidden,), block.mlp_norm, self.eps)

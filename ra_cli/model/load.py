@@ -42,9 +42,10 @@ class LoadedModel:
 
     @property
     def cache_dtype(self):
-        """dtype of the KV tensors cache layers hold. On a CPU with bf16 compute they hold float32
-        copies of bf16 values — exact, and CPU kernels are several times faster in float32 than
-        in bf16 at decode shapes (measured) — while stores keep bf16 on disk."""
+        """dtype of the static set a retrieval layer holds. On a CPU it is float32 copies of the
+        (bf16) KV values — exact, and the CPU's small-attention kernels run several times faster in
+        float32 (measured). Full-attention layers hold `dtype` itself: at long contexts reading
+        half the bytes wins."""
         import torch
 
         return torch.float32 if self.device.type == "cpu" else self.dtype

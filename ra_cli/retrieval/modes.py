@@ -67,8 +67,13 @@ def full_attention_cache(loaded, store: ContextStore) -> ContextCache:
     """Every stored key and value on the compute device: exact attention."""
     cache = ContextCache.full(loaded.model.config, capacity=store.n_tokens + CONVERSATION_ROOM)
     for index, layer in enumerate(cache.layers):
-        layer.load(_device_kv(loaded, store, store.keys(index)), _device_kv(loaded, store, store.values(index)))
+        layer.load(_dense_kv(loaded, store, store.keys(index)), _dense_kv(loaded, store, store.values(index)))
     return cache
+
+
+def _dense_kv(loaded, store: ContextStore, array):
+    """KV of a full-attention layer: in the model's own dtype (bf16: half the bytes to stream)."""
+    return kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.dtype)[None]
 
 
 def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
@@ -77,8 +82,8 @@ def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
     cache = ContextCache([HostKVLayer(i, loaded.device, window, store.n_tokens + CONVERSATION_ROOM)
                           for i, window in enumerate(windows)])
     for index, layer in enumerate(cache.layers):
-        layer.load(kv_to_tensor(store.keys(index), store.kv_dtype, "cpu", loaded.cache_dtype)[None],
-                   kv_to_tensor(store.values(index), store.kv_dtype, "cpu", loaded.cache_dtype)[None])
+        layer.load(kv_to_tensor(store.keys(index), store.kv_dtype, "cpu", loaded.dtype)[None],
+                   kv_to_tensor(store.values(index), store.kv_dtype, "cpu", loaded.dtype)[None])
     return cache
 
 
@@ -103,7 +108,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
     for i, shape in enumerate(store.layers):
         if shape.sliding_window is not None or i in dense:
             layer = DeviceKVLayer(i, shape.sliding_window, capacity=n + CONVERSATION_ROOM)
-            layer.load(_device_kv(loaded, store, store.keys(i)), _device_kv(loaded, store, store.values(i)))
+            layer.load(_dense_kv(loaded, store, store.keys(i)), _dense_kv(loaded, store, store.values(i)))
             layers.append(layer)
             continue
         # Every search touches keys at random: a RAM copy (numpy asks for transparent huge pages)
