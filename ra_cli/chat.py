@@ -11,7 +11,8 @@ from ra_cli.engine.generate import Sampling, decode, prefill
 from ra_cli.errors import RaError
 from ra_cli.model import LoadedModel
 from ra_cli.prompt import Prompter, PromptLayout
-from ra_cli.retrieval.modes import AttentionMode, open_cache
+from ra_cli.choices import AttentionMode
+from ra_cli.retrieval.modes import open_cache
 from ra_cli.retrieval.layer import RetrievalSettings
 from ra_cli.store import ContextStore
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,3 +46,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, doing: str, on_wait=None):
+    """Hold an exclusive lock on `lock_file` for the block: a second ra process that wants it says
+    so through `on_wait` and waits (Ctrl-C stops the wait). The lock is the OS's (flock): it dies
+    with its process, so a killed process leaves no stale lock behind — only the empty file."""
+    from filelock import FileLock, Timeout
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait(f"another ra process is {doing}; waiting for it to finish (Ctrl-C stops waiting)")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -14,6 +14,7 @@ from ra_cli.engine.cache import ContextCache, layer_windows
 from ra_cli.engine.generate import prefill
 from ra_cli.engine.sparse import SparsePrefill
 from ra_cli.errors import RaError
+from ra_cli.files import exclusive
 from ra_cli.index import IndexParams, build_store_indexes
 from ra_cli.index.collect import PrefillCollector
 from ra_cli.model import LoadedModel, dtype_name
@@ -141,16 +142,36 @@ def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: In
                   f"{policy.window:,} tokens and {policy.blocks} blocks of {policy.block} chosen per KV head; linear "
                   "time instead of quadratic); --prefill full for exact attention over everything")
     header = store_header(loaded, document, options, layout.as_dict())
-    return write_context(loaded, tokens, pages, header, out, options, on_progress, on_index)
+    return write_context(loaded, tokens, pages, header, out, options, on_progress, on_index, on_notice)
 
 
 def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], header: dict, out: str | Path,
-                  options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
+                  options: IngestOptions, on_progress=None, on_index=None, on_notice=None) -> IngestResult:
     """Prefill `tokens` in chunks, streaming their KV (and what the index learns from) to disk,
-    build the search index and publish the store at `out`."""
+    build the search index and publish the store at `out`. One process at a time writes a given
+    `out` (`<out>.lock`); one that waited finds the store complete and reuses it."""
     if options.chunk_size < 1:
         raise RaError("--chunk-size must be at least 1")
     out = Path(out)
+    with exclusive(out.with_name(out.name + ".lock"), f"writing {out.name}", on_notice):
+        done = _complete_with(out, header, len(tokens))
+        if done is not None:
+            return done
+        return _write_context(loaded, tokens, pages, header, out, options, on_progress, on_index)
+
+
+def _complete_with(out: Path, header: dict, n: int) -> IngestResult | None:
+    """`out` as a finished ingest of exactly these inputs (made meanwhile by another process), if it is one."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    same = manifest.get("n_tokens") == n and all(manifest.get(key) == value for key, value in json.loads(json.dumps(header)).items())
+    return IngestResult(out, n, n, 0, 0.0) if same else None
+
+
+def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], header: dict, out: Path,
+                   options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
     kv_dtype = header["params"]["kv_dtype"]
     shapes = layer_shapes(loaded.model.config)
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype)

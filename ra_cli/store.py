@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +34,6 @@ PROGRESS = "progress.json"
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
-
-class KvDtype(str, Enum):
-    auto = "auto"  # the model's compute dtype: reloaded KV is bit-identical to what prefill made
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
 
 
 def numpy_storage_dtype(dtype_name: str):

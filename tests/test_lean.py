@@ -10,7 +10,8 @@ from ra_cli.engine.attention import install
 from ra_cli.engine.cache import ContextCache
 from ra_cli.engine.forward import LeanDecoder
 from ra_cli.engine.generate import prefill
-from ra_cli.engine.linear import PackedLinear, WeightFormat, int4_groups
+from ra_cli.choices import WeightFormat
+from ra_cli.engine.linear import PackedLinear, int4_groups
 
 
 def q4_weight(rows=48, cols=64, seed=0):
@@ -70,7 +71,7 @@ def _lean_logits(lean, config, ids):
 
 
 def test_lean_forward_equals_transformers_in_float32(loaded):
-    lean = LeanDecoder(loaded.model, WeightFormat.dense, torch.float32)
+    lean = LeanDecoder.from_model(loaded.model, WeightFormat.dense, torch.float32)
     ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_lean_logits(lean, loaded.model.config, ids),
                                _transformers_logits(loaded.model, ids)[PREFILL - 1:], atol=2e-4, rtol=0)
@@ -87,7 +88,7 @@ def test_lean_forward_handles_qwen2_biases_and_rope():
         for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             projection.bias.data.normal_()
     install(model)
-    lean = LeanDecoder(model, WeightFormat.dense, torch.float32)
+    lean = LeanDecoder.from_model(model, WeightFormat.dense, torch.float32)
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(_lean_logits(lean, config, ids), _transformers_logits(model, ids)[PREFILL - 1:],
                                atol=1e-4, rtol=0)
@@ -101,3 +102,19 @@ def test_fast_default_tracks_float32(loaded, loaded_fast):
     fast = torch.log_softmax(prefill(loaded_fast.model, ContextCache.full(loaded_fast.model.config), ids), -1)
     assert int(fast.argmax()) == int(reference.argmax())
     assert float((reference.exp() * (reference - fast)).sum()) < 0.05
+
+
+def test_the_cached_pack_is_the_fresh_pack(loaded_fast, loaded):
+    """Later starts load the packed decoder from the cache (no packing): bit-identical tensors and
+    logits to packing the float32 weights afresh."""
+    fresh = LeanDecoder.from_model(loaded.model, WeightFormat.int4, torch.bfloat16, torch.float32)
+    cached = loaded_fast.model.ra_lean
+    fresh_state, cached_state = fresh.state(), cached.state()
+    assert fresh_state.keys() == cached_state.keys()
+    for name, tensor in fresh_state.items():
+        assert torch.equal(tensor, cached_state[name]), name
+    ids = torch.tensor([[1, 504, 3213, 314, 253, 1159, 28]])
+    with torch.inference_mode():
+        a = fresh(ids, ContextCache.full(loaded.model.config))
+        b = cached(ids, ContextCache.full(loaded.model.config))
+    assert torch.equal(a, b)

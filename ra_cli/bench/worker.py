@@ -95,7 +95,7 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     device = loaded.device.type == "cuda"
     return {
         "context_tokens": store.n_tokens, "mode": mode, "decode_ms_per_token": round(1000 * statistics.median(steps), 3),
-        "body_ms": round(mean - search - attention - other, 3), "search_ms": round(search, 3),
+        "decode_mean_ms": round(mean, 3), "body_ms": round(mean - search - attention - other, 3), "search_ms": round(search, 3),
         "attention_ms": round(attention, 3), "other_ms": round(other, 3),
         "ingest_tokens_per_s": round(ingest_rate, 1) if ingest_rate else None, "ingest_cached": ingest_cached,
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": torch.cuda.max_memory_allocated() if device else None,

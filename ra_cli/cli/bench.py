@@ -159,7 +159,8 @@ def eval_command(
     """Fidelity of retrieval attention against full attention on the same context."""
     from ra_cli.bench.fidelity import EvalConfig, run_eval
     from ra_cli.ingest import IngestOptions
-    from ra_cli.retrieval.modes import AttentionMode, settings_for
+    from ra_cli.choices import AttentionMode
+    from ra_cli.retrieval.modes import settings_for
     from ra_cli.ui import stderr, status
 
     if attention not in ("retrieval", "flat", "graph", "hnsw"):

@@ -11,7 +11,7 @@ import typer
 
 from ra_cli.cli import options as opt
 from ra_cli.cli.steps import load_model, open_store, read_source
-from ra_cli.retrieval.modes import AttentionMode
+from ra_cli.choices import AttentionMode
 
 
 def chat_command(

@@ -60,6 +60,10 @@ def ingest_command(
     if as_json:
         print(json.dumps(summary))
         return
+    if result.prefilled_tokens == 0:
+        stderr.print(f"{result.path} already holds {doc.name} ({result.n_tokens:,} tokens) from the same model and "
+                     "options; nothing to do", markup=False, highlight=False)
+        return
     resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
     stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({len(doc.pages)} pages) to {result.path}: "
                  f"prefilled {result.prefilled_tokens:,}{resumed} in {result.seconds:.1f} s, "

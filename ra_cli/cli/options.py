@@ -7,10 +7,7 @@ import re
 
 import typer
 
-from ra_cli.index.base import IndexKind
-from ra_cli.engine.linear import WeightFormat
-from ra_cli.model import ComputeDtype
-from ra_cli.store import KvDtype
+from ra_cli.choices import ComputeDtype, IndexKind, KvDtype, WeightFormat
 
 
 def _device(value: str) -> str:

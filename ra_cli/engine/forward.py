@@ -15,47 +15,76 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ra_cli.engine.linear import PackedLinear, WeightFormat, fused
+from ra_cli.choices import WeightFormat
+from ra_cli.engine.linear import PackedLinear, fused
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
-def supports(model) -> bool:
-    config = model.config
+def supports(config) -> bool:
+    """Whether a transformers config describes a decoder this forward computes exactly."""
     return (config.model_type in SUPPORTED and getattr(config, "hidden_act", "silu") == "silu"
-            and not getattr(config, "mlp_bias", False) and hasattr(model, "lm_head"))
+            and not getattr(config, "mlp_bias", False))
 
 
 class LeanDecoder(torch.nn.Module):
-    def __init__(self, model, decode: WeightFormat, dtype: torch.dtype = torch.bfloat16,
-                 cache_dtype: torch.dtype | None = None):
+    """The decoder's weights in the forms ra runs them, and the forward over them. Built once from
+    a transformers model (`from_model`: packing costs seconds) and then reloaded from the packed
+    tensors (`from_state`)."""
+
+    def __init__(self, config, rotary, dtype: torch.dtype = torch.bfloat16, cache_dtype: torch.dtype | None = None):
         super().__init__()
         self.kv_dtype = dtype  # precision of keys and values (what a store keeps)
-        self.cache_dtype = cache_dtype or dtype  # dtype of the tensors handed to the cache layers
-        config = model.config
-        base = model.model
+        self.cache_dtype = cache_dtype or dtype  # dtype of the query handed to the cache layers
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
         self.hidden = config.hidden_size
-        self.embed = base.embed_tokens.weight.detach().to(dtype)
-        self.rotary = base.rotary_emb
+        object.__setattr__(self, "rotary", rotary)  # the model's own module; not part of the packed state
         self.blocks = torch.nn.ModuleList()
+        self._cos = self._sin = None
+
+    @classmethod
+    def from_model(cls, model, decode: WeightFormat, dtype: torch.dtype = torch.bfloat16,
+                   cache_dtype: torch.dtype | None = None) -> "LeanDecoder":
+        base = model.model
+        lean = cls(model.config, base.rotary_emb, dtype, cache_dtype)
+        lean.register_buffer("embed", base.embed_tokens.weight.detach().to(dtype))
         for layer in base.layers:
             attention, mlp = layer.self_attn, layer.mlp
             block = torch.nn.Module()
-            block.attn_norm = layer.input_layernorm.weight.detach().float()
+            block.register_buffer("attn_norm", layer.input_layernorm.weight.detach().float())
             block.qkv = fused([attention.q_proj, attention.k_proj, attention.v_proj], decode, dtype)
             block.out = PackedLinear(attention.o_proj.weight, attention.o_proj.bias, decode, dtype)
-            block.mlp_norm = layer.post_attention_layernorm.weight.detach().float()
+            block.register_buffer("mlp_norm", layer.post_attention_layernorm.weight.detach().float())
             block.gate_up = fused([mlp.gate_proj, mlp.up_proj], decode, dtype)
             block.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, decode, dtype)
-            self.blocks.append(block)
-        self.norm = base.norm.weight.detach().float()
-        self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), decode, dtype)
-        self._cos = self._sin = None
+            lean.blocks.append(block)
+        lean.register_buffer("norm", base.norm.weight.detach().float())
+        lean.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), decode, dtype)
+        return lean
+
+    @classmethod
+    def from_state(cls, config, rotary, state: dict, dtype: torch.dtype, cache_dtype: torch.dtype | None = None):
+        """The decoder `state()` saved: no packing, no transformers weights."""
+        lean = cls(config, rotary, dtype, cache_dtype)
+        lean.register_buffer("embed", state["embed"])
+        for i in range(config.num_hidden_layers):
+            prefix = f"blocks.{i}."
+            block = torch.nn.Module()
+            block.register_buffer("attn_norm", state[prefix + "attn_norm"])
+            block.register_buffer("mlp_norm", state[prefix + "mlp_norm"])
+            for name in ("qkv", "out", "gate_up", "down"):
+                setattr(block, name, PackedLinear.from_state(state, prefix + name + "."))
+            lean.blocks.append(block)
+        lean.register_buffer("norm", state["norm"])
+        lean.lm_head = PackedLinear.from_state(state, "lm_head.")
+        return lean
+
+    def state(self) -> dict:
+        return {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
 
     @property
     def decode_bytes(self) -> int:

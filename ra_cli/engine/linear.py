@@ -14,20 +14,13 @@ not on such a grid (Q5/Q6/Q8, float checkpoints) get int8 rows, 255 levels per o
 
 from __future__ import annotations
 
-from enum import Enum
-
+from ra_cli.choices import WeightFormat
 import torch
 import torch.nn.functional as F
 
 DECODE_ROWS = 16  # up to this many rows use the decode weights
 GROUP = 32  # int4 group size along the input dimension (the GGUF block size)
 
-
-class WeightFormat(str, Enum):
-    auto = "auto"  # int4 where exact, else int8, on CPU; dense on GPUs
-    dense = "dense"  # the compute dtype throughout
-    int8 = "int8"  # int8 rows for decode
-    int4 = "int4"  # int4 groups for decode where they are exact, int8 rows elsewhere
 
 
 def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -78,6 +71,17 @@ class PackedLinear(torch.nn.Module):
             self.register_buffer("int8", torch.round(weight / scale[:, None]).to(torch.int8))
             self.register_buffer("int8_scales", scale.to(torch.bfloat16))
             self.kind = "int8"
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str) -> "PackedLinear":
+        """A layer from the tensors a saved state holds under `prefix` (no packing work)."""
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        for name in ("dense", "bias", "packed", "scales_zeros", "int8", "int8_scales"):
+            layer.register_buffer(name, state.get(prefix + name))
+        layer.out_features, layer.in_features = layer.dense.shape
+        layer.kind = "int4" if layer.packed is not None else "int8" if layer.int8 is not None else "dense"
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dense.dtype)

@@ -5,7 +5,8 @@ layer's indexed range [lo, hi) (position = lo + id), raw scores and counted dist
 `stored` builds them into a store and opens them from one.
 """
 
-from ra_cli.index.base import KINDS, IndexKind, IndexParams, SearchResult, indexed_range
+from ra_cli.choices import IndexKind
+from ra_cli.index.base import KINDS, IndexParams, SearchResult, indexed_range
 from ra_cli.index.stored import build_store_indexes, index_files, open_layer_index
 
 __all__ = ["KINDS", "IndexKind", "IndexParams", "SearchResult", "indexed_range", "build_store_indexes", "open_layer_index",

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 
 import numpy as np
 
+from ra_cli.choices import IndexKind
 from ra_cli.errors import RaError
 
-
-class IndexKind(str, Enum):
-    graph = "graph"  # attention-aware, built from prefill queries (ours)
-    hnsw = "hnsw"  # hnswlib over centred keys: the key-only baseline
-    flat = "flat"  # exact scan, nothing to build
 
 
 KINDS = tuple(kind.value for kind in IndexKind)

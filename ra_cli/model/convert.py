@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ra_cli.errors import RaError
-from ra_cli.files import file_sha256
+from ra_cli.files import exclusive, file_sha256
 from ra_cli.model.fingerprint import config_sha256, tokenizer_sha256
 from ra_cli.paths import models_dir
 
@@ -41,11 +41,15 @@ def gguf_digest(path: Path) -> str:
 
 def converted_gguf(gguf: Path) -> tuple[Path, dict]:
     """The converted directory of a GGUF (converting it first if needed) and its record."""
+    from ra_cli.ui import status
+
     digest = gguf_digest(gguf)
     converted = models_dir() / f"gguf-{digest[:24]}-v{CONVERSION_VERSION}"
     record = converted / "ra-fingerprint.json"
     if not record.is_file():
-        _convert(gguf, converted, digest)
+        with exclusive(converted.with_name(converted.name + ".lock"), f"converting {gguf.name}", status):
+            if not record.is_file():  # the other process may have finished it meanwhile
+                _convert(gguf, converted, digest)
     return converted, json.loads(record.read_text())
 
 

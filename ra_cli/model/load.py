@@ -9,23 +9,19 @@ exactness reference. On a GPU the default is bf16 (or fp16) through transformers
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
 from enum import Enum
 
-from ra_cli.engine.linear import WeightFormat
+from ra_cli.choices import ComputeDtype, WeightFormat
 from ra_cli.errors import RaError
 from ra_cli.model.convert import converted_gguf
 from ra_cli.model.fingerprint import Fingerprint, config_sha256, tokenizer_sha256, weights_id_for_dir
 from ra_cli.model.resolve import ModelSpec, resolve_model
 
-
-class ComputeDtype(str, Enum):
-    auto = "auto"  # bfloat16 (+ int4 decode weights) on CPU for llama-family models, else float32; bf16/fp16 on GPUs
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
 
 
 @dataclass
@@ -107,71 +103,60 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+LEAN_VERSION = 1  # bump when the packed layout changes: cached packs are then rebuilt
+
+
 def load_model(name: str | None = None, device: str = "auto", dtype: ComputeDtype | str = "auto",
                weights: WeightFormat | str = "auto", quantize: str | None = None) -> LoadedModel:
     """`quantize`: None, "4bit" or "8bit" (bitsandbytes, GPU)."""
     import torch
 
     from ra_cli.engine.attention import install
-    from ra_cli.engine.forward import LeanDecoder, supports
+    from ra_cli.engine.forward import supports
 
     spec = resolve_model(name)
     torch_device = pick_device(device)
     _quiet_transformers()
     started = time.perf_counter()
-    if spec.kind == "gguf":
-        model, tokenizer, source, weights_id = _load_gguf(spec)
-    else:
-        model, tokenizer, source, weights_id = _load_transformers(spec, torch_device, quantize)
-    lean_ok = quantize is None and supports(model)
+    source = _open_source(spec)
+    lean_ok = quantize is None and supports(source.config)
     torch_dtype, weight_format = plan(dtype, weights, torch_device, lean_ok)
-    model.eval()
     if weight_format is not WeightFormat.dense:
-        # Packed weights start from the float32 values (the GGUF's 4-bit groups are only exact there).
-        cache_dtype = torch.float32 if torch_device.type == "cpu" else torch_dtype
-        model.ra_lean = LeanDecoder(model.float(), weight_format, torch_dtype, cache_dtype).to(torch_device)
-        model.model.layers = torch.nn.ModuleList()  # the lean decoder holds its own weights
-    elif quantize is None:
-        model.to(device=torch_device, dtype=torch_dtype)
+        model = _lean_model(source, weight_format, torch_dtype, torch_device)
+    else:
+        model = _transformers_model(spec, source.location, torch.float32 if quantize else torch_dtype, torch_device,
+                                    quantize)
+    model.eval()
     install(model)
     label = dtype_name(torch_dtype) + ("" if weight_format is WeightFormat.dense else f"+{weight_format.value}")
     label += f"-{quantize}" if quantize else ""
-    fingerprint = Fingerprint(source=source, weights_id=weights_id, config_sha256=config_sha256(model.config),
-                              tokenizer_sha256=tokenizer_sha256(tokenizer), dtype=label)
-    return LoadedModel(model, tokenizer, spec, fingerprint, torch_device, torch_dtype, time.perf_counter() - started,
-                       weight_format, trained_context(model.config))
+    fingerprint = Fingerprint(source=source.name, weights_id=source.weights_id, config_sha256=config_sha256(model.config),
+                              tokenizer_sha256=tokenizer_sha256(source.tokenizer), dtype=label)
+    return LoadedModel(model, source.tokenizer, spec, fingerprint, torch_device, torch_dtype,
+                       time.perf_counter() - started, weight_format, trained_context(model.config))
 
 
-def trained_context(config) -> int | None:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if value else None
+@dataclass
+class _Source:
+    name: str
+    location: str  # what transformers loads from: a directory, or a hub id in the local cache
+    weights_id: str
+    config: object
+    tokenizer: object
 
 
-def _load_gguf(spec: ModelSpec):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _open_source(spec: ModelSpec) -> _Source:
+    """Config, tokenizer and identity of a model, its weights not loaded yet."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    converted, record = converted_gguf(spec.path)
-    tokenizer = AutoTokenizer.from_pretrained(converted)
-    # Dequantized weights are stored in float32 so that every dtype and format gets exact values.
-    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
-    return model, tokenizer, spec.path.name, record["weights_id"]
-
-
-def _load_transformers(spec: ModelSpec, device, quantize: str | None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    if spec.kind == "gguf":
+        converted, record = converted_gguf(spec.path)  # dequantized once to float32: exact for every format
+        return _Source(spec.path.name, str(converted), record["weights_id"], AutoConfig.from_pretrained(converted),
+                       AutoTokenizer.from_pretrained(converted))
     location = str(spec.path) if spec.kind == "dir" else spec.hub_id
-    kwargs = {"dtype": torch.float32}
-    if spec.kind == "hub":
-        kwargs["local_files_only"] = True
-    if quantize:
-        kwargs.update(_bitsandbytes_kwargs(quantize, device))
     try:
+        config = AutoConfig.from_pretrained(location, local_files_only=spec.kind == "hub")
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=spec.kind == "hub")
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as exc:
         if spec.kind == "hub":
             raise RaError(
@@ -181,11 +166,67 @@ def _load_transformers(spec: ModelSpec, device, quantize: str | None):
         raise RaError(f"cannot load model from {location}: {str(exc).splitlines()[0][:200]}")
     except ValueError as exc:
         raise RaError(f"cannot load model from {location}: {str(exc).splitlines()[0][:200]}")
-    if spec.kind == "dir":
-        weights_id = weights_id_for_dir(spec.path)
-    else:
-        weights_id = "hub:" + spec.hub_id + ":" + str(getattr(model.config, "_commit_hash", "") or "")
-    return model, tokenizer, spec.name, weights_id
+    weights_id = (weights_id_for_dir(spec.path) if spec.kind == "dir"
+                  else "hub:" + spec.hub_id + ":" + str(getattr(config, "_commit_hash", "") or ""))
+    return _Source(spec.name, location, weights_id, config, tokenizer)
+
+
+def _lean_model(source: _Source, weight_format: WeightFormat, dtype, device):
+    """The transformers model as a shell (config and generation settings; weights on the meta device)
+    carrying the lean decoder, loaded from its cached pack or packed now and cached."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ra_cli.engine.forward import LeanDecoder
+    from ra_cli.files import exclusive
+    from ra_cli.paths import models_dir
+
+    cache_dtype = torch.float32 if device.type == "cpu" else dtype
+    key = json.dumps([source.weights_id, config_sha256(source.config), weight_format.value, dtype_name(dtype), LEAN_VERSION])
+    pack = models_dir() / "packed" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(source.config)
+    try:
+        shell.generation_config = GenerationConfig.from_pretrained(source.location)
+    except OSError:
+        pass  # the config's defaults
+    rotary = type(shell.model.rotary_emb)(config=source.config)
+    if not pack.is_file():
+        with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}"):
+            if not pack.is_file():
+                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+                lean = LeanDecoder.from_model(model, weight_format, dtype, cache_dtype)
+                staging = pack.with_name(f"{pack.name}.tmp{os.getpid()}")
+                save_file(lean.state(), str(staging))
+                os.replace(staging, pack)
+                del model
+    lean = LeanDecoder.from_state(source.config, rotary, load_file(str(pack)), dtype, cache_dtype)
+    shell.ra_lean = lean.to(device)
+    shell.model.layers = torch.nn.ModuleList()  # the shell's own decoder layers are never run
+    return shell
+
+
+def _transformers_model(spec: ModelSpec, location: str, dtype, device, quantize: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "local_files_only": spec.kind == "hub"}
+    if quantize:
+        kwargs.update(_bitsandbytes_kwargs(quantize, device))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise RaError(f"cannot load model from {location}: {str(exc).splitlines()[0][:200]}")
+    if not quantize:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def trained_context(config) -> int | None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def _bitsandbytes_kwargs(quantize: str, device) -> dict:
@@ -219,8 +260,8 @@ def load_synthetic(shape: str, device: str = "auto", dtype: ComputeDtype | str =
     torch_dtype, weight_format = plan(dtype, weights, torch_device, lean_ok)
     build_dtype = torch.float32 if weight_format is not WeightFormat.dense else torch_dtype
     model, seconds = synthetic_model(shape, torch_device, build_dtype, quantize)
-    if weight_format is not WeightFormat.dense and supports(model):
-        model.ra_lean = LeanDecoder(model, weight_format, torch_dtype, torch.float32).to(torch_device)
+    if weight_format is not WeightFormat.dense and supports(model.config):
+        model.ra_lean = LeanDecoder.from_model(model, weight_format, torch_dtype, torch.float32).to(torch_device)
         model.model.layers = torch.nn.ModuleList()
     install(model)
     label = dtype_name(torch_dtype) + ("" if weight_format is WeightFormat.dense else f"+{weight_format.value}")

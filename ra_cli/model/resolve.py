@@ -29,7 +29,7 @@ class NamedModel:
     parts: tuple[tuple[str, str], ...] = ()
 
     def how_to_get(self) -> str:
-        return INSTALL_HINT if self.name == EMBEDDED_NAME else f"ra models fetch {self.name}  (or ./setup.sh --with-{self.name})"
+        return INSTALL_HINT if self.name == EMBEDDED_NAME else f"ra models fetch {self.name}"
 
 
 NAMED = {
@@ -85,7 +85,8 @@ def resolve_model(name: str | None) -> ModelSpec:
         path = named_model_path(NAMED[name])
         if path is None:
             what = "the embedded model is not installed" if name == EMBEDDED_NAME else f"model '{name}' is not fetched yet"
-            raise RaError(f"{what}; run `{NAMED[name].how_to_get()}` or pass --model "
+            setup = "" if name == EMBEDDED_NAME else f" (or ./setup.sh --with-{name})"
+            raise RaError(f"{what}; run `{NAMED[name].how_to_get()}`{setup} or pass --model "
                           "(a local model directory, a .gguf file or a Hugging Face id already in your cache)")
         return ModelSpec(name=name, kind="gguf", path=path)
     path = Path(name).expanduser()

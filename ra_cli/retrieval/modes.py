@@ -11,10 +11,9 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 import numpy as np
 
+from ra_cli.choices import AttentionMode
 from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
 from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
@@ -24,14 +23,6 @@ from ra_cli.store import ContextStore, float32_keys, kv_to_tensor
 
 CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation after the document
 
-
-class AttentionMode(str, Enum):
-    retrieval = "retrieval"
-    full = "full"
-    flat = "flat"
-    offload = "offload"
-    graph = "graph"
-    hnsw = "hnsw"
 
 
 def settings_for(store: ContextStore, top_k: int | None = None, ef: int | None = None, window: int | None = None,

@@ -1,0 +1,40 @@
+"""The vocabulary of ra's options, in one light module: the CLI validates them before importing
+torch, and every layer that acts on a choice imports it from here."""
+
+from enum import Enum
+
+
+class ComputeDtype(str, Enum):
+    auto = "auto"  # bfloat16 (+ int4 decode weights) on CPU for llama-family models, else float32; bf16/fp16 on GPUs
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class WeightFormat(str, Enum):
+    auto = "auto"  # int4 where exact, else int8, on CPU; dense on GPUs
+    dense = "dense"  # the compute dtype throughout
+    int8 = "int8"  # int8 rows for decode
+    int4 = "int4"  # int4 groups for decode where they are exact, int8 rows elsewhere
+
+
+class KvDtype(str, Enum):
+    auto = "auto"  # the model's compute dtype: reloaded KV is bit-identical to what prefill made
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class IndexKind(str, Enum):
+    graph = "graph"  # attention-aware, built from prefill queries (ours)
+    hnsw = "hnsw"  # hnswlib over centred keys: the key-only baseline
+    flat = "flat"  # exact scan, nothing to build
+
+
+class AttentionMode(str, Enum):
+    retrieval = "retrieval"
+    full = "full"
+    flat = "flat"
+    offload = "offload"
+    graph = "graph"
+    hnsw = "hnsw"
