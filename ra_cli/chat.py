@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ra_cli.citations import FLOOR, SINKS, Citer, Source
 from ra_cli.engine.cache import ContextCache
+from ra_cli.engine.mass import AttentionMass
 from ra_cli.engine.generate import Sampling, decode, prefill
 from ra_cli.errors import RaError
 from ra_cli.model import LoadedModel
@@ -26,19 +28,27 @@ class Answer:
     prompt_tokens: int
     prompt_seconds: float
     stop_reason: str
+    sources: list[Source] = field(default_factory=list)
+    decode_steps: int = 0  # forward passes after the prompt's (its logits give the first token)
 
     @property
     def tokens_per_second(self) -> float:
+        """Generation speed: decode forward passes per second (0 when there were none, e.g. -n 1)."""
         decode_seconds = self.seconds - self.prompt_seconds
-        return self.tokens / decode_seconds if decode_seconds > 0 and self.tokens else 0.0
+        return self.decode_steps / decode_seconds if decode_seconds > 0 and self.decode_steps else 0.0
 
     def as_json(self) -> dict:
         return {
             "question": self.question, "answer": self.text, "tokens": self.tokens,
             "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 2),
             "prompt_tokens": self.prompt_tokens, "prompt_seconds": round(self.prompt_seconds, 3),
-            "stop_reason": self.stop_reason,
+            "prompt_tokens_per_second": round(self.prompt_tokens_per_second, 1),
+            "stop_reason": self.stop_reason, "sources": [source.as_json() for source in self.sources],
         }
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
 
 class TextStream:
@@ -85,6 +95,11 @@ class ChatSession:
     turns: int = 0
     unfed: list[int] = field(default_factory=list)  # sampled tokens not yet in the cache
     history: list[Answer] = field(default_factory=list)
+    cite: bool = True  # collect each answer's attention by position and cite the pages it went to
+    # every token after the document, fed to the model or not (unfed's are its tail): what a saved
+    # session stores and a resumed one prefills
+    transcript: list[int] = field(default_factory=list)
+    marks: list[int] = field(default_factory=list)  # len(transcript) before each turn, for /regen
 
     def __post_init__(self):
         self.layout = PromptLayout.from_dict(self.store.manifest["prompt"])
@@ -92,15 +107,48 @@ class ChatSession:
         self.document_tokens = self.store.n_tokens
         self.prefilled_tokens = 0  # tokens run through the model in this session (never the document)
         self.stop_ids = self.prompter.stop_ids(self.loaded.model.generation_config.eos_token_id)
+        self.citer = Citer(self.store.token_pages, self.store.token_lines, self.store.manifest["document"].get("kind", "text"))
 
     def clear(self) -> None:
         """Forget the conversation, keep the document."""
+        self._restart()
+        self.turns = 0
+        self.unfed, self.transcript, self.marks, self.history = [], [], [], []
+
+    def _restart(self) -> None:
         if self.rebuild is not None:
             self.cache = self.rebuild()  # retrieval caches may have moved conversation into the index
         else:
             self.cache.truncate(self.document_tokens)
-        self.turns = 0
+
+    def restore(self, transcript: list[int], marks: list[int], history: list["Answer"]) -> None:
+        """Continue a saved conversation: its tokens go back through the model after the document."""
+        self.clear()
+        if transcript:
+            prefill(self.loaded.model, self.cache, transcript, want_logits=False)
+            self.prefilled_tokens += len(transcript)
+        self.transcript, self.marks, self.history = list(transcript), list(marks), list(history)
+        self.turns = len(marks)
+
+    def rewind(self) -> "Answer | None":
+        """Forget the last turn (for /regen); returns it, or None when there is none."""
+        if not self.marks:
+            return None
+        keep = self.marks.pop()
+        last = self.history.pop() if self.history else None
+        fed = self.cache.length - self.document_tokens
+        try:
+            if keep > fed:
+                raise ValueError("the kept part was never fed")
+            self.cache.truncate(self.document_tokens + keep)
+        except ValueError:  # tokens already moved into the index: start over and replay what is kept
+            self._restart()
+            if keep:
+                prefill(self.loaded.model, self.cache, self.transcript[:keep], want_logits=False)
+        self.transcript = self.transcript[:keep]
         self.unfed = []
+        self.turns = len(self.marks)
+        return last
 
     def ask(self, question: str, max_new_tokens: int = 256, sampling: Sampling | None = None, raw: bool = False,
             on_text: Callable[[str], None] | None = None) -> Answer:
@@ -108,13 +156,16 @@ class ChatSession:
         started = time.perf_counter()
         if not question.strip():
             raise RaError("the question is empty; type a question (or text to continue with --raw)")
-        prompt = self.unfed + self.prompter.question_tokens(question, first_turn=self.turns == 0, raw=raw)
+        asked = self.prompter.question_tokens(question, first_turn=self.turns == 0, raw=raw)
+        prompt = self.unfed + asked
         length = self.cache.length
         try:
             logits = prefill(self.loaded.model, self.cache, prompt)
         except KeyboardInterrupt:
             self.cache.truncate(length)  # as if the question had not been asked
             return Answer(question, "", 0, time.perf_counter() - started, 0, 0.0, "interrupted")
+        self.marks.append(len(self.transcript))
+        self.transcript += asked
         self.unfed = []
         self.prefilled_tokens += len(prompt)
         prompt_seconds = time.perf_counter() - started
@@ -129,7 +180,9 @@ class ChatSession:
                 on_text(piece)
             return False
 
-        decoded = decode(self.loaded.model, self.cache, logits, max_new_tokens, self.stop_ids, sampling, on_token)
+        mass = AttentionMass(self.store.manifest["model_shape"]["heads"], self.document_tokens, SINKS, FLOOR) if self.cite else None
+        with self.cache.collecting(mass):
+            decoded = decode(self.loaded.model, self.cache, logits, max_new_tokens, self.stop_ids, sampling, on_token)
         self.prefilled_tokens += decoded.fed
         tokens = decoded.tokens
         text = stream.text(tokens)
@@ -145,9 +198,11 @@ class ChatSession:
         if tail and on_text is not None:
             on_text(tail)
         self.unfed = tokens[decoded.fed:]
+        self.transcript += tokens
         self.turns += 1
+        sources = self.citer.sources(mass.by_position()) if mass is not None and not raw else []
         answer = Answer(question, text, len(decoded.tokens), time.perf_counter() - started, len(prompt),
-                        prompt_seconds, decoded.stop_reason)
+                        prompt_seconds, decoded.stop_reason, sources, decoded.fed)
         self.history.append(answer)
         return answer
 

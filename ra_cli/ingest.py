@@ -132,7 +132,7 @@ def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: In
     options = options or IngestOptions()
     layout = layout_for(loaded.tokenizer)
     prompter = Prompter(loaded.tokenizer, layout)
-    tokens, pages = prompter.document_tokens(document.text, [p.char_start for p in document.pages])
+    tokens, pages, lines = prompter.document_places(document.text, [p.char_start for p in document.pages])
     notice = context_limit_notice(loaded, len(tokens))
     if notice and on_notice is not None:
         on_notice(notice)
@@ -142,11 +142,12 @@ def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: In
                   f"{policy.window:,} tokens and {policy.blocks} blocks of {policy.block} chosen per KV head; linear "
                   "time instead of quadratic); --prefill full for exact attention over everything")
     header = store_header(loaded, document, options, layout.as_dict())
-    return write_context(loaded, tokens, pages, header, out, options, on_progress, on_index, on_notice)
+    return write_context(loaded, tokens, pages, header, out, options, on_progress, on_index, on_notice, lines)
 
 
 def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], header: dict, out: str | Path,
-                  options: IngestOptions, on_progress=None, on_index=None, on_notice=None) -> IngestResult:
+                  options: IngestOptions, on_progress=None, on_index=None, on_notice=None,
+                  lines: list[int] | None = None) -> IngestResult:
     """Prefill `tokens` in chunks, streaming their KV (and what the index learns from) to disk,
     build the search index and publish the store at `out`. One process at a time writes a given
     `out` (`<out>.lock`); one that waited finds the store complete and reuses it."""
@@ -157,7 +158,7 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
         done = _complete_with(out, header, len(tokens))
         if done is not None:
             return done
-        return _write_context(loaded, tokens, pages, header, out, options, on_progress, on_index)
+        return _write_context(loaded, tokens, pages, lines, header, out, options, on_progress, on_index)
 
 
 def _complete_with(out: Path, header: dict, n: int) -> IngestResult | None:
@@ -170,11 +171,11 @@ def _complete_with(out: Path, header: dict, n: int) -> IngestResult | None:
     return IngestResult(out, n, n, 0, 0.0) if same else None
 
 
-def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], header: dict, out: Path,
-                   options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
+def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lines: list[int] | None, header: dict,
+                   out: Path, options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
     kv_dtype = header["params"]["kv_dtype"]
     shapes = layer_shapes(loaded.model.config)
-    writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype)
+    writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype, lines)
     n = len(tokens)
     # float32 copies on a CPU: the collector ranks prefill queries against these keys exactly
     cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)

@@ -98,14 +98,30 @@ class Prompter:
 
     def document_tokens(self, text: str, page_starts: list[int] | None = None) -> tuple[list[int], list[int]]:
         """Token ids of the stored prefix, and the 1-based page of each token (0: not document text)."""
+        ids, pages, _ = self.document_places(text, page_starts)
+        return ids, pages
+
+    def document_places(self, text: str, page_starts: list[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of the stored prefix with the 1-based page and line of each token (0: not
+        document text). A token's line is that of its first character other than white space, so
+        "\n\nThe" belongs to the line "The" starts, and white space alone to the line before it:
+        no token starts on a blank line."""
         head = ([self.layout.bos_token_id] if self.layout.bos_token_id is not None else []) + self._template(self.layout.opening)
         encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
         tail = self._template(DOC_SEPARATOR)
         starts = page_starts or [0]
-        doc_pages = [bisect.bisect_right(starts, start) for start, _ in encoded.offset_mapping]
+        breaks = [i for i, ch in enumerate(text) if ch == "\n"]
+        doc_pages, doc_lines = [], []
+        line = 1
+        for start, end in encoded.offset_mapping:
+            doc_pages.append(bisect.bisect_right(starts, start))
+            piece = text[start:end]
+            if piece.strip():
+                line = bisect.bisect_left(breaks, start + len(piece) - len(piece.lstrip())) + 1
+            doc_lines.append(line)
         ids = head + list(encoded.input_ids) + tail
-        pages = [0] * len(head) + doc_pages + [0] * len(tail)
-        return ids, pages
+        outside = [0] * len(head), [0] * len(tail)
+        return ids, outside[0] + doc_pages + outside[1], outside[0] + doc_lines + outside[1]
 
     def stop_ids(self, eos_token_ids) -> set[int]:
         """Tokens that end an answer: the model's end-of-sequence tokens (`eos_token_ids`: the

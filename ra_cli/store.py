@@ -5,6 +5,7 @@ Layout of a store directory (spec: docs/store-format.md):
     manifest.json          written last; its presence means "complete"
     tokens.npy             int32 [N]      token ids of the stored prefix
     token_pages.npy        int32 [N]      1-based page per token, 0 for template tokens
+    token_lines.npy        int32 [N]      1-based line per token, 0 for template tokens (optional)
     kv/k_LLL.npy, v_LLL.npy               [kv_heads, N, head_dim] per layer (bfloat16 as uint16)
     index/...              attention-aware search indexes (engine/index), listed in the manifest
 
@@ -88,7 +89,7 @@ class StoreWriter:
     """Streams a context into `<out>.partial/`; `publish()` makes it a complete store at `out`."""
 
     def __init__(self, out: Path, header: dict, tokens: list[int], token_pages: list[int],
-                 layers: list[LayerShape], kv_dtype: str):
+                 layers: list[LayerShape], kv_dtype: str, token_lines: list[int] | None = None):
         self.out = Path(out)
         self.dir = partial_path(self.out)
         self.header = json.loads(json.dumps(header))  # as it will read back (tuples become lists)
@@ -108,6 +109,8 @@ class StoreWriter:
             (self.dir / "kv").mkdir(parents=True)
             np.save(self.dir / "tokens.npy", np.asarray(tokens, dtype=np.int32))
             np.save(self.dir / "token_pages.npy", np.asarray(token_pages, dtype=np.int32))
+            if token_lines is not None:
+                np.save(self.dir / "token_lines.npy", np.asarray(token_lines, dtype=np.int32))
             mode = "w+"
         self.keys = []
         self.values = []
@@ -209,8 +212,11 @@ class ContextStore:
         self.manifest = manifest
         self.n_tokens = int(manifest["n_tokens"])
         self.kv_dtype = manifest["kv_dtype"]
-        self.tokens = _load_array(path, "tokens.npy")
-        self.token_pages = _load_array(path, "token_pages.npy")
+        self.tokens = _load_token_array(path, "tokens.npy", self.n_tokens)
+        self.token_pages = _load_token_array(path, "token_pages.npy", self.n_tokens)
+        # stores written before line numbers were kept cite pages only
+        self.token_lines = (_load_token_array(path, "token_lines.npy", self.n_tokens)
+                            if "token_lines.npy" in manifest["files"] else None)
         self.layers = [LayerShape(entry["kv_heads"], entry["head_dim"], entry["sliding_window"]) for entry in manifest["layers"]]
         self._keys = [_load_array(path, entry["keys"], mmap=True) for entry in manifest["layers"]]
         self._values = [_load_array(path, entry["values"], mmap=True) for entry in manifest["layers"]]
@@ -274,6 +280,14 @@ def _load_array(root: Path, relative: str, mmap: bool = False) -> np.ndarray:
     except (OSError, ValueError) as exc:
         # allow_pickle=False: an object array (which needs unpickling) lands here, unloaded.
         raise RaError(f"{root}: {relative} is not a plain numeric array ({str(exc).splitlines()[0][:80]}); ingest again")
+
+
+def _load_token_array(root: Path, relative: str, n: int) -> np.ndarray:
+    array = _load_array(root, relative)
+    if array.shape != (n,) or array.dtype != np.int32:
+        raise RaError(f"{root}: {relative} holds {array.dtype} {array.shape}, expected int32 ({n},); "
+                      "the store is damaged — ingest again")
+    return array
 
 
 def _check_files(path: Path, manifest: dict, verify: bool) -> None:

@@ -10,6 +10,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)  # listings a user asked for (ra info, ra sessions); plain when piped
 
 
 class RateColumn(ProgressColumn):

@@ -9,6 +9,7 @@ import typer
 from ra_cli.cli.bench import bench_command, eval_command
 from ra_cli.cli.boundary import OneLineErrors
 from ra_cli.cli.chat import chat_command
+from ra_cli.cli.info import info_command, sessions_command
 from ra_cli.cli.ingest import ingest_command
 from ra_cli.cli.models import models_app
 from ra_cli.cli.options import parse_tokens
@@ -19,6 +20,8 @@ app.command("ingest")(ingest_command)
 app.command("chat")(chat_command)
 app.command("bench")(bench_command)
 app.command("eval")(eval_command)
+app.command("info")(info_command)
+app.command("sessions")(sessions_command)
 app.add_typer(models_app, name="models")
 
 __all__ = ["app", "parse_tokens"]

@@ -15,8 +15,10 @@ from ra_cli.choices import AttentionMode
 
 
 def chat_command(
-    source: Path = typer.Argument(..., help="A context saved by `ra ingest`, or a document (.pdf, .txt, .md)."),
+    source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, or a document (.pdf, .txt, .md); "
+                                                       "with --resume, the session's own context."),
     ask: Optional[List[str]] = typer.Option(None, "--ask", "-a", help="Ask this and exit (repeatable; turns follow each other)."),
+    resume: Optional[str] = typer.Option(None, "--resume", "-r", help="Continue a conversation saved with /save NAME (`ra sessions` lists them)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1, help="Most tokens per answer."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (default)."),
     top_p: float = typer.Option(1.0, "--top-p", max=1.0, callback=opt.positive, help="Nucleus sampling mass (with --temperature > 0)."),
@@ -24,6 +26,7 @@ def chat_command(
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", callback=opt.positive,
                                          help="Penalise the answer's recent tokens (1.1 stops small models looping; 1 = off)."),
     raw: bool = typer.Option(False, "--raw", help="Append the text right after the document, no chat template (plain continuation)."),
+    sources: bool = typer.Option(True, "--sources/--no-sources", help="Cite the pages (lines in text files) each answer's attention went to."),
     attention: AttentionMode = typer.Option(AttentionMode.retrieval, "--attention",
                                             help="retrieval (static set on the device + index search, default), full (all KV on the device), "
                                                  "flat (exact top-k search), or the context's index kind (graph, hnsw)."),
@@ -46,14 +49,22 @@ def chat_command(
     gpu_mem_gb: Optional[float] = opt.GpuMemGb,
     encoding: str = opt.Encoding,
 ):
-    """Chat with a document: interactive, or scripted with --ask."""
+    """Chat with a document: interactive, or scripted with --ask. Each answer cites the pages its
+    attention went to."""
     from ra_cli.chat import start_chat
+    from ra_cli.cli.repl import ReplSettings, repl
     from ra_cli.engine.generate import Sampling
+    from ra_cli.errors import Interrupted
     from ra_cli.index import IndexParams
     from ra_cli.ingest import IngestOptions
     from ra_cli.retrieval.modes import settings_for
+    from ra_cli.sessions import load_session, resume as resume_session
+    from ra_cli.ui import status
 
-    found = read_source(source, encoding)
+    saved = load_session(resume) if resume else None
+    if source is None and saved is None:
+        raise typer.BadParameter("give a context or document to chat with (or --resume NAME)", param_hint="'SOURCE'")
+    found = read_source(source if source is not None else saved.context, encoding)
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     defaults = IndexParams()
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value,
@@ -62,25 +73,64 @@ def chat_command(
     store = open_store(loaded, found, options)
     settings = settings_for(store, top_k, ef, window, coverage, dense_below, sinks)
     session = start_chat(loaded, store, attention, settings)
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
+    if saved is not None:
+        resume_session(session, saved)
+        status(f"resumed {saved.name!r}: {len(saved.marks)} turn(s), {len(saved.transcript):,} conversation tokens")
+    interactive = not ask and sys.stdin.isatty() and sys.stdout.isatty()
+    chat_settings = ReplSettings(max_new_tokens, Sampling(temperature=temperature, top_p=top_p, seed=seed,
+                                                          repeat_penalty=repeat_penalty), raw, sources)
 
-    def answer(question: str) -> None:
-        from ra_cli.ui import status
-
-        result = session.ask(question, max_new_tokens, sampling, raw,
-                             on_text=None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())))
-        if as_json:
-            print(json.dumps(result.as_json()), flush=True)
-            return
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        note = " (stopped)" if result.stop_reason == "interrupted" else ""
-        status(f"{result.tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tok/s{note}")
+    def answer(question: str):
+        result = stream_answer(session, question, chat_settings, as_json, spinner=interactive)
+        if ask and result.stop_reason == "interrupted":
+            raise Interrupted("interrupted; the answer above is incomplete")
+        return result
 
     if ask:
         for question in ask:
             answer(question)
         return
-    from ra_cli.cli.repl import repl
+    code = repl(session, chat_settings, answer, interactive)
+    if code:
+        raise typer.Exit(code)
 
-    repl(session, answer)
+
+def stream_answer(session, question: str, settings, as_json: bool, spinner: bool):
+    """Ask, printing the answer as it comes (stdout), then a footer (stderr): speeds and sources."""
+    from ra_cli.ui import status, stderr
+
+    waiting = stderr.status("thinking…", spinner="dots") if spinner else None
+    if waiting is not None:
+        waiting.start()
+
+    def on_text(piece: str) -> None:
+        nonlocal waiting
+        if waiting is not None:
+            waiting.stop()
+            waiting = None
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    session.cite = settings.sources and not settings.raw
+    try:
+        result = session.ask(question, settings.max_new_tokens, settings.sampling, settings.raw,
+                             on_text=None if as_json else on_text)
+    finally:
+        if waiting is not None:
+            waiting.stop()
+    if as_json:
+        print(json.dumps(result.as_json()), flush=True)
+        return result
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    status(footer(result))
+    if settings.sources and result.sources:
+        status("sources: " + ", ".join(f"{s.label()} ({s.share:.0%})" for s in result.sources))
+    return result
+
+
+def footer(result) -> str:
+    speed = f"{result.tokens_per_second:.1f} tok/s" if result.decode_steps else "-"
+    note = " (stopped)" if result.stop_reason == "interrupted" else ""
+    return (f"{result.tokens} tokens{note} · prompt {result.prompt_tokens} tokens at "
+            f"{result.prompt_tokens_per_second:,.0f} tok/s · generation {speed} · {result.seconds:.2f} s")

@@ -69,15 +69,16 @@ SMALL_QUERY = 16
 
 
 def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offset: int = 0,
-                    sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D]."""
+                    sliding_window: int | None = None, softcap: float | None = None, mass=None) -> torch.Tensor:
+    """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D].
+    `mass` (an engine.mass.AttentionMass) collects a decode step's weights by position."""
     out_dtype = query.dtype
     query = query.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
     q_len, kv_len = query.shape[2], keys.shape[2]
     needs_mask = q_len > 1 or (sliding_window is not None and q_offset - kv_offset >= sliding_window)
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
     if mask is None and softcap is None and q_len <= SMALL_QUERY and query.shape[0] == 1:
-        return decode_attention(query, keys, values, scaling).to(out_dtype)
+        return decode_attention(query, keys, values, scaling, mass, kv_offset).to(out_dtype)
     if q_len <= SMALL_QUERY or softcap is not None:
         out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)
         return out.to(out_dtype)
@@ -85,7 +86,7 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
                                           enable_gqa=keys.shape[1] != query.shape[1]).to(out_dtype)
 
 
-def decode_attention(query, keys, values, scaling: float) -> torch.Tensor:
+def decode_attention(query, keys, values, scaling: float, mass=None, kv_offset: int = 0) -> torch.Tensor:
     """softmax(q k^T) v for a few query positions that see every key, no log-sum-exp: query
     [1, H, q, D], keys/values [1, KVH, n, D] -> [1, H, q, D]. One KV head at a time: a head's [n, D]
     slice of a cache buffer is contiguous while the whole [KVH, n, D] view is not, and bf16 matmuls
@@ -96,7 +97,10 @@ def decode_attention(query, keys, values, scaling: float) -> torch.Tensor:
     out = []
     for g in range(kv_heads):
         scores = torch.matmul(rows[g], keys[0, g].transpose(0, 1)).float() * scaling
-        out.append(torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values[0, g]))
+        weights = torch.softmax(scores, dim=-1)
+        if mass is not None:
+            mass.add_dense(g * (heads // kv_heads), weights, kv_offset)
+        out.append(torch.matmul(weights.to(values.dtype), values[0, g]))
     return torch.stack(out).reshape(1, heads, count, values.shape[3])
 
 

@@ -8,6 +8,7 @@ compute device; the retrieval layer of retrieval/layer.py keeps only a static se
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -77,6 +78,7 @@ class DeviceKVLayer(AttentionLayer):
         self.timer: AttentionTimer | None = None
         self.sparse = None  # a SparsePrefill policy: prefill chunks attend to selected blocks only
         self.block_means = None
+        self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -123,7 +125,8 @@ class DeviceKVLayer(AttentionLayer):
                 return out
         if self.observer is not None:
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
-        out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap)
+        out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap,
+                              self.mass if query.shape[2] == 1 else None)
         if self.timer is not None:
             self.timer.seconds += time.perf_counter() - began
         return out
@@ -161,7 +164,8 @@ class HostKVLayer(DeviceKVLayer):
         began = time.perf_counter()
         keys = self.keys[:, :, : self.length].to(self.compute_device, non_blocking=True)
         values = self.values[:, :, : self.length].to(self.compute_device, non_blocking=True)
-        out = exact_attention(query, keys, values, scaling, self.length - query.shape[2], 0, sliding_window, softcap)
+        out = exact_attention(query, keys, values, scaling, self.length - query.shape[2], 0, sliding_window, softcap,
+                              self.mass if query.shape[2] == 1 else None)
         if self.timer is not None:
             self.timer.seconds += time.perf_counter() - began
         return out
@@ -191,6 +195,17 @@ class ContextCache(Cache):
     @property
     def length(self) -> int:
         return self.layers[0].get_seq_length()
+
+    @contextlib.contextmanager
+    def collecting(self, mass):
+        """Every layer adds its decode steps' attention weights to `mass` meanwhile."""
+        for layer in self.layers:
+            layer.mass = mass
+        try:
+            yield mass
+        finally:
+            for layer in self.layers:
+                layer.mass = None
 
     def settle(self) -> None:
         """After a whole forward: let layers that move tokens into their index do so now, never

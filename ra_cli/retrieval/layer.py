@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ra_cli.buffers import with_room
-from ra_cli.engine.attention import attention_with_lse, merge_partial
+from ra_cli.engine.attention import attention_with_lse, grouped_scores, merge_partial
 from ra_cli.engine.cache import AttentionLayer
 from ra_cli.index.base import kv_head_of
 from ra_cli.retrieval.kernels import attend_retrieved, attend_static_and_retrieved
@@ -29,6 +29,7 @@ EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 # decode queries look at the same places, and copying a phrase walks forward through it (the key
 # after the one just attended is often the next one wanted).
 CARRY = 8
+NO_MASS = np.zeros((1, 0), np.float32)  # the kernel's "collect no attention weights"
 
 
 @dataclass
@@ -119,6 +120,7 @@ class RetrievalLayer(AttentionLayer):
         self.auditor = None  # ra eval: checks each search against exact attention
         self.top_k = settings.top_k or 100
         self.carried = None  # [H, 2 * CARRY] entry points from the previous step
+        self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
 
     # -- storage ---------------------------------------------------------------------------------
     @property
@@ -220,9 +222,11 @@ class RetrievalLayer(AttentionLayer):
         began = time.perf_counter()
         out = np.empty((heads, q_len, self.values.shape[3]), np.float32)
         # whole C-contiguous buffers (the visible counts bound what is read): numba vectorizes those
+        mass = self.mass.rows if self.mass is not None and q_len == 1 else NO_MASS
         attend_static_and_retrieved(host_query, self.keys[0].numpy(), self.values[0].numpy(),
                                     self.static_visible(q_len, q_offset), self.host.values, ids, scores,
-                                    np.float32(scaling), out)
+                                    np.float32(scaling), out, mass, np.float32(self.mass.floor if self.mass else 0.0),
+                                    self.lo, self.window_start)
         self.stats.attention_seconds += time.perf_counter() - began
         if self.auditor is not None:
             self.auditor(self, host_query, q_offset, ids, scaling)
@@ -247,8 +251,10 @@ class RetrievalLayer(AttentionLayer):
         retrieved_out = np.zeros((heads, q_len, self.values.shape[3]), np.float32)
         retrieved_lse = np.full((heads, q_len), -np.inf, np.float32)
         ids = np.full((heads, q_len, 1), -1, np.int32)
+        scores = np.zeros((heads, q_len, 1), np.float32)
         if self._searching():
-            ids = self._search(host_query).ids
+            result = self._search(host_query)
+            ids, scores = result.ids, result.scores
             began = time.perf_counter()
             if self.kv_of_head is None:
                 self.kv_of_head = kv_head_of(heads, self.host.keys.shape[0])
@@ -257,9 +263,23 @@ class RetrievalLayer(AttentionLayer):
             self.stats.attention_seconds += time.perf_counter() - began
         if self.auditor is not None:
             self.auditor(self, host_query, q_offset, ids, scaling)
-        merged, _ = merge_partial([static_out, torch.from_numpy(retrieved_out)[None].to(self.device)],
-                                  [static_lse, torch.from_numpy(retrieved_lse)[None].to(self.device)])
+        merged, total = merge_partial([static_out, torch.from_numpy(retrieved_out)[None].to(self.device)],
+                                      [static_lse, torch.from_numpy(retrieved_lse)[None].to(self.device)])
+        if self.mass is not None and q_len == 1:
+            self._collect_split_mass(query, total[0, :, 0], ids[:, 0], scores[:, 0], scaling)
         return merged
+
+    def _collect_split_mass(self, query, total_lse, ids, scores, scaling) -> None:
+        """The weights of one decode step's keys once both halves are merged: exp(score - lse)."""
+        window = slice(self.lo, self.static)
+        static_scores = grouped_scores(query[:, :, -1:], self.keys[:, :, window])[0, :, 0].float() * scaling
+        static_weights = torch.exp(static_scores - total_lse[:, None]).cpu().numpy()
+        positions = np.arange(self.window_start, self.window_start + static_weights.shape[1])
+        lse = total_lse.cpu().numpy()
+        for h in range(ids.shape[0]):
+            self.mass.add(h, positions, static_weights[h])
+            found = ids[h] >= 0
+            self.mass.add(h, self.lo + ids[h][found], np.exp(scores[h][found] * scaling - lse[h]))
 
 
 def layer_budget(entry: dict, coverage: float, default: int = 100) -> int:

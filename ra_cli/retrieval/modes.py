@@ -82,6 +82,14 @@ def _device_kv(loaded, store: ContextStore, array):
     return kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.cache_dtype)[None]
 
 
+def dense_layers(store: ContextStore, dense_below: float = 0.8) -> list[int]:
+    """Indexed layers whose static set plus the largest measured budget held less than
+    `dense_below` of the softmax mass at ingest: too diffuse to retrieve, they attend densely."""
+    entries = store.manifest["index"]["layers"]
+    return sorted(int(layer) for layer, entry in entries.items()
+                  if max(entry.get("coverage", {"": 1.0}).values()) < dense_below)
+
+
 def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, exact: bool = False) -> ContextCache:
     """Retrieval layers for global attention layers (their static set on the device), full device
     KV for sliding-window layers (which never look far) and for layers too diffuse to retrieve.
@@ -89,11 +97,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
     section = store.manifest["index"]
     lo, hi, n = section["lo"], section["hi"], store.n_tokens
     stats = RetrievalStats(indexed_keys=hi - lo)
-
-    def best_coverage(entry):
-        return max(entry.get("coverage", {"": 1.0}).values())
-
-    dense = {int(layer) for layer, entry in section["layers"].items() if best_coverage(entry) < settings.dense_below}
+    dense = set(dense_layers(store, settings.dense_below))
     stats.dense_layers = sorted(dense)
     layers = []
     for i, shape in enumerate(store.layers):
@@ -123,3 +127,34 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
     cache = ContextCache(layers)
     cache.retrieval_stats = stats
     return cache
+
+
+def describe_context(store: ContextStore, settings: RetrievalSettings | None = None) -> dict:
+    """What a store holds and how retrieval would use it (`ra info`)."""
+    settings = settings or RetrievalSettings()
+    manifest = store.manifest
+    files = manifest["files"]
+    shape = manifest["model_shape"]
+    summary = {
+        "path": str(store.path), "document": manifest["document"], "tokens": store.n_tokens,
+        "model": manifest["model"].get("source"), "model_dtype": manifest["model"].get("dtype"),
+        "layers": shape["layers"], "heads": shape["heads"], "kv_heads": shape["kv_heads"], "head_dim": shape["head_dim"],
+        "kv_dtype": store.kv_dtype, "kv_bytes": sum(meta["bytes"] for name, meta in files.items() if name.startswith("kv/")),
+        "bytes": sum(meta["bytes"] for meta in files.values()), "created": manifest.get("created"),
+        "ingest": manifest.get("ingest", {}), "index": None,
+    }
+    section = manifest.get("index")
+    if section:
+        budgets = {int(layer): layer_budget(entry, settings.coverage) for layer, entry in section["layers"].items()}
+        dense = dense_layers(store, settings.dense_below)
+        counts: dict[str, int] = {}
+        for layer, budget in budgets.items():
+            if layer not in dense:
+                counts[str(budget)] = counts.get(str(budget), 0) + 1
+        summary["index"] = {
+            "kind": section["kind"], "lo": section["lo"], "hi": section["hi"], "sinks": section["lo"],
+            "bytes": sum(meta["bytes"] for name, meta in files.items() if name.startswith("index/")),
+            "budgets": {str(layer): budget for layer, budget in budgets.items() if layer not in dense},
+            "budget_counts": counts, "dense_layers": dense,
+        }
+    return summary

@@ -1,0 +1,103 @@
+"""Citations: the pages (or, in text files, the passages) an answer's attention went to.
+
+Every decode step of every layer and query head spreads one unit of softmax weight over the keys it
+attends to (engine/mass.py collects it by position). Summed over the answer and grouped by the
+page or line range of each document token — template tokens and the first few positions (attention
+sinks, which soak up weight whatever is asked) left out — that is where the model read while it
+answered: grounded in its own attention, not in a separate embedding search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SINKS = 4  # the first positions of the context: weight parks there regardless of content
+# Weights below this are not counted: diffuse and positional attention spreads small weights
+# over everything near and far, while a head that reads something singles it out (measured on
+# needle documents: with no floor the recent window outranks the needle; from 0.2 the needle's
+# passage comes first)
+FLOOR = float(__import__("os").environ.get("RA_FLOOR", "0.2"))
+CITED = 3  # sources shown under an answer
+PASSAGE_LINES = 8  # a text-file passage: a paragraph, cut into runs of at most this many lines
+EXCERPT_TOKENS = 80  # of a cited page shown by /sources, centred on the most attended token
+
+
+@dataclass
+class Source:
+    unit: str  # "page" (PDFs) or "line" (text files)
+    first: int  # 1-based page, or first line of the passage
+    last: int  # last line of the passage (= first for pages)
+    share: float  # of the answer's attention to document text
+    peak: int  # the most attended token position inside it
+    start: int  # token positions [start, end) of the page or passage
+    end: int
+
+    def label(self) -> str:
+        if self.unit == "page":
+            return f"p. {self.first}"
+        return f"line {self.first}" if self.last == self.first else f"lines {self.first}-{self.last}"
+
+    def as_json(self) -> dict:
+        if self.unit == "page":
+            return {"page": self.first, "share": round(self.share, 4)}
+        return {"line": self.first, "last_line": self.last, "share": round(self.share, 4)}
+
+
+class Citer:
+    """Maps a document's token positions to citable units once, then ranks them per answer."""
+
+    def __init__(self, token_pages: np.ndarray, token_lines: np.ndarray | None, kind: str):
+        if kind == "pdf" or token_lines is None:
+            self.unit = "page"
+            self.units = np.asarray(token_pages, dtype=np.int64)
+            self.first = self.last = np.arange(self.units.max() + 1)
+        else:
+            self.unit = "line"
+            self.units, self.first, self.last = _passages(np.asarray(token_lines, dtype=np.int64))
+        self.units[:SINKS] = 0  # unit 0: never cited
+
+    def sources(self, weights: np.ndarray, count: int = CITED) -> list[Source]:
+        """The `count` units holding the most of `weights` [positions] (a prefix of the document)."""
+        units = self.units[:weights.shape[0]]
+        totals = np.bincount(units, weights=weights, minlength=len(self.first))
+        totals[0] = 0.0
+        whole = totals.sum()
+        if whole <= 0:
+            return []
+        ranked = [int(u) for u in np.argsort(-totals, kind="stable")[:count] if totals[u] > 0]
+        found = []
+        for unit in ranked:
+            positions = np.flatnonzero(units == unit)
+            peak = int(positions[np.argmax(weights[positions])])
+            found.append(Source(self.unit, int(self.first[unit]), int(self.last[unit]), float(totals[unit] / whole),
+                                peak, int(positions[0]), int(positions[-1]) + 1))
+        return found
+
+
+def _passages(lines: np.ndarray):
+    """Text-file passages: runs of consecutive non-blank lines (a blank line — no token starts on
+    it — ends one), at most PASSAGE_LINES long. Returns (passage per token, 0 = none; first line
+    and last line per passage)."""
+    present = np.unique(lines[lines > 0])
+    firsts, lasts = [0], [0]
+    for line in present.tolist():
+        if len(firsts) > 1 and line == lasts[-1] + 1 and line - firsts[-1] < PASSAGE_LINES:
+            lasts[-1] = line
+        else:
+            firsts.append(line)
+            lasts.append(line)
+    firsts_array = np.asarray(firsts)
+    units = np.where(lines > 0, np.searchsorted(firsts_array, lines, side="right") - 1, 0)
+    return units, firsts_array, np.asarray(lasts)
+
+
+def excerpt(tokenizer, tokens: np.ndarray, source: Source) -> str:
+    """The cited text: a whole passage, or the part of a page around its most attended token."""
+    start, end = source.start, source.end
+    if end - start > EXCERPT_TOKENS:
+        start = max(source.start, min(source.peak - EXCERPT_TOKENS // 2, source.end - EXCERPT_TOKENS))
+        end = start + EXCERPT_TOKENS
+    text = tokenizer.decode(tokens[start:end].tolist(), skip_special_tokens=True).strip()
+    return ("… " if start > source.start else "") + " ".join(text.split()) + (" …" if end < source.end else "")

@@ -1,0 +1,216 @@
+"""Chat as people use it: citations grounded in attention, sessions, the REPL's commands (piped
+and on a pseudo-terminal), `ra info`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from pdf_maker import make_text_pdf
+from ra_cli.cli import app
+
+runner = CliRunner()
+NEEDLE = "The secret code for project Falcon is red-otter-25."
+QUESTION = "What is the secret code for project Falcon?"
+
+
+def run(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+def handbook_paragraphs() -> list[str]:
+    return (REPO / "samples" / "ra-handbook.md").read_text().split("\n\n")
+
+
+@pytest.fixture(scope="module")
+def needle_context(tmp_path_factory, loaded):
+    """The handbook with the needle at 30% depth, as a text file, ingested once."""
+    from ra_cli.document import load_document
+    from ra_cli.ingest import ingest
+
+    root = tmp_path_factory.mktemp("needle")
+    paragraphs = handbook_paragraphs()
+    at = int(len(paragraphs) * 0.3)
+    document = root / "needle.md"
+    document.write_text("\n\n".join(paragraphs[:at] + [NEEDLE] + paragraphs[at:]))
+    ingest(loaded, load_document(document), root / "needle.idx")
+    line = document.read_text().splitlines().index(NEEDLE) + 1
+    return root / "needle.idx", line
+
+
+@pytest.mark.parametrize("attention", ["retrieval", "full"])
+def test_the_needle_line_is_cited_first(needle_context, attention, reuse_loaded_model):
+    context, line = needle_context
+    result = run("chat", context, "--ask", QUESTION, "-n", 16, "--attention", attention, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert "red-otter" in answer["answer"].lower()
+    first = answer["sources"][0]
+    assert first["line"] <= line <= first["last_line"] and first["share"] > 0.3
+    assert sum(source["share"] for source in answer["sources"]) <= 1.0 + 1e-6
+
+
+def test_the_needle_page_of_a_pdf_is_cited_first(tmp_path, reuse_loaded_model):
+    lines = [line for paragraph in handbook_paragraphs() for line in paragraph.splitlines() + [""]]
+    pages = [lines[i:i + 40] for i in range(0, 200, 40)]
+    pages[1].insert(12, NEEDLE)
+    pdf = make_text_pdf(tmp_path / "book.pdf", pages)
+    assert run("ingest", pdf, "--save", tmp_path / "book.idx").exit_code == 0
+    result = run("chat", tmp_path / "book.idx", "--ask", QUESTION, "-n", 12)
+    assert result.exit_code == 0, result.output
+    assert "red-otter" in result.stdout.lower()
+    cited = re.search(r"sources: p\. (\d+) \((\d+)%\)", result.stderr)
+    assert cited and int(cited.group(1)) == 2, result.stderr  # the needle's page, 1-based
+    as_json = json.loads(run("chat", tmp_path / "book.idx", "--ask", QUESTION, "-n", 12, "--json").stdout)
+    assert as_json["sources"][0]["page"] == 2
+
+
+def test_attention_mass_is_the_exact_softmax_weight_of_each_position():
+    """The retrieval kernel's collected weights equal softmax over static + retrieved keys."""
+    from ra_cli.engine.mass import AttentionMass
+    from ra_cli.retrieval.kernels import attend_static_and_retrieved
+
+    rng = np.random.default_rng(0)
+    heads, kv_heads, dim, lo, window, indexed = 4, 2, 8, 3, 5, 20
+    query = rng.standard_normal((heads, 1, dim)).astype(np.float32)
+    static_keys = rng.standard_normal((kv_heads, lo + window, dim)).astype(np.float32)
+    static_values = rng.standard_normal((kv_heads, lo + window, dim)).astype(np.float32)
+    keys = rng.standard_normal((kv_heads, indexed, dim)).astype(np.float32)
+    values = rng.standard_normal((kv_heads, indexed, dim)).astype(np.float32)
+    ids = np.stack([rng.permutation(indexed)[:6] for _ in range(heads)]).astype(np.int32)[:, None, :]
+    scores = np.einsum("hd,hkd->hk", query[:, 0], keys[np.arange(heads) // 2][np.arange(heads)[:, None], ids[:, 0]])
+    mass = AttentionMass(heads, lo + indexed + window, sinks=0)
+    out = np.empty((heads, 1, dim), np.float32)
+    window_start = lo + indexed
+    attend_static_and_retrieved(query, static_keys, static_values, np.array([lo + window]), values, ids,
+                                scores[:, None, :].astype(np.float32), np.float32(0.5), out, mass.rows,
+                                np.float32(0.0), lo, window_start)
+    for h in range(heads):
+        g = h // 2
+        logits = np.concatenate([static_keys[g] @ query[h, 0], scores[h]]) * 0.5
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        expected = np.zeros(mass.limit)
+        expected[lo + ids[h, 0]] = weights[lo + window:]
+        expected[window_start:window_start + window] = weights[lo:lo + window]  # sinks are not collected
+        np.testing.assert_allclose(mass.rows[h], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_text_passages_and_pages():
+    from ra_cli.citations import Citer
+
+    lines = np.array([0, 0, 0, 0, 1, 1, 2, 4, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 0])
+    citer = Citer(np.ones_like(lines), lines, "text")
+    weights = np.zeros(len(lines))
+    weights[[7, 8]] = [3.0, 1.0]  # line 4: the passage that starts after the blank line 3
+    weights[5] = 1.0
+    weights[2] = 50.0  # a sink / template position: never cited
+    found = citer.sources(weights)
+    assert [(s.first, s.last, round(s.share, 2)) for s in found] == [(4, 11, 0.8), (1, 2, 0.2)]
+    pages = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), None, "pdf")
+    weights = np.array([9, 9, 9, 9, 0.5, 0.5, 3, 0, 1, 5.0])
+    assert [(s.label(), s.as_json()) for s in pages.sources(weights)] == [
+        ("p. 2", {"page": 2, "share": 0.6}), ("p. 1", {"page": 1, "share": 0.2}), ("p. 3", {"page": 3, "share": 0.2})]
+
+
+def test_piped_repl_commands_sessions_and_resume(needle_context, reuse_loaded_model):
+    context, _ = needle_context
+    script = (f"{QUESTION}\n/sources\n/set temperature 0.5\n/set top_p 7\n/set\n/stats\n"
+              '"""Say\nhello"""\n/regen\n/save falcon\n/save ../x\n/bye\n')
+    result = run("chat", context, "-n", 12, input=script)
+    assert result.exit_code == 0, result.output
+    assert "red-otter" in result.stdout.lower()
+    assert re.search(r"\[line \d+, \d+%\] The secret code for project Falcon is red-otter-25\.", result.stderr)
+    assert "temperature 0.5" in result.stderr and "top_p must be between" in result.stderr
+    assert re.search(r"turns\s+1\n", result.stderr)
+    assert "saved 2 turn(s) as 'falcon'" in result.stderr and "bad session name '../x'" in result.stderr
+    listed = json.loads(run("sessions", "--json").stdout)["sessions"]
+    assert [(s["name"], s["turns"], s["document"]) for s in listed] == [("falcon", 2, "needle.md")]
+    saved = json.loads(_session_file("falcon").read_text())
+    assert saved["turns"][0]["question"] == QUESTION and saved["turns"][1]["question"] == "Say\nhello"
+    # resumed: the saved conversation's tokens are back in the cache, after the document
+    resumed = run("chat", "--resume", "falcon", input="/stats\n")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed 'falcon': 2 turn(s)" in resumed.stderr and re.search(r"turns\s+2\n", resumed.stderr)
+    tokens = re.search(r"conversation tokens +([\d,]+)\n", resumed.stderr).group(1)
+    assert int(tokens.replace(",", "")) == len(saved["transcript"]) > 0
+    missing = run("chat", "--resume", "nobody")
+    assert missing.exit_code == 1 and "no saved session 'nobody'" in missing.output
+
+
+def _session_file(name: str):
+    from ra_cli.sessions import session_path
+
+    return session_path(name)
+
+
+def test_regen_answers_the_same_question_again(needle_context, reuse_loaded_model):
+    context, _ = needle_context
+    result = run("chat", context, "-n", 10, input=f"{QUESTION}\n/regen\n/regen\n/stats\n")
+    assert result.exit_code == 0, result.output
+    answers = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(answers) == 3 and answers[0] == answers[1] == answers[2]  # greedy: the same answer
+    assert re.search(r"turns\s+1\n", result.stderr)
+
+
+def test_info_says_what_a_context_holds(needle_context):
+    context, _ = needle_context
+    summary = json.loads(run("info", context, "--json").stdout)
+    assert summary["document"]["name"] == "needle.md" and summary["tokens"] > 2000
+    assert summary["index"]["kind"] == "graph" and summary["index"]["sinks"] == 128
+    assert sum(summary["index"]["budget_counts"].values()) + len(summary["index"]["dense_layers"]) == summary["layers"]
+    text = run("info", context)
+    assert text.exit_code == 0 and "needle.md" in text.stdout and "dense layers" in text.stdout
+    document = run("info", REPO / "samples" / "ra-handbook.md")
+    assert document.exit_code == 1 and "a document, not a saved context" in document.output
+
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def spawn_chat(context, home, *extra):
+    env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", COLUMNS="120")
+    # the model the test contexts were made with (the session fixture `loaded`)
+    return pexpect.spawn(sys.executable, ["-m", "ra_cli", "chat", str(context), "--dtype", "float32", "--weights", "dense", *extra], env=env, encoding="utf-8",
+                         timeout=120, dimensions=(40, 120))
+
+
+def test_terminal_multiline_ctrl_c_and_history(needle_context, isolated_cache):
+    """On a pseudo-terminal: a \"\"\" message, Ctrl-C stopping a long reply (the chat goes on),
+    a second Ctrl-C leaving with 130, and the history file recalled with the up arrow next time."""
+    context, _ = needle_context
+    chat = spawn_chat(context, isolated_cache, "-n", "400", "--temperature", "1.5", "--seed", "1")
+    chat.expect(">>>")
+    chat.sendline('"""Tell me')
+    chat.expect(r"\.\.\.")
+    chat.sendline('a long story."""')
+    chat.expect("thinking")  # the question is in; Ctrl-C lands in its prefill or in the reply
+    time.sleep(2)
+    chat.sendintr()
+    chat.expect(r"\(stopped\)")
+    chat.expect(">>>")
+    chat.sendintr()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 130 or chat.signalstatus == signal.SIGINT
+    history = (isolated_cache / "history").read_text()
+    assert '+"""Tell me' in history and '+a long story."""' in history
+    again = spawn_chat(context, isolated_cache, "-n", "8")
+    again.expect(">>>")
+    again.send("\x1b[A")  # up arrow: the last message comes back
+    again.expect("long story")
+    again.sendcontrol("c")
+    again.expect(r"Ctrl-C again")
+    again.sendline("/bye")
+    again.expect(pexpect.EOF)
+    again.close()
+    assert again.exitstatus == 0
