@@ -192,6 +192,7 @@ class StoreWriter:
             **(extra or {}),
             "files": files,
         }
+        manifest["checksum"] = manifest_checksum(manifest)
         (self.dir / PROGRESS).unlink(missing_ok=True)
         write_json_atomic(self.dir / MANIFEST, manifest)
         old = None
@@ -251,6 +252,8 @@ class ContextStore:
                 f"{path}: context format version {manifest.get('format_version')} but this ra reads version "
                 f"{FORMAT_VERSION}; ingest the document again"
             )
+        if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
+            raise RaError(f"{path}: manifest.json fails its checksum; the context is damaged — ingest again")
         validate_manifest(path, manifest)
         if fingerprint is not None:
             stored = manifest["model"]
@@ -277,9 +280,20 @@ class ContextStore:
 def _load_array(root: Path, relative: str, mmap: bool = False) -> np.ndarray:
     try:
         return np.load(root / relative, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise RaError(f"{root}: cannot read {relative} ({exc.strerror or exc})")
+    except ValueError as exc:
         # allow_pickle=False: an object array (which needs unpickling) lands here, unloaded.
         raise RaError(f"{root}: {relative} is not a plain numeric array ({str(exc).splitlines()[0][:80]}); ingest again")
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without this field: budgets, ef and file records
+    are checked like the files they describe."""
+    import hashlib
+
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _load_token_array(root: Path, relative: str, n: int) -> np.ndarray:

@@ -82,6 +82,21 @@ def test_other_model_is_refused(context, loaded):
         ContextStore.open(context, bf16)
 
 
+def rewrite_manifest(context, manifest: dict) -> None:
+    from ra_cli.store import manifest_checksum
+
+    manifest["checksum"] = manifest_checksum(manifest)
+    (context / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_edited_manifest_fails_its_checksum(context):
+    manifest = json.loads((context / "manifest.json").read_text())
+    manifest["document"]["name"] = "other.txt"  # valid, but not what was written
+    (context / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RaError, match="manifest.json fails its checksum"):
+        ContextStore.open(context)
+
+
 def test_other_format_version_is_refused(context):
     manifest = json.loads((context / "manifest.json").read_text())
     manifest["format_version"] = 99
@@ -108,14 +123,14 @@ def test_pickled_array_is_never_loaded(context):
     np.save(tokens, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     manifest = json.loads((context / "manifest.json").read_text())
     manifest["files"].pop("tokens.npy")
-    (context / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(context, manifest)  # as a hostile writer would: checksum recomputed
     with pytest.raises(RaError, match="names the token file .* that is not a listed file"):
         ContextStore.open(context)  # a file the manifest does not hash is never read
     from ra_cli.files import file_sha256, sample_sha256
 
     size = tokens.stat().st_size  # a hostile store that lists its pickle with the right hashes
     manifest["files"]["tokens.npy"] = {"bytes": size, "sha256": file_sha256(tokens), "sample_sha256": sample_sha256(tokens, size)}
-    (context / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(context, manifest)  # as a hostile writer would: checksum recomputed
     with pytest.raises(RaError, match="tokens.npy is not a plain numeric array"):
         ContextStore.open(context)
 
@@ -126,7 +141,7 @@ def test_cli_errors_for_bad_contexts(tmp_path, context, reuse_loaded_model):
     assert result.exit_code == 1 and "is a directory but not an ra context" in result.stderr
     manifest = json.loads((context / "manifest.json").read_text())
     manifest["model"]["config_sha256"] = "x"
-    (context / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(context, manifest)  # as a hostile writer would: checksum recomputed
     result = runner.invoke(app, ["chat", str(context), "--ask", "hi"])
     assert result.exit_code == 1 and "made by a different model" in result.stderr
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) <= 3

@@ -9,16 +9,20 @@ resumed ingest continues where it stopped and memory stays flat however long the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ra_cli.engine.attention import grouped_rows
+from ra_cli.errors import RaError
+from ra_cli.files import write_json_atomic
 from ra_cli.index.base import IndexParams, indexed_range
 from ra_cli.index.build_kernels import top_k_rows
 
 
+SCALING = "scaling.json"
 HELD_OUT = 64
 ROWS_PER_BLOCK = 64  # per KV head: 3 x 64 rows of scores over 8K keys stay in L2
 
@@ -38,7 +42,12 @@ class PrefillCollector:
         self.layers = [i for i, window in enumerate(windows) if window is None]
         mode = "r+" if resume else "w+"
         self.lists, self.queries, self.knn = {}, {}, {}
-        self.scaling: dict[int, float] = {}
+        self.scaling: dict[int, float] = {}  # each layer's attention scaling, kept for a resumed build
+        if resume and (self.dir / SCALING).is_file():
+            try:
+                self.scaling = {int(k): float(v) for k, v in json.loads((self.dir / SCALING).read_text()).items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                self.scaling = {}
         for layer in self.layers:
             self.lists[layer] = self._open(f"lists_{layer:03d}.npy", mode, np.int32, (heads, self.n_samples, params.list_size), -1)
             self.queries[layer] = self._open(f"queries_{layer:03d}.npy", mode, np.float16, (heads, self.n_samples, head_dim), 0)
@@ -47,7 +56,14 @@ class PrefillCollector:
     def _open(self, name: str, mode: str, dtype, shape, fill):
         path = self.dir / name
         if mode == "r+" and path.is_file():
-            return np.lib.format.open_memmap(path, mode="r+")
+            try:
+                array = np.lib.format.open_memmap(path, mode="r+")
+            except ValueError:
+                array = None
+            if array is None or array.shape != shape or array.dtype != dtype:
+                raise RaError(f"{path}: this resumed ingest's work file does not match it; remove {self.dir.parent} "
+                              "and ingest again")
+            return array
         array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         array[...] = fill
         return array
@@ -69,6 +85,7 @@ class PrefillCollector:
         for group in (self.lists, self.queries, self.knn):
             for array in group.values():
                 array.flush()
+        write_json_atomic(self.dir / SCALING, {str(k): v for k, v in self.scaling.items()})
 
     @torch.inference_mode()
     def observe(self, layer: int, query: torch.Tensor, keys: torch.Tensor, q_offset: int, kv_offset: int, scaling: float,

@@ -50,12 +50,19 @@ class ParsedHnsw:
     upper_links: np.ndarray  # [rows, max_level, maxM] int32
 
 
+MAX_LINKS = 4096  # hnswlib's M is tens; a header claiming more is damage
+
+
 def parse_hnsw_file(path: Path, dim: int) -> ParsedHnsw:
     raw = np.fromfile(path, dtype=np.uint8)
     try:
         (offset_level0, max_elements, count, size_per_element, label_offset, offset_data, max_level, entry,
          max_m, max_m0, _m, _mult, _efc) = _HEADER.unpack_from(raw, 0)
         position = _HEADER.size
+        # every header value bounds what is allocated or indexed below: check before use
+        if not (0 < max_m0 <= MAX_LINKS and 0 < max_m <= MAX_LINKS and count <= max_elements
+                and 0 < count * size_per_element <= raw.size and size_per_element >= label_offset + 8):
+            raise ValueError("header values out of range")
         level0 = raw[position: position + count * size_per_element].reshape(count, size_per_element)
         position += count * size_per_element
         if level0.shape[0] != count or offset_data != 4 + 4 * max_m0 or label_offset != offset_data + 4 * dim:
@@ -69,8 +76,18 @@ def parse_hnsw_file(path: Path, dim: int) -> ParsedHnsw:
             (size,) = struct.unpack_from("<I", raw, position)
             position += 4
             upper_sizes[i] = size
+            if size % (4 + 4 * max_m) or position + size > raw.size:
+                raise ValueError(f"element {i} has a malformed upper-level block")
             upper_blobs.append(raw[position: position + size])
             position += size
+        if count and (not 0 <= entry < count or np.any(np.sort(labels) != np.arange(count))
+                      or np.any(link_counts > max_m0) or np.any(links[np.arange(max_m0)[None, :] < link_counts[:, None]] >= count)):
+            raise ValueError("ids out of range")
+        for blob in upper_blobs:
+            rows = blob.view(np.uint32).reshape(-1, 1 + max_m)
+            sizes = rows[:, 0] & 0xFFFF
+            if np.any(sizes > max_m) or np.any(rows[:, 1:][np.arange(max_m)[None, :] < sizes[:, None]] >= count):
+                raise ValueError("upper-level ids out of range")
     except (struct.error, ValueError) as exc:
         raise RaError(f"{path}: not a readable hnswlib index ({exc}); ingest again")
     # internal id -> label (we add items with label = indexed id)

@@ -126,6 +126,9 @@ def _check_graph(store, graph: GraphLayer, kv_heads: int, n: int, dim: int) -> N
         bad(f"has shape {adjacency.shape}, expected ({kv_heads}, {n}, M)")
     if adjacency.dtype not in (np.uint16, np.int32) or (adjacency.dtype == np.uint16 and n >= 65535):
         bad(f"has ids of type {adjacency.dtype} for {n} keys")
+    empty = 65535 if adjacency.dtype == np.uint16 else -1
+    if adjacency.size and (int(adjacency.min()) < min(empty, 0) or int(np.where(adjacency == empty, 0, adjacency).max()) >= n):
+        bad("has neighbour ids out of range")
     if centroids.ndim != 3 or centroids.shape[0] != kv_heads or centroids.shape[2] != dim or centroids.shape[1] < 1 \
             or centroids.dtype != np.float32:
         bad(f"router has shape {centroids.shape} ({centroids.dtype}), expected ({kv_heads}, C, {dim}) float32")
