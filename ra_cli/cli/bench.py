@@ -13,7 +13,28 @@ from ra_cli.cli.steps import load_model, open_store, read_source
 from ra_cli.errors import RaError
 
 
+# Options that belong to one measurement; given to another, they are refused (not silently ignored).
+MODE_OPTIONS = {
+    "context": ("modes", "baseline", "plot_file", "steps", "synthetic", "prefill"),
+    "recall": ("layers", "queries", "query_stride", "baseline_ingest", "prefill"),
+    "decode-step": ("shape",),
+    "needles": (),
+}
+
+
+def _refuse_other_modes_options(ctx: typer.Context, mode: str) -> None:
+    from typer._click.core import ParameterSource  # typer vendors click: its enum, not click's
+
+    own = set(MODE_OPTIONS[mode])
+    for name in {n for options in MODE_OPTIONS.values() for n in options} - own:
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+            raise typer.BadParameter(f"{flag} does not apply to {'whole-model decode' if mode == 'context' else '--' + mode}",
+                                     param_hint=f"'{flag}'")
+
+
 def bench_command(
+    ctx: typer.Context,
     context: Optional[str] = typer.Option(None, "--context",
                                           help="Context length(s) in tokens: 16k, 8k,16k,32k or 4k..32k (default 16k; "
                                                "--recall, --decode-step and --needles take one; --needles: document size, default 6k)."),
@@ -21,7 +42,7 @@ def bench_command(
     decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
     needles: bool = typer.Option(False, "--needles", help="Needle sweep: real documents, needles at 10 depths, full vs flat vs retrieval."),
     modes: str = typer.Option("retrieval,full,flat", "--modes", help="Attention modes for whole-model decode: retrieval, full, flat."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="llama.cpp: the same GGUF and tokens in the same run (pip install 'ra-cli[bench]')."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="llama.cpp: the same GGUF and tokens in the same run (pip install 'ra-cli\\[bench]')."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write ms/token vs context, one line per mode, to this PNG."),
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per run (after 4 warm-up steps)."),
     synthetic: Optional[str] = typer.Option(None, "--synthetic",
@@ -49,6 +70,7 @@ def bench_command(
 
     if recall + decode_step + needles > 1:
         raise RaError("choose one of --recall, --decode-step and --needles (or none, for whole-model decode)")
+    _refuse_other_modes_options(ctx, "recall" if recall else "decode-step" if decode_step else "needles" if needles else "context")
     sizes = opt.token_counts(context or ("6k" if needles else "16k"))
     if (recall or decode_step or needles) and len(sizes) != 1:
         raise RaError("--recall, --decode-step and --needles measure one context size; give --context a single size")
