@@ -141,9 +141,11 @@ def test_chat_uses_retrieval_by_default_and_reports_stats(small_context, reuse_l
     assert result.exit_code == 0, result.output
     import re
 
-    stats = [json.loads(block) for block in re.findall(r"\{[^{}]*\}", result.stderr)]
-    assert stats[0]["keys_scanned_per_search"] > 0 and stats[0]["retrieval_ms_per_token"] > 0
-    assert stats[0]["device_memory_mb"] > 0 and stats[1]["turns"] == 0 and stats[1]["searches"] == 0
+    def values(name):  # /stats prints a table: "name   value" per row, once per /stats
+        return [float(v.replace(",", "")) for v in re.findall(rf"^{name} +([\d,.]+)$", result.stderr, re.M)]
+
+    assert values("keys scanned per search")[0] > 0 and values("retrieval ms per token")[0] > 0
+    assert values("device memory mb")[0] > 0 and values("turns") == [1, 0] and values("searches")[1] == 0
 
 
 def test_full_and_retrieval_agree_on_a_short_greedy_answer(small_context, reuse_loaded_model):
