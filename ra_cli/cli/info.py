@@ -13,8 +13,12 @@ from ra_cli.cli import options as opt
 def info_command(
     source: Path = typer.Argument(..., help="A context saved by `ra ingest` (a .idx directory)."),
     as_json: bool = opt.Json,
+    verify: bool = typer.Option(False, "--verify", help="Hash every file in full (opening a context checks sizes and "
+                                                        "sampled digests only: O(1) reads per file)."),
 ):
     """What a saved context holds: document, pages, tokens, model, index, budgets, dense layers, sizes."""
+    import time
+
     from ra_cli.retrieval.modes import describe_context
     from ra_cli.store import ContextStore
 
@@ -23,7 +27,9 @@ def info_command(
 
         raise RaError(f"{source}: a document, not a saved context; `ra ingest {source} --save CONTEXT.idx` makes one "
                       "(ra chat caches its own)")
-    summary = describe_context(ContextStore.open(source))
+    began = time.perf_counter()
+    summary = describe_context(ContextStore.open(source, verify=verify))
+    summary["verified"] = {"full_sha256": verify, "seconds": round(time.perf_counter() - began, 3)}
     if as_json:
         print(json.dumps(summary))
         return
@@ -59,7 +65,10 @@ def print_summary(summary: dict) -> None:
     else:
         rows.append(("index", "none (full attention only)"))
     rows += [("on disk", _size(summary["bytes"])), ("created", summary.get("created", "?")),
-             ("ingest", f"{summary['ingest'].get('prefill', '?')} prefill in {summary['ingest'].get('seconds', 0):.1f} s")]
+             ("ingest", f"{summary['ingest'].get('prefill', '?')} prefill in {summary['ingest'].get('seconds', 0):.1f} s"),
+             ("checked", ("every file's full sha256" if summary["verified"]["full_sha256"] else
+                          "sizes and sampled digests (--verify hashes everything)")
+              + f", in {summary['verified']['seconds']:.2f} s")]
     for key, value in rows:
         table.add_row(key, Text(value))  # Text: names like "notes[draft].pdf" are not markup
     stdout.print(table)
