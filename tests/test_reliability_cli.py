@@ -115,13 +115,38 @@ def test_memory_and_device_errors_are_explained():
     assert "bug in ra" in message and "RA_DEBUG=1" in message and code == 1
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_cache_is_one_line(tmp_path, lighthouse_txt, reuse_loaded_model, monkeypatch):
     cache = tmp_path / "ro"
     cache.mkdir()
     cache.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses even root
+        cache = "/sys/ra-cache-test"
     monkeypatch.setenv("RA_CACHE_DIR", str(cache))
     one_line_error(run("chat", lighthouse_txt, "--ask", "hi"), 1, "permission denied")
+
+
+def test_a_resumed_work_file_of_the_wrong_shape_is_refused(tmp_path, lighthouse_txt, loaded):
+    from ra_cli.document import load_document
+    from ra_cli.errors import RaError
+    from ra_cli.index import IndexParams
+    from ra_cli.ingest import IngestOptions, ingest
+    from ra_cli.store import partial_path
+
+    options = IngestOptions(chunk_size=16, index=IndexParams(kind="graph", sinks=8, window=16))
+    out = tmp_path / "c.idx"
+
+    def interrupt(done, total, reused):
+        if 32 <= done < total:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest(loaded, load_document(lighthouse_txt), out, options, interrupt)
+    work = sorted((partial_path(out) / "work").glob("lists_*.npy"))[0]
+    import numpy as np
+
+    np.save(work, np.zeros((2, 3), np.int32))
+    with pytest.raises(RaError, match="work file does not match it; remove"):
+        ingest(loaded, load_document(lighthouse_txt), out, options)
 
 
 def test_unwritable_save_path_is_one_line(tmp_path, lighthouse_txt, reuse_loaded_model):
