@@ -18,7 +18,7 @@ SINKS = 4  # the first positions of the context: weight parks there regardless o
 # over everything near and far, while a head that reads something singles it out (measured on
 # needle documents: with no floor the recent window outranks the needle; from 0.2 the needle's
 # passage comes first)
-FLOOR = float(__import__("os").environ.get("RA_FLOOR", "0.2"))
+FLOOR = 0.2
 CITED = 3  # sources shown under an answer
 PASSAGE_LINES = 8  # a text-file passage: a paragraph, cut into runs of at most this many lines
 EXCERPT_TOKENS = 80  # of a cited page shown by /sources, centred on the most attended token
