@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import time
 
@@ -179,7 +178,7 @@ def test_info_says_what_a_context_holds(needle_context):
 pexpect = pytest.importorskip("pexpect")
 
 
-def spawn_chat(context, home, *extra):
+def spawn_chat(context, *extra):
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", COLUMNS="120")
     # the model the test contexts were made with (the session fixture `loaded`)
     return pexpect.spawn(sys.executable, ["-m", "ra_cli", "chat", str(context), "--dtype", "float32", "--weights", "dense", *extra], env=env, encoding="utf-8",
@@ -190,7 +189,7 @@ def test_terminal_multiline_ctrl_c_and_history(needle_context, isolated_cache):
     """On a pseudo-terminal: a \"\"\" message, Ctrl-C stopping a long reply (the chat goes on),
     a second Ctrl-C leaving with 130, and the history file recalled with the up arrow next time."""
     context, _ = needle_context
-    chat = spawn_chat(context, isolated_cache, "-n", "400", "--temperature", "1.5", "--seed", "1")
+    chat = spawn_chat(context, "-n", "400", "--temperature", "1.5", "--seed", "1")
     chat.expect(">>>")
     chat.sendline('"""Tell me')
     chat.expect(r"\.\.\.")
@@ -203,10 +202,10 @@ def test_terminal_multiline_ctrl_c_and_history(needle_context, isolated_cache):
     chat.sendintr()
     chat.expect(pexpect.EOF)
     chat.close()
-    assert chat.exitstatus == 130 or chat.signalstatus == signal.SIGINT
+    assert chat.exitstatus == 130  # left through ra's own exit, not killed by the signal
     history = (isolated_cache / "history").read_text()
     assert '+"""Tell me' in history and '+a long story."""' in history
-    again = spawn_chat(context, isolated_cache, "-n", "8")
+    again = spawn_chat(context, "-n", "8")
     again.expect(">>>")
     again.send("\x1b[A")  # up arrow: the last message comes back
     again.expect("long story")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -217,7 +216,7 @@ def _tokens_done(progress) -> int:
         return 0
 
 
-def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_ingest(tmp_path, isolated_cache, loaded):
+def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_ingest(tmp_path, loaded):
     """An ingest process killed with SIGKILL at random moments, then run to the end, leaves a
     store bit for bit equal to one ingest that was never interrupted (timings aside)."""
     from ra_cli.document import load_document
