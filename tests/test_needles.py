@@ -114,3 +114,38 @@ def test_a_needle_no_prefill_query_selected_is_found(tmp_path, loaded_fast):
     answers = {mode: start_chat(loaded_fast, store, mode).ask(RARE_CUE, 8, Sampling(), raw=True).text
                for mode in ("full", "retrieval")}
     assert "7719" in answers["full"] and answers["retrieval"] == answers["full"]
+
+
+def test_a_needle_read_back_by_a_duplicate_token_head_is_seeded_by_its_tokens(tmp_path, loaded_fast):
+    """A miss of the needle sweep before token seeds (vim manual, needle at 5% depth): at the cue's
+    "password", a duplicate-token head puts nearly all of its indexed attention on the needle's own
+    "password", a key no search from the query-trained entry points reached. The cue's tokens seed
+    the search at the needle, and retrieval answers exactly as full attention does."""
+    from ra_cli.bench.corpus import CORPUS
+    from ra_cli.bench.needles import NEEDLES, document_of
+    from ra_cli.chat import start_chat
+    from ra_cli.document import Document
+    from ra_cli.engine.generate import Sampling
+    from ra_cli.ingest import IngestOptions, ingest
+    from ra_cli.store import ContextStore
+
+    needle, cue, answer = NEEDLES[2]
+    paragraphs = document_of(loaded_fast, next(path for path in CORPUS if path.name == "vim-user-manual.txt"), 4096)
+    at = round(0.05 * len(paragraphs))
+    text = "\n\n".join(paragraphs[:at] + [needle] + paragraphs[at:])
+    ingest(loaded_fast, Document(name="vim+needle", sha256="vim-needle-5", kind="text", text=text),
+           tmp_path / "vim.idx", IngestOptions())
+    store = ContextStore.open(tmp_path / "vim.idx", loaded_fast.fingerprint)
+    lo = store.manifest["index"]["lo"]
+    tokens = np.asarray(store.tokens).tolist()
+    word = loaded_fast.tokenizer(" password", add_special_tokens=False).input_ids
+    assert len(word) == 1 and tokens.count(word[0]) == 1  # the needle's "password" is the document's only one
+    needle_password = tokens.index(word[0])
+    chat = start_chat(loaded_fast, store, "retrieval")
+    answers = {"retrieval": chat.ask(cue, 8, Sampling(), raw=True).text}
+    cue_tokens = loaded_fast.tokenizer(cue, add_special_tokens=False).input_ids
+    seeds = chat.cache.token_seeds
+    seeds.feed(np.asarray(cue_tokens[:2]), store.n_tokens)  # as the cue's first forward saw them
+    assert needle_password - lo in seeds.seeds[0] and needle_password + 1 - lo in seeds.seeds[0]
+    answers["full"] = start_chat(loaded_fast, store, "full").ask(cue, 8, Sampling(), raw=True).text
+    assert answer in answers["full"] and answers["retrieval"] == answers["full"]

@@ -174,6 +174,8 @@ class HostKVLayer(DeviceKVLayer):
 class ContextCache(Cache):
     """The KV of one conversation: stored document prefix + everything said since."""
 
+    token_seeds = None  # retrieval caches: reads each forward's tokens (retrieval/token_seeds.py)
+
     def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers=layers)
         self.attention_timer = AttentionTimer()
@@ -195,6 +197,11 @@ class ContextCache(Cache):
     @property
     def length(self) -> int:
         return self.layers[0].get_seq_length()
+
+    def feed(self, ids: torch.Tensor) -> None:
+        """Before a forward: the token ids [1, T] it runs, for layers that look them up."""
+        if self.token_seeds is not None:
+            self.token_seeds.feed(ids.reshape(-1).cpu().numpy(), self.length)
 
     @contextlib.contextmanager
     def collecting(self, mass):

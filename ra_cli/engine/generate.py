@@ -35,6 +35,7 @@ def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool
     """Run tokens through the model, appending their KV to `cache`. Returns last-position logits
     [vocab] (float32) or None; without logits the LM head is skipped entirely."""
     ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
+    cache.feed(ids)
     lean = getattr(model, "ra_lean", None)
     if lean is not None:  # engine/forward.py: the same maths without transformers' module overhead
         logits = lean(ids.reshape(1, -1).to(lean.embed.device), cache, want_logits)

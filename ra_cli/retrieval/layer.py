@@ -95,7 +95,7 @@ class RetrievalLayer(AttentionLayer):
     is_sliding = False
 
     def __init__(self, layer_idx: int, index, host: HostKV, n_indexed: int, lo: int, sink_k, sink_v, window_k, window_v,
-                 settings: RetrievalSettings, stats: RetrievalStats):
+                 settings: RetrievalSettings, stats: RetrievalStats, token_seeds=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.index = index
@@ -120,6 +120,7 @@ class RetrievalLayer(AttentionLayer):
         self.auditor = None  # ra eval: checks each search against exact attention
         self.top_k = settings.top_k or 100
         self.carried = None  # [H, 2 * CARRY] entry points from the previous step
+        self.token_seeds = token_seeds  # a TokenSeeds shared by the cache's layers: entry points from the text
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
 
     # -- storage ---------------------------------------------------------------------------------
@@ -194,7 +195,8 @@ class RetrievalLayer(AttentionLayer):
         """Top-k indexed keys of every query head and position; remembers the last position's best
         keys and their successors as the next step's extra entry points."""
         began = time.perf_counter()
-        result = self.index.search(host_query, min(self.top_k, self.n_indexed), self.settings.ef, self.carried)
+        result = self.index.search(host_query, min(self.top_k, self.n_indexed), self.settings.ef,
+                                   self._entry_points(host_query.shape[0]))
         last = result.ids[:, -1, :CARRY]
         successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
         self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
@@ -204,6 +206,14 @@ class RetrievalLayer(AttentionLayer):
         self.stats.per_layer_evaluations[self.layer_idx] = self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations
         self.stats.search_seconds += time.perf_counter() - began
         return result
+
+    def _entry_points(self, heads: int) -> np.ndarray | None:
+        """Extra entry points [H, X]: the previous step's carried keys and this forward's token seeds."""
+        seeds = None if self.token_seeds is None or self.token_seeds.seeds.size == 0 else self.token_seeds.seeds
+        if seeds is None:
+            return self.carried
+        seeds = np.broadcast_to(seeds, (heads, seeds.shape[1]))
+        return np.ascontiguousarray(seeds if self.carried is None else np.concatenate([self.carried, seeds], axis=1))
 
     def _searching(self) -> bool:
         return self.n_indexed > 0 and self.top_k > 0

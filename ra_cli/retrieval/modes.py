@@ -19,6 +19,7 @@ from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats, layer_budget
+from ra_cli.retrieval.token_seeds import TokenSeeds
 from ra_cli.store import ContextStore, float32_keys, kv_to_tensor
 
 CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation after the document
@@ -99,6 +100,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
     stats = RetrievalStats(indexed_keys=hi - lo)
     dense = set(dense_layers(store, settings.dense_below))
     stats.dense_layers = sorted(dense)
+    seeds = None if exact else TokenSeeds(store.tokens, lo, hi)
     layers = []
     for i, shape in enumerate(store.layers):
         if shape.sliding_window is not None or i in dense:
@@ -116,7 +118,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
                                _device_kv(loaded, store, store.keys(i)[:, :lo]),
                                _device_kv(loaded, store, store.values(i)[:, :lo]),
                                _device_kv(loaded, store, store.keys(i)[:, hi:n]),
-                               _device_kv(loaded, store, store.values(i)[:, hi:n]), settings, stats)
+                               _device_kv(loaded, store, store.values(i)[:, hi:n]), settings, stats, seeds)
         if settings.top_k is None:
             layer.top_k = layer_budget(section["layers"][str(i)], settings.coverage)
         layers.append(layer)
@@ -126,6 +128,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         retrieval_layers[0].counts_steps = True
     cache = ContextCache(layers)
     cache.retrieval_stats = stats
+    cache.token_seeds = seeds
     return cache
 
 
