@@ -49,6 +49,8 @@ class IngestOptions:
         params = {"kv_dtype": model_dtype if self.kv_dtype == "auto" else self.kv_dtype, "index": self.index.as_dict()}
         if self.prefill != "auto":
             params["prefill"] = self.prefill
+        if self.prefill == "sparse":
+            params["sparse"] = sparse_policy(self).as_dict()
         return params
 
 
@@ -100,7 +102,7 @@ def cached_context_path(loaded: LoadedModel, document: Document, options: Ingest
 def sparse_policy(options: IngestOptions) -> SparsePrefill:
     # the window covers the index's static window, so every KV head's attended set meets the
     # indexed range in the same number of positions (index/collect.py relies on it)
-    return SparsePrefill(window=max(1024, options.index.window))
+    return SparsePrefill(window=max(SparsePrefill.window, options.index.window))
 
 
 def context_limit_notice(loaded: LoadedModel, n_tokens: int) -> str | None:
@@ -232,7 +234,8 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     extra = {"index": section,
              "ingest": {"chunk_size": options.chunk_size, "prefill": mode, "seconds": round(seconds, 3),
                         "prefill_seconds": round(prefill_seconds, 3), "index_seconds": round(index_seconds, 3),
-                        "prefilled_tokens": n - writer.resumed_from}}
+                        "prefilled_tokens": n - writer.resumed_from,
+                        **({"sparse": sparse_policy(options).as_dict()} if mode == "sparse" else {})}}
     path = writer.publish(extra)
     return IngestResult(path, n, writer.resumed_from, n - writer.resumed_from, seconds, prefill_seconds, index_seconds)
 

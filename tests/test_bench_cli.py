@@ -31,6 +31,11 @@ def test_recall_bench_json(reuse_loaded_model):
     assert report["indexes"]["flat"]["evaluations_per_query"] == 1536 - 640
     assert report["indexes"]["graph"]["recall_at_100"] > 0.85
     assert "hnsw_to_graph_scan_ratio" in report and "hnsw_centered_to_graph_scan_ratio" in report
+    reach = report["reach"]
+    assert reach["reachable_fraction_min"] == 1.0  # every indexed key, every head
+    assert reach["selected_key_recall_with_token_seeds"] > 0.8
+    for field in ("rare_key_recall", "rare_key_recall_with_token_seeds"):
+        assert reach[field] is None or 0 <= reach[field] <= 1
     for layer in ("3", "20"):
         mass = report["attention_mass"][layer]
         assert 0 < mass["static_mean"] <= mass["static_top100_mean"] <= 1

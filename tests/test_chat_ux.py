@@ -74,7 +74,8 @@ def test_the_needle_page_of_a_pdf_is_cited_first(tmp_path, reuse_loaded_model):
 
 
 def test_attention_mass_is_the_exact_softmax_weight_of_each_position():
-    """The retrieval kernel's collected weights equal softmax over static + retrieved keys."""
+    """The retrieval kernel's collected weights equal softmax over static + retrieved keys, the
+    static sinks included from the mass's first collected position on (as full attention's)."""
     from ra_cli.engine.mass import AttentionMass
     from ra_cli.retrieval.kernels import attend_static_and_retrieved
 
@@ -87,12 +88,13 @@ def test_attention_mass_is_the_exact_softmax_weight_of_each_position():
     values = rng.standard_normal((kv_heads, indexed, dim)).astype(np.float32)
     ids = np.stack([rng.permutation(indexed)[:6] for _ in range(heads)]).astype(np.int32)[:, None, :]
     scores = np.einsum("hd,hkd->hk", query[:, 0], keys[np.arange(heads) // 2][np.arange(heads)[:, None], ids[:, 0]])
-    mass = AttentionMass(heads, lo + indexed + window, sinks=0)
+    sinks = 1  # the first position is not collected; the other static sinks are
+    mass = AttentionMass(heads, lo + indexed + window, sinks=sinks)
     out = np.empty((heads, 1, dim), np.float32)
     window_start = lo + indexed
     attend_static_and_retrieved(query, static_keys, static_values, np.array([lo + window]), values, ids,
                                 scores[:, None, :].astype(np.float32), np.float32(0.5), out, mass.rows,
-                                np.float32(0.0), lo, window_start)
+                                np.float32(0.0), sinks, lo, window_start)
     for h in range(heads):
         g = h // 2
         logits = np.concatenate([static_keys[g] @ query[h, 0], scores[h]]) * 0.5
@@ -100,7 +102,8 @@ def test_attention_mass_is_the_exact_softmax_weight_of_each_position():
         weights /= weights.sum()
         expected = np.zeros(mass.limit)
         expected[lo + ids[h, 0]] = weights[lo + window:]
-        expected[window_start:window_start + window] = weights[lo:lo + window]  # sinks are not collected
+        expected[window_start:window_start + window] = weights[lo:lo + window]
+        expected[sinks:lo] = weights[sinks:lo]
         np.testing.assert_allclose(mass.rows[h], expected, rtol=1e-5, atol=1e-7)
 
 

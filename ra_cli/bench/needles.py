@@ -41,7 +41,12 @@ class NeedleBenchConfig:
 
 def document_of(loaded, path: Path, tokens: int) -> list[str]:
     """The document's paragraphs, repeated or cut to about `tokens` tokens."""
-    paragraphs = [p for p in load_document(path).text.split("\n\n") if p.strip()]
+    return paragraphs_of(loaded, load_document(path).text, tokens)
+
+
+def paragraphs_of(loaded, text: str, tokens: int) -> list[str]:
+    """The text's paragraphs, repeated or cut to about `tokens` tokens."""
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
     out, count, i = [], 0, 0
     while count < tokens:
         paragraph = paragraphs[i % len(paragraphs)]

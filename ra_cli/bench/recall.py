@@ -256,8 +256,10 @@ def print_recall_table(report: dict) -> None:
     reach = report["reach"]
     stderr.print(f"reachable from the entry points: min {reach['reachable_fraction_min']:.1%} of indexed keys over layers and "
                  f"heads; keys no prefill query selected: {reach['unselected_fraction']:.1%}; found in the top-10 of copy "
-                 f"queries: rare keys {reach['rare_key_recall']}, selected keys {reach['selected_key_recall']} "
-                 f"({reach['rare_keys_checked']} rare checked)", markup=False)
+                 f"queries: rare keys {reach['rare_key_recall']} (with token seeds "
+                 f"{reach['rare_key_recall_with_token_seeds']}), selected keys {reach['selected_key_recall']} "
+                 f"(with token seeds {reach['selected_key_recall_with_token_seeds']}; {reach['rare_keys_checked']} rare "
+                 "checked)", markup=False)
     for layer, mass in report["attention_mass"].items():
         stderr.print(f"layer {layer}: static mass {mass['static_mean']:.3f} (min head {mass['static_min_head']:.3f}), "
                      f"static+top100 {mass['static_top100_mean']:.3f} (min head {mass['static_top100_min_head']:.3f})")

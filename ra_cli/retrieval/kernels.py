@@ -51,7 +51,7 @@ def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def attend_static_and_retrieved(queries, static_keys, static_values, static_visible, values, ids, scores, scaling, out,
-                                mass, floor, lo, window_start):
+                                mass, floor, first, lo, window_start):
     """Attention of queries [H, q, D] over their static keys and their retrieved keys in one softmax
     (the CPU path: both halves live in host memory, so no log-sum-exp merge is needed).
 
@@ -61,9 +61,9 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
     h reads KV head h // (H / KVH). Writes out [H, q, D].
 
     mass [H, M] (M = 0: off) collects each key's softmax weight at its absolute position when that
-    is below M, sinks excluded (static keys [0, lo) are the sinks; static key lo + j is position
-    window_start + j; retrieved node n is position lo + n) if it is at least `floor`: chat's citations. Row h belongs to
-    query head h alone, so the parallel heads never write the same cell."""
+    is in [first, M) and the weight is at least `floor` (static keys [0, lo) are positions [0, lo),
+    static key lo + j is position window_start + j, retrieved node n is position lo + n): chat's
+    citations. Row h belongs to query head h alone, so the parallel heads never write the same cell."""
     heads, count, dim = queries.shape
     groups = heads // static_keys.shape[0]
     width = ids.shape[2]
@@ -102,15 +102,15 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
             for d in range(dim):
                 out[h, i, d] = acc[d] / total if total > 0 else 0.0
             if mass.shape[1] > 0 and total > 0:
-                for j in range(lo, visible):
-                    position = window_start + j - lo
+                for j in range(visible):
+                    position = j if j < lo else window_start + j - lo
                     w = np.exp(weights[j] - best) / total
-                    if position < mass.shape[1] and w >= floor:
+                    if first <= position < mass.shape[1] and w >= floor:
                         mass[h, position] += w
                 for j in range(width):
                     node = ids[h, i, j]
                     if node < 0:
                         break
                     w = np.exp(scores[h, i, j] * scaling - best) / total
-                    if lo + node < mass.shape[1] and w >= floor:
+                    if first <= lo + node < mass.shape[1] and w >= floor:
                         mass[h, lo + node] += w

@@ -236,7 +236,7 @@ class RetrievalLayer(AttentionLayer):
         attend_static_and_retrieved(host_query, self.keys[0].numpy(), self.values[0].numpy(),
                                     self.static_visible(q_len, q_offset), self.host.values, ids, scores,
                                     np.float32(scaling), out, mass, np.float32(self.mass.floor if self.mass else 0.0),
-                                    self.lo, self.window_start)
+                                    self.mass.sinks if self.mass else 0, self.lo, self.window_start)
         self.stats.attention_seconds += time.perf_counter() - began
         if self.auditor is not None:
             self.auditor(self, host_query, q_offset, ids, scaling)
@@ -281,10 +281,10 @@ class RetrievalLayer(AttentionLayer):
 
     def _collect_split_mass(self, query, total_lse, ids, scores, scaling) -> None:
         """The weights of one decode step's keys once both halves are merged: exp(score - lse)."""
-        window = slice(self.lo, self.static)
-        static_scores = grouped_scores(query[:, :, -1:], self.keys[:, :, window])[0, :, 0].float() * scaling
+        static_scores = grouped_scores(query[:, :, -1:], self.keys[:, :, : self.static])[0, :, 0].float() * scaling
         static_weights = torch.exp(static_scores - total_lse[:, None]).cpu().numpy()
-        positions = np.arange(self.window_start, self.window_start + static_weights.shape[1])
+        # static keys: the sinks (positions 0..lo), then the window from window_start
+        positions = np.concatenate([np.arange(self.lo), np.arange(self.window_start, self.window_start + self.static - self.lo)])
         lse = total_lse.cpu().numpy()
         for h in range(ids.shape[0]):
             self.mass.add(h, positions, static_weights[h])
