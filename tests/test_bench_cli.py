@@ -112,8 +112,10 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
         for key in ("decode_ms_per_token", "body_ms", "attention_ms", "ingest_tokens_per_s", "peak_rss_bytes", "disk_bytes"):
             assert run[key] > 0, (mode, key)
         assert run["peak_device_bytes"] is None  # no accelerator here
-        assert abs(run["body_ms"] + run["search_ms"] + run["attention_ms"] + run["other_ms"] - run["decode_ms_per_token"]) \
-            < 0.5 * run["decode_ms_per_token"]  # parts of the mean step vs the median step
+        # the parts split the mean step (the median is what the table leads with; on a busy
+        # machine the two can differ by far more than any tolerance)
+        assert abs(run["body_ms"] + run["search_ms"] + run["attention_ms"] + run["other_ms"] - run["decode_mean_ms"]) < 0.01
+        assert min(run["search_ms"], run["other_ms"]) >= 0
     assert runs["retrieval"]["search_ms"] > 0 and runs["retrieval"]["keys_scanned"] > 0
     assert runs["full"]["search_ms"] == 0 and runs["full"]["keys_scanned"] is None
     assert runs["full"]["ingest_cached"]  # the second mode reused the first run's ingest

@@ -46,6 +46,8 @@ def test_conversation_tokens_are_seeded_once_indexed_and_forgotten_when_rolled_b
     seeds = TokenSeeds(np.asarray(document), LO, len(document))
     n = len(document)
     seeds.feed(np.asarray([77, 78, 79]), n)  # the conversation says 77 at position n
+    assert seeds.feed(np.asarray([77]), n + 3)[0].tolist() == []  # still in the window: searched anyway
+    seeds.indexed_end = n + 2  # the window's oldest tokens moved into the index
     assert seeds.feed(np.asarray([77]), n + 3)[0].tolist() == [n - LO, n + 1 - LO]
     seeds.feed(np.asarray([80]), n)  # rolled back to n: 77 was never said
     assert seeds.feed(np.asarray([77]), n + 1)[0].tolist() == []

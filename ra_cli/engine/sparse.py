@@ -22,12 +22,13 @@ from ra_cli.engine.attention import grouped_scores
 @dataclass(frozen=True)
 class SparsePrefill:
     sinks: int = 128
-    # Budget measured on Qwen2.5-Coder-0.5B at 16K (benchmarks/sparse_prefill.py, docs/benchmarks.md):
-    # window 1024 + 32 blocks gave top-1 agreement 0.88 with full prefill, 2048 + 64 blocks 0.94,
-    # 2048 + 128 blocks 0.96 at a quarter of full prefill's time
+    # Budget measured (benchmarks/sparse_prefill.py, docs/benchmarks.md): on Qwen2.5-Coder-0.5B at
+    # 16K, window 1024 + 32 blocks gave top-1 agreement 0.88 with full prefill, 2048 + 64 blocks
+    # 0.94, 2048 + 112 blocks 0.95, 2048 + 128 blocks 0.96; the embedded model's 128K ingest took
+    # 15.0 minutes with 128 blocks, and attention cost grows with the budget
     window: int = 2048  # most recent earlier tokens every chunk sees
     block: int = 64  # tokens per selectable block
-    blocks: int = 128  # blocks each chunk attends to, per KV head
+    blocks: int = 112  # blocks each chunk attends to, per KV head
     sub_chunk: int = 64  # queries whose mean ranks the blocks together
 
     def as_dict(self) -> dict:

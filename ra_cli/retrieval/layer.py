@@ -162,6 +162,8 @@ class RetrievalLayer(AttentionLayer):
             self.host.append(keys[:, self.host.count - first:], values[:, self.host.count - first:])
         self.index.grow(self.host.keys, first + count)
         self.n_indexed += count
+        if self.token_seeds is not None:
+            self.token_seeds.indexed_end = self.window_start
         self.keys[:, :, start:self.static - count] = self.keys[:, :, start + count:self.static].clone()
         self.values[:, :, start:self.static - count] = self.values[:, :, start + count:self.static].clone()
         self.static -= count

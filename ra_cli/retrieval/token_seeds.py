@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ra_cli.buffers import with_room
+
 RARE = 8  # a token (or n-gram) occurring at most this often in the indexed range seeds its places
 LONGEST = 3  # common tokens are narrowed by up to this many preceding tokens
 LIMIT = 48  # seeds per forward at most (the last query positions' first)
@@ -27,27 +29,29 @@ NO_SEEDS = np.full((1, 0), -1, np.int32)
 
 
 class TokenSeeds:
-    """Inverted index of the tokens at positions [lo, hi) of a context (hi grows as the
-    conversation moves into the index); `feed` turns the tokens of a forward into seeds: indexed
-    ids (position - lo) of matching places and their successors, [1, X] int32."""
+    """Inverted index of the tokens at positions [lo, hi) of a context (`indexed_end` grows past
+    hi as the conversation moves into the index); `feed` turns the tokens of a forward into seeds:
+    indexed ids (position - lo) of matching places and their successors, [1, X] int32."""
 
     def __init__(self, tokens: np.ndarray, lo: int, hi: int):
         self.lo = lo
-        self.tokens = np.asarray(tokens, dtype=np.int64)  # every token of the sequence so far
+        self.tokens = np.array(tokens, dtype=np.int64)  # every token of the sequence so far (and spare room)
         indexed = self.tokens[lo:hi]
         order = np.argsort(indexed, kind="stable")
         ranked = indexed[order]
         starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
         ends = np.r_[starts[1:], len(ranked)]
         self.places = {int(ranked[s]): order[s:e] + lo for s, e in zip(starts, ends)}  # token -> positions
-        self.document_end = hi  # places beyond it are looked up in the conversation tokens
+        self.document_end = hi  # places beyond it are looked up in the conversation tokens...
+        self.indexed_end = hi  # ...up to here: the conversation moved into the index (the window is searched anyway)
         self.seeds = NO_SEEDS
 
     def feed(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Tokens `ids` about to be run at positions start.. (an earlier, rolled-back forward's
         tokens at those positions are forgotten); returns and keeps this forward's seeds."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        self.tokens = np.concatenate([self.tokens[:start], ids])
+        self.tokens = with_room(self.tokens, start, start + len(ids), axis=0, minimum=1024)
+        self.tokens[start:start + len(ids)] = ids
         chosen: list[int] = []
         seen: set[int] = set()
         for position in range(start + len(ids) - 1, start - 1, -1):  # the last positions matter most
@@ -62,14 +66,15 @@ class TokenSeeds:
         return self.seeds
 
     def _matches(self, position: int) -> np.ndarray:
-        """Earlier positions whose token equals position's and whose preceding
-        tokens match as far as needed to leave at most RARE of them; empty if none narrow so far."""
+        """Earlier positions whose token equals position's and whose preceding tokens match as far
+        as needed to leave at most RARE of them; empty if none narrow so far."""
         token = int(self.tokens[position])
         places = self.places.get(token, np.empty(0, np.int64))
-        later = np.flatnonzero(self.tokens[self.document_end:position - 1] == token) + self.document_end
+        end = min(position, self.indexed_end)
+        later = np.flatnonzero(self.tokens[self.document_end:end] == token) + self.document_end
         if later.size:
             places = np.concatenate([places, later])
-        places = places[places < position]
+        places = places[places < end]
         for back in range(1, LONGEST):
             if places.size <= RARE:
                 return places
