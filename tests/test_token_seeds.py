@@ -60,3 +60,8 @@ def test_seeds_are_bounded_and_the_last_positions_come_first():
     assert len(got) == LIMIT
     # the last fed tokens' places (ids 99, 98, ...) are kept, the first ones' dropped
     assert 99 in got and 0 not in got
+
+
+def test_a_context_with_nothing_indexed_seeds_nothing():
+    document = [5, 6, 7]  # shorter than the sinks: lo = hi
+    assert seeds_of(document, [5, 6], lo=3, hi=3) == []

@@ -39,7 +39,7 @@ class TokenSeeds:
         indexed = self.tokens[lo:hi]
         order = np.argsort(indexed, kind="stable")
         ranked = indexed[order]
-        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if ranked.size else np.empty(0, np.int64)
         ends = np.r_[starts[1:], len(ranked)]
         self.places = {int(ranked[s]): order[s:e] + lo for s, e in zip(starts, ends)}  # token -> positions
         self.document_end = hi  # places beyond it are looked up in the conversation tokens...
