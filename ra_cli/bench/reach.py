@@ -44,7 +44,7 @@ def measure_reach(loaded, store, layers: list[int], lo: int, hi: int, capture, s
     replayed = copy_tokens(store, lo, hi)
     queries, _ = capture(loaded, store, replayed, layers, hi, lo)
     seeds = TokenSeeds(np.asarray(store.tokens), lo, hi)
-    extras = [seeds.feed(np.asarray([token]), store.n_tokens + i).copy() for i, token in enumerate(replayed)]
+    extras = [seeds.feed(np.asarray([token]), store.n_tokens + i) for i, token in enumerate(replayed)]  # fresh arrays
     per_layer = {}
     kinds = ("rare", "rare_found", "rare_found_seeded", "selected", "selected_found", "selected_found_seeded")
     totals = dict.fromkeys(kinds, 0)
