@@ -19,7 +19,7 @@ for path in sys.argv[1:]:
     store = ContextStore.open(path)
     row = {"context": path, "context_tokens": store.n_tokens}
     for mode in ("full", "retrieval"):
-        cache = open_cache(loaded, store, mode, RetrievalSettings())
+        cache = open_cache(loaded, store, mode, RetrievalSettings(dense_when_cheaper=False))
         for token in tokens[:4]:
             prefill(loaded.model, cache, [token])
         began = time.perf_counter()

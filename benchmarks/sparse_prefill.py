@@ -34,7 +34,7 @@ from ra_cli.engine.generate import Sampling, prefill
 from ra_cli.index import IndexParams
 from ra_cli.ingest import IngestOptions, ingest
 from ra_cli.model import load_model
-from ra_cli.retrieval.modes import open_cache
+from ra_cli.retrieval.modes import open_cache, settings_for
 from ra_cli.store import ContextStore
 
 
@@ -79,7 +79,8 @@ def needles(loaded, name: str, text: str, context: int, depths: list[float]) -> 
             answers[f"{mode} prefill, full attention"] = start_chat(loaded, store, "full").ask(
                 cue, 10, Sampling(), raw=True).text
             if mode == "full":
-                answers["full prefill, retrieval"] = start_chat(loaded, store, "retrieval").ask(
+                searched = settings_for(store, dense_when_cheaper=False)  # the index, not a dense fallback
+                answers["full prefill, retrieval"] = start_chat(loaded, store, "retrieval", searched).ask(
                     cue, 10, Sampling(), raw=True).text
         reference = answers["full prefill, full attention"]
         row = {"measure": "needle", "model": loaded.fingerprint.source, "depth": depth, "tokens": store.n_tokens,

@@ -95,7 +95,7 @@ def test_recall_bench_compares_ingest_times_from_the_same_run(reuse_loaded_model
 def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
     """Whole-model decode per mode, each run in its own worker process (no llama.cpp in CI: the
     run says how to get it), with a plot."""
-    result = runner.invoke(app, ["bench", "--context", "1k", "--modes", "retrieval,full", "--steps", "3", "--json",
+    result = runner.invoke(app, ["bench", "--context", "1k", "--modes", "retrieval,search-all,full", "--steps", "3", "--json",
                                  "--baseline", "llama.cpp", "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -103,10 +103,11 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
     runs = {run["mode"]: run for run in report["runs"]}
     from ra_cli.bench.context import llama_cpp_available
 
-    assert set(runs) == ({"retrieval", "full", "llama.cpp"} if llama_cpp_available() else {"retrieval", "full"})
+    modes = {"retrieval", "search-all", "full"}
+    assert set(runs) == (modes | {"llama.cpp"} if llama_cpp_available() else modes)
     if not llama_cpp_available():
         assert "pip install 'ra-cli[bench]'" in result.stderr
-    for mode in ("retrieval", "full"):
+    for mode in modes:
         run = runs[mode]
         assert run["context_tokens"] == 1024 and run["steps"] == 3
         for key in ("decode_ms_per_token", "body_ms", "attention_ms", "ingest_tokens_per_s", "peak_rss_bytes", "disk_bytes"):
@@ -116,7 +117,12 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
         # machine the two can differ by far more than any tolerance)
         assert abs(run["body_ms"] + run["search_ms"] + run["attention_ms"] + run["other_ms"] - run["decode_mean_ms"]) < 0.01
         assert min(run["search_ms"], run["other_ms"]) >= 0
-    assert runs["retrieval"]["search_ms"] > 0 and runs["retrieval"]["keys_scanned"] > 0
+    # at 1K tokens a CPU reads some layers whole rather than search them; search-all searches every one
+    assert runs["retrieval"]["cheaper_dense_layers"] and set(runs["retrieval"]["cheaper_dense_layers"]) <= set(
+        runs["retrieval"]["dense_layers"])
+    assert runs["search-all"]["cheaper_dense_layers"] == [] and len(runs["search-all"]["dense_layers"]) < len(
+        runs["retrieval"]["dense_layers"])
+    assert runs["search-all"]["search_ms"] > 0 and runs["search-all"]["keys_scanned"] > 0
     assert runs["full"]["search_ms"] == 0 and runs["full"]["keys_scanned"] is None
     assert runs["full"]["ingest_cached"]  # the second mode reused the first run's ingest
     assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -84,6 +84,7 @@ def test_a_needle_no_prefill_query_selected_is_found(tmp_path, loaded_fast):
     from ra_cli.index import IndexParams, open_layer_index
     from ra_cli.index.flat import FlatLayerIndex
     from ra_cli.ingest import IngestOptions, ingest
+    from ra_cli.retrieval.modes import settings_for
     from ra_cli.store import ContextStore, float32_keys
 
     params = IndexParams(query_stride=STRIDE, final_stride=STRIDE, list_size=16)
@@ -111,7 +112,8 @@ def test_a_needle_no_prefill_query_selected_is_found(tmp_path, loaded_fast):
     for layer, head, index, query in rare_copy_heads:
         found = index.search(query, 100).ids  # the layer's calibrated beam: what chat uses
         assert answer - lo in found[head, 0], (layer, head)
-    answers = {mode: start_chat(loaded_fast, store, mode).ask(RARE_CUE, 8, Sampling(), raw=True).text
+    searched = settings_for(store, dense_when_cheaper=False)  # at this size dense would be faster on a CPU
+    answers = {mode: start_chat(loaded_fast, store, mode, searched).ask(RARE_CUE, 8, Sampling(), raw=True).text
                for mode in ("full", "retrieval")}
     assert "7719" in answers["full"] and answers["retrieval"] == answers["full"]
 
@@ -127,6 +129,7 @@ def test_a_needle_read_back_by_a_duplicate_token_head_is_seeded_by_its_tokens(tm
     from ra_cli.document import Document
     from ra_cli.engine.generate import Sampling
     from ra_cli.ingest import IngestOptions, ingest
+    from ra_cli.retrieval.modes import settings_for
     from ra_cli.store import ContextStore
 
     needle, cue, answer = NEEDLES[2]
@@ -141,7 +144,7 @@ def test_a_needle_read_back_by_a_duplicate_token_head_is_seeded_by_its_tokens(tm
     word = loaded_fast.tokenizer(" password", add_special_tokens=False).input_ids
     assert len(word) == 1 and tokens.count(word[0]) == 1  # the needle's "password" is the document's only one
     needle_password = tokens.index(word[0])
-    chat = start_chat(loaded_fast, store, "retrieval")
+    chat = start_chat(loaded_fast, store, "retrieval", settings_for(store, dense_when_cheaper=False))
     answers = {"retrieval": chat.ask(cue, 8, Sampling(), raw=True).text}
     cue_tokens = loaded_fast.tokenizer(cue, add_special_tokens=False).input_ids
     seeds = chat.cache.token_seeds

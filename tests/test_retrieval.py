@@ -12,11 +12,13 @@ from typer.testing import CliRunner
 
 from conftest import LIGHTHOUSE
 from ra_cli.chat import ChatSession
-from ra_cli.retrieval.modes import open_cache
+from ra_cli.engine.cache import DeviceKVLayer
+from ra_cli.retrieval.cost import expected_reads, search_is_cheaper
+from ra_cli.retrieval.modes import cheaper_dense_layers, open_cache
 from ra_cli.cli import app
 from ra_cli.document import load_document
 from ra_cli.engine.generate import prefill
-from ra_cli.retrieval.layer import RetrievalSettings
+from ra_cli.retrieval.layer import RetrievalLayer, RetrievalSettings
 from ra_cli.index import IndexParams
 from ra_cli.ingest import IngestOptions, ingest
 from ra_cli.store import ContextStore
@@ -58,7 +60,7 @@ def test_full_budget_equals_full_attention(small_context, loaded, attention):
     tokens = question_tokens(loaded, store)
     full = open_cache(loaded, store, "full")
     reference = [prefill(loaded.model, full, tokens)]
-    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000)
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False)
     cache = open_cache(loaded, store, attention, everything)
     got = [prefill(loaded.model, cache, tokens)]
     for token in (100, 200, 300):  # decode steps: one query position at a time
@@ -79,7 +81,7 @@ def test_full_budget_equals_full_attention_with_bf16_kv(small_context_fast, load
     loaded, store = loaded_fast, small_context_fast
     assert store.kv_dtype == "bfloat16" and store.keys(0).dtype == np.uint16
     n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
-    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000)
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False)
     full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, attention, everything)
     generator = torch.Generator().manual_seed(4)
     for index in (0, 11, 29):
@@ -107,7 +109,7 @@ def test_default_budget_tracks_full_attention(small_context, loaded):
     store = small_context
     tokens = question_tokens(loaded, store)
     full = open_cache(loaded, store, "full")
-    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(top_k=100))
+    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(top_k=100, dense_when_cheaper=False))
     a = torch.log_softmax(prefill(loaded.model, cache, tokens), -1)
     b = torch.log_softmax(prefill(loaded.model, full, tokens), -1)
     kl = float((b.exp() * (b - a)).sum())
@@ -121,7 +123,7 @@ def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
     the result is still exactly full attention."""
     store = small_context
     n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
-    settings = RetrievalSettings(top_k=4096, ef=4096, window=64)
+    settings = RetrievalSettings(top_k=4096, ef=4096, window=64, dense_when_cheaper=False)
     cache = open_cache(loaded, store, "retrieval", settings)
     full = open_cache(loaded, store, "full")
     conversation = loaded.tokenizer((" The keeper wrote about storms and goats." * 30), add_special_tokens=False).input_ids
@@ -135,8 +137,42 @@ def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
     assert cache.length == full.length
 
 
+def test_search_cost_model_on_the_measured_shapes():
+    """retrieval/cost.py's decision on the two shapes it was measured on, and what moves it."""
+    # SmolLM2 at 16K (3 KV / 9 query heads, 2 threads): the search reads 7% of the keys, retrieval pays
+    assert search_is_cheaper(reads=1164, total_keys=16384, attended=740, kv_heads=3, heads=9, threads=2)
+    # Qwen2.5 at 16K (2 KV / 14 query heads): a search reading a third of the keys loses to dense attention
+    assert not search_is_cheaper(reads=5253, total_keys=16384, attended=1040, kv_heads=2, heads=14, threads=2)
+    # 3 KV heads on 2 threads search in two rounds, on 3 threads in one: 2,500 reads flip
+    assert not search_is_cheaper(reads=2500, total_keys=16384, attended=740, kv_heads=3, heads=9, threads=2)
+    assert search_is_cheaper(reads=2500, total_keys=16384, attended=740, kv_heads=3, heads=9, threads=3)
+    # reads grow with the beam: the calibration's count scales with a requested ef
+    entry = {"ef": 128, "validation_evaluations": 1000.0}
+    assert expected_reads(entry, None) == 1000.0 and expected_reads(entry, 256) == 2000.0
+    assert expected_reads({"ef": 128}, None) is None  # an hnsw store measured none: it stays searched
+
+
+def test_a_cpu_attends_densely_where_reading_every_key_is_faster(small_context, loaded, reuse_loaded_model):
+    """At ~1K tokens a search reads a large share of the keys: the default makes those layers dense
+    on a CPU, says so, and --search-every-layer searches them anyway."""
+    store = small_context
+    cheaper = cheaper_dense_layers(store, RetrievalSettings())
+    assert cheaper
+    cache = open_cache(loaded, store, "retrieval")
+    assert cache.retrieval_stats.cheaper_dense_layers == cheaper
+    assert all(isinstance(cache.layers[i], DeviceKVLayer) for i in cheaper)
+    searched = open_cache(loaded, store, "retrieval", RetrievalSettings(dense_when_cheaper=False))
+    assert searched.retrieval_stats.cheaper_dense_layers == []
+    assert all(isinstance(searched.layers[i], RetrievalLayer) for i in cheaper)
+    for flags, said in (([], True), (["--search-every-layer"], False)):
+        result = runner.invoke(app, ["chat", str(store.path), "--ask", QUESTION, "--max-new-tokens", "1", *flags])
+        assert result.exit_code == 0, result.output
+        note = f"{len(cheaper)} faster to read whole than to search at {store.n_tokens:,} tokens on this CPU"
+        assert (note in result.stderr) is said, result.stderr
+
+
 def test_chat_uses_retrieval_by_default_and_reports_stats(small_context, reuse_loaded_model):
-    result = runner.invoke(app, ["chat", str(small_context.path), "--max-new-tokens", "8"],
+    result = runner.invoke(app, ["chat", str(small_context.path), "--max-new-tokens", "8", "--search-every-layer"],
                            input=f"{QUESTION}\n/stats\n/clear\n/stats\n/exit\n")
     assert result.exit_code == 0, result.output
     import re
@@ -152,7 +188,7 @@ def test_full_and_retrieval_agree_on_a_short_greedy_answer(small_context, reuse_
     answers = {}
     for attention in ("full", "retrieval"):
         result = runner.invoke(app, ["chat", str(small_context.path), "--attention", attention, "--ask", QUESTION,
-                                     "--json", "--max-new-tokens", "12"])
+                                     "--json", "--max-new-tokens", "12", "--search-every-layer"])
         assert result.exit_code == 0, result.output
         answers[attention] = json.loads(result.stdout)["answer"]
     assert answers["retrieval"] == answers["full"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ra_cli.errors import RaError
 
-MODES = ("retrieval", "full", "flat", "offload")
+MODES = ("retrieval", "full", "flat", "offload", "search-all")  # search-all: retrieval, --search-every-layer
 LLAMA_CPP = "llama.cpp"
 LLAMA_HINT = ("llama.cpp baseline skipped: llama-cpp-python is not installed; `pip install 'ra-cli[bench]'` "
               "builds it from source (a few minutes)")

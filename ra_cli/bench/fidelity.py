@@ -147,7 +147,7 @@ def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
         "mass_coverage_p05": round(float(np.quantile(coverage, 0.05)), 4),
         "recall_at_k": round(float(np.mean(auditor.recall)), 4) if auditor.recall else None,
         "keys_scanned_per_search": round(scanned, 1),
-        "dense_layers": stats.dense_layers,
+        "dense_layers": stats.dense_layers, "cheaper_dense_layers": stats.cheaper_dense_layers,
         "budgets": stats.budgets,
         "scanned_fraction": round(scanned / n_indexed, 4) if n_indexed else 0.0,
         "mass_coverage_per_layer": {str(k): round(float(np.mean(v)), 4) for k, v in sorted(auditor.per_layer.items())},

@@ -20,6 +20,7 @@ from ra_cli.chat import start_chat
 from ra_cli.document import Document, load_document
 from ra_cli.engine.generate import Sampling
 from ra_cli.ingest import IngestOptions, ingest
+from ra_cli.retrieval.modes import settings_for
 
 NEEDLES = (
     ("The secret code for project Heron is amber-falcon-71.", "The secret code for project Heron is", "amber-falcon-71"),
@@ -73,7 +74,11 @@ def run_needle_bench(loaded, config: NeedleBenchConfig, status=print) -> dict:
             from ra_cli.store import ContextStore
 
             store = ContextStore.open(store_path, loaded.fingerprint)
-            answers = {mode: start_chat(loaded, store, mode).ask(cue, config.max_new_tokens, Sampling(), raw=True).text
+            # every layer searched: at these sizes a CPU would attend densely where that is faster,
+            # and the sweep measures what the index finds
+            searched = settings_for(store, dense_when_cheaper=False)
+            answers = {mode: start_chat(loaded, store, mode, searched).ask(cue, config.max_new_tokens, Sampling(),
+                                                                           raw=True).text
                        for mode in MODES}
             row = {"document": path.name, "depth": depth, "tokens": store.n_tokens, "needle": needle,
                    **{f"{mode}_right": answer in answers[mode] for mode in MODES},

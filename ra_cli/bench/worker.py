@@ -72,7 +72,8 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         record = store.manifest.get("ingest", {})
         ingest_rate = record.get("prefilled_tokens", 0) / record["seconds"] if record.get("seconds") else None
         ingest_cached = True
-    cache = open_cache(loaded, store, mode, settings_for(store))
+    searched = mode == "search-all"  # retrieval, with no layer made dense for speed
+    cache = open_cache(loaded, store, "retrieval" if searched else mode, settings_for(store, dense_when_cheaper=not searched))
     stats = getattr(cache, "retrieval_stats", None)
     tokens = bench.continuation
     for token in tokens[: config["warmup"]]:
@@ -101,7 +102,8 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": torch.cuda.max_memory_allocated() if device else None,
         "disk_bytes": directory_bytes(store.path),
         "keys_scanned": round(stats.evaluations / stats.searches, 1) if stats and stats.searches else None,
-        "dense_layers": stats.dense_layers if stats else None, "model": loaded.fingerprint.source,
+        "dense_layers": stats.dense_layers if stats else None,
+        "cheaper_dense_layers": stats.cheaper_dense_layers if stats else None, "model": loaded.fingerprint.source,
         "dtype": loaded.fingerprint.dtype, "steps": count,
     }
 

@@ -41,7 +41,8 @@ def bench_command(
     recall: bool = typer.Option(False, "--recall", help="Index quality: Recall@100 and keys scanned vs hnswlib and exact search."),
     decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
     needles: bool = typer.Option(False, "--needles", help="Needle sweep: real documents, needles at 10 depths, full vs flat vs retrieval."),
-    modes: str = typer.Option("retrieval,full,flat", "--modes", help="Attention modes for whole-model decode: retrieval, full, flat."),
+    modes: str = typer.Option("retrieval,full,flat", "--modes", help="Attention modes for whole-model decode: retrieval, full, flat, offload, "
+                                                                      "search-all (retrieval with --search-every-layer)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="llama.cpp: the same GGUF and tokens in the same run (pip install 'ra-cli\\[bench]')."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write ms/token vs context, one line per mode, to this PNG."),
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per run (after 4 warm-up steps)."),
@@ -167,6 +168,7 @@ def eval_command(
     ef: Optional[int] = opt.Ef,
     coverage: float = opt.Coverage,
     dense_below: float = opt.DenseBelow,
+    dense_when_cheaper: bool = opt.DenseWhenCheaperEval,
     as_json: bool = opt.Json,
     chunk_size: int = opt.ChunkSize,
     model: Optional[str] = opt.Model,
@@ -190,7 +192,7 @@ def eval_command(
     found = read_source(source, encoding)
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     store = open_store(loaded, found, IngestOptions(chunk_size=chunk_size))
-    settings = settings_for(store, top_k, ef, None, coverage, dense_below)
+    settings = settings_for(store, top_k, ef, None, coverage, dense_below, dense_when_cheaper=dense_when_cheaper)
     report = run_eval(loaded, store, EvalConfig(tokens=tokens, attention=AttentionMode(attention), settings=settings), status)
     if as_json:
         print(json.dumps(report))

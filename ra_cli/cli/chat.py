@@ -35,6 +35,7 @@ def chat_command(
     window: Optional[int] = typer.Option(None, "--window", min=0, help="Recent tokens kept on the device; older ones move into the index (default: as ingested, 512)."),
     coverage: float = opt.Coverage,
     dense_below: float = opt.DenseBelow,
+    dense_when_cheaper: bool = opt.DenseWhenCheaper,
     sinks: Optional[int] = typer.Option(None, "--sinks", min=0, help="First tokens kept on the device; fixed when the document is ingested (default 128)."),
     index: opt.IndexKind = opt.Index,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
@@ -71,8 +72,10 @@ def chat_command(
                             index=IndexParams(kind=index.value, sinks=defaults.sinks if sinks is None else sinks,
                                               window=defaults.window if window is None else window))
     store = open_store(loaded, found, options)
-    settings = settings_for(store, top_k, ef, window, coverage, dense_below, sinks)
+    settings = settings_for(store, top_k, ef, window, coverage, dense_below, sinks, dense_when_cheaper)
     session = start_chat(loaded, store, attention, settings)
+    if getattr(session.cache, "retrieval_stats", None) and session.cache.retrieval_stats.dense_layers:
+        status(dense_note(session.cache.retrieval_stats, len(store.layers), store.n_tokens))
     if saved is not None:
         resume_session(session, saved)
         status(f"resumed {saved.name!r}: {len(saved.marks)} turn(s), {len(saved.transcript):,} conversation tokens")
@@ -93,6 +96,16 @@ def chat_command(
     code = repl(session, chat_settings, answer, interactive)
     if code:
         raise typer.Exit(code)
+
+
+def dense_note(stats, layers: int, tokens: int) -> str:
+    """Which layers attend densely in this chat, and why (said once, at the start)."""
+    cheaper = len(stats.cheaper_dense_layers)
+    diffuse = len(stats.dense_layers) - cheaper
+    reasons = ([f"{diffuse} too diffuse to retrieve"] if diffuse else []) + (
+        [f"{cheaper} faster to read whole than to search at {tokens:,} tokens on this CPU "
+         "(--search-every-layer searches them)"] if cheaper else [])
+    return f"attention: {len(stats.dense_layers)} of {layers} layers dense — " + "; ".join(reasons)
 
 
 def stream_answer(session, question: str, settings, as_json: bool, spinner: bool):

@@ -68,6 +68,13 @@ Coverage = typer.Option(0.97, "--coverage", min=0.0, max=1.0,
                         help="Per-layer retrieval budget: the smallest top-k whose keys held this much attention at ingest.")
 DenseBelow = typer.Option(0.8, "--dense-below", min=0.0, max=1.0,
                           help="Layers whose static + largest budget held less softmax mass than this at ingest attend densely (0 = never).")
+DenseWhenCheaper = typer.Option(True, "--dense-when-cheaper/--search-every-layer",
+                                help="On a CPU, layers whose search would read so many keys that dense attention is faster "
+                                     "attend densely (default); --search-every-layer searches them anyway.")
+# ra eval measures retrieval itself: every retrievable layer searched unless asked otherwise
+DenseWhenCheaperEval = typer.Option(False, "--dense-when-cheaper/--search-every-layer",
+                                    help="Evaluate chat's CPU default, where layers that are faster dense attend densely "
+                                         "(default here: every retrievable layer searched, to measure retrieval).")
 Index = typer.Option(IndexKind.graph, "--index",
                      help="Search index: graph (attention-aware, ours), hnsw (hnswlib on centred keys, a baseline), flat (exact).")
 TopK = typer.Option(None, "--top-k", min=1, help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest).")

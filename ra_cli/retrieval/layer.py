@@ -42,6 +42,9 @@ class RetrievalSettings:
     coverage: float = 0.97
     # Layers where even the largest budget held less than this attend densely: too spread out.
     dense_below: float = 0.8
+    # On a CPU, layers whose search would read so many keys that dense attention is faster attend
+    # densely too (retrieval/cost.py); False searches every retrievable layer.
+    dense_when_cheaper: bool = True
 
 
 @dataclass
@@ -56,7 +59,8 @@ class RetrievalStats:
     attention_seconds: float = 0.0  # of which: attention over the retrieved (and, on CPU, static) keys
     evicted: int = 0
     indexed_keys: int = 0
-    dense_layers: list = field(default_factory=list)
+    dense_layers: list = field(default_factory=list)  # every layer attending densely, of which:
+    cheaper_dense_layers: list = field(default_factory=list)  # those dense because it is faster here
     budgets: dict = field(default_factory=dict)
     per_layer_evaluations: dict = field(default_factory=dict)
 
@@ -65,6 +69,7 @@ class RetrievalStats:
             "keys_scanned_per_search": round(self.evaluations / self.searches, 1) if self.searches else 0.0,
             "retrieval_ms_per_token": round(1000 * self.retrieval_seconds / self.steps, 3) if self.steps else 0.0,
             "searches": self.searches, "evicted_into_index": self.evicted, "dense_layers": self.dense_layers,
+            "cheaper_dense_layers": self.cheaper_dense_layers,
         }
 
 

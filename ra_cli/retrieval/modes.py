@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ra_cli.choices import AttentionMode
@@ -18,6 +19,7 @@ from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
 from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
+from ra_cli.retrieval.cost import expected_reads, search_is_cheaper
 from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats, layer_budget
 from ra_cli.retrieval.token_seeds import TokenSeeds
 from ra_cli.store import ContextStore, float32_keys, kv_to_tensor
@@ -27,7 +29,8 @@ CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation a
 
 
 def settings_for(store: ContextStore, top_k: int | None = None, ef: int | None = None, window: int | None = None,
-                 coverage: float = 0.97, dense_below: float = 0.8, sinks: int | None = None) -> RetrievalSettings:
+                 coverage: float = 0.97, dense_below: float = 0.8, sinks: int | None = None,
+                 dense_when_cheaper: bool = True) -> RetrievalSettings:
     """Retrieval settings for a stored context: the recent window defaults to what ingest kept on
     the device; sinks are fixed by ingest (the indexed range starts after them)."""
     stored = store.manifest.get("index", {}).get("params", {})
@@ -35,7 +38,7 @@ def settings_for(store: ContextStore, top_k: int | None = None, ef: int | None =
         raise RaError(f"{store.path} was ingested with --sinks {stored['sinks']}; sinks are fixed at ingest — "
                       "ingest again to change them")
     return RetrievalSettings(top_k=top_k, ef=ef, window=stored.get("window", 512) if window is None else window,
-                             coverage=coverage, dense_below=dense_below)
+                             coverage=coverage, dense_below=dense_below, dense_when_cheaper=dense_when_cheaper)
 
 
 def open_cache(loaded, store: ContextStore, mode: AttentionMode | str = AttentionMode.retrieval,
@@ -91,14 +94,37 @@ def dense_layers(store: ContextStore, dense_below: float = 0.8) -> list[int]:
                   if max(entry.get("coverage", {"": 1.0}).values()) < dense_below)
 
 
+def cheaper_dense_layers(store: ContextStore, settings: RetrievalSettings, threads: int | None = None) -> list[int]:
+    """Retrievable layers that a CPU attends to faster by reading every key than by searching
+    (retrieval/cost.py): where the search reads a large share of the keys."""
+    section = store.manifest["index"]
+    shape = store.manifest["model_shape"]
+    lo, hi, n = section["lo"], section["hi"], store.n_tokens
+    threads = threads or numba.get_num_threads()
+    diffuse = set(dense_layers(store, settings.dense_below))
+    cheaper = []
+    for layer, entry in section["layers"].items():
+        reads = expected_reads(entry, settings.ef)
+        if int(layer) in diffuse or reads is None:
+            continue
+        attended = (settings.top_k or layer_budget(entry, settings.coverage)) + lo + n - hi
+        if not search_is_cheaper(reads, n, attended, shape["kv_heads"], shape["heads"], threads):
+            cheaper.append(int(layer))
+    return sorted(cheaper)
+
+
 def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, exact: bool = False) -> ContextCache:
     """Retrieval layers for global attention layers (their static set on the device), full device
-    KV for sliding-window layers (which never look far) and for layers too diffuse to retrieve.
+    KV for sliding-window layers (which never look far), for layers too diffuse to retrieve and, on
+    a CPU, for layers whose search would cost more than dense attention (settings.dense_when_cheaper).
     `exact`: search by exact top-k instead of the store's index."""
     section = store.manifest["index"]
     lo, hi, n = section["lo"], section["hi"], store.n_tokens
     stats = RetrievalStats(indexed_keys=hi - lo)
     dense = set(dense_layers(store, settings.dense_below))
+    if settings.dense_when_cheaper and not exact and loaded.device.type == "cpu":
+        stats.cheaper_dense_layers = cheaper_dense_layers(store, settings)
+        dense |= set(stats.cheaper_dense_layers)
     stats.dense_layers = sorted(dense)
     seeds = None if exact else TokenSeeds(store.tokens, lo, hi)
     layers = []
