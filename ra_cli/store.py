@@ -65,6 +65,28 @@ def kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype):
     return tensor.to(device=device, dtype=dtype)
 
 
+def host_kv(array: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """Stored KV [KVH, n, D] as a RAM copy the numba kernels read: bfloat16 as its bits (uint16,
+    widened exactly in the kernels: half the bytes of float32), any other dtype as float32."""
+    if kv_dtype == "bfloat16":
+        return np.array(array, dtype=np.uint16)
+    return np.array(float32_keys(array, kv_dtype), dtype=np.float32)
+
+
+def as_host_dtype(array: np.ndarray, dtype) -> np.ndarray:
+    """float32 KV (e.g. evicted from the device window) in a host array's dtype (uint16: bf16 bits)."""
+    import torch
+
+    if dtype == np.uint16:
+        return kv_to_numpy(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), "bfloat16")
+    return np.asarray(array, dtype=dtype)
+
+
+def widened(array: np.ndarray) -> np.ndarray:
+    """A host KV array as float32 (for torch): bf16 bits widened, float32 as it is."""
+    return float32_keys(array, "bfloat16") if array.dtype == np.uint16 else array
+
+
 def float32_keys(keys: np.ndarray, kv_dtype: str) -> np.ndarray:
     """Stored keys [KVH, n, D] as float32 (numba has no half types): a view when already float32."""
     if kv_dtype == "float32":

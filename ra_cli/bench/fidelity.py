@@ -21,6 +21,7 @@ from ra_cli.engine.generate import prefill
 from ra_cli.prompt import Prompter, PromptLayout
 from ra_cli.retrieval.layer import RetrievalSettings
 from ra_cli.retrieval.modes import open_cache
+from ra_cli.store import widened
 
 DEFAULT_PROMPTS = (
     ("chat", "Summarize the document in a few sentences."),
@@ -60,7 +61,7 @@ class Auditor:
         n = layer.n_indexed
         if n == 0:
             return
-        keys = torch.from_numpy(np.ascontiguousarray(layer.host.keys[:, :n]))
+        keys = torch.from_numpy(np.ascontiguousarray(widened(layer.host.keys[:, :n])))
         q = torch.from_numpy(query)
         scores = grouped_scores(q, keys) * scaling  # [H, q, n]
         indexed_lse = torch.logsumexp(scores, dim=-1)

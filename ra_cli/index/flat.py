@@ -7,20 +7,22 @@ import torch
 
 from ra_cli.engine.attention import grouped_scores
 from ra_cli.index.base import LayerIndex, SearchResult
+from ra_cli.store import widened
 
 
 class FlatLayerIndex(LayerIndex):
     kind = "flat"
 
     def __init__(self, keys: np.ndarray, n: int | None = None):
-        self.keys = keys  # [KVH, >= n, D] float32
+        self.keys = keys  # [KVH, >= n, D] float32 or bf16 bits
         self.n = keys.shape[1] if n is None else n
 
     def _insert(self, keys: np.ndarray, n: int) -> None:
         pass  # an exact scan needs no structure: search reads keys [0, n)
 
     def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
-        scores = grouped_scores(torch.from_numpy(queries), torch.from_numpy(np.ascontiguousarray(self.keys[:, : self.n])))
+        keys = np.ascontiguousarray(widened(self.keys[:, : self.n]))
+        scores = grouped_scores(torch.from_numpy(queries), torch.from_numpy(keys))
         take = min(k, self.n)
         top = torch.topk(scores, take, dim=-1)
         result.ids[..., :take] = top.indices.numpy()

@@ -6,13 +6,13 @@ import numpy as np
 from numba import njit, prange
 
 from ra_cli.index.intrinsics import prefetch
-from ra_cli.index.search_kernels import dot
+from ra_cli.index.search_kernels import dot, widen
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
     """Softmax attention of queries [H, q, D] over their own retrieved keys (ids [H, q, k], -1 =
-    none) of keys/values [KVH, n, D]: writes out [H, q, Dv] and the log-sum-exp [H, q] (-inf when
+    none) of keys/values [KVH, n, D] (float32 or bf16 bits): writes out [H, q, Dv] and the log-sum-exp [H, q] (-inf when
     nothing was retrieved) so the result merges exactly with the static part."""
     heads, count, _ = queries.shape
     width = ids.shape[2]
@@ -43,7 +43,7 @@ def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
                 total += w
                 row = values[g, node]
                 for d in range(out.shape[2]):
-                    out[h, i, d] += w * row[d]
+                    out[h, i, d] += w * widen(row[d])
             for d in range(out.shape[2]):
                 out[h, i, d] /= total
             lse[h, i] = best + np.log(total)
@@ -57,7 +57,7 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
 
     static_keys/static_values [KVH, S, D]: query i sees the first static_visible[i] of them (sinks,
     then the window up to its own position); ids/scores [H, q, k]: retrieved ids into values [KVH,
-    N, D] with their raw q·k from the search (-1 = none), reused rather than recomputed. Query head
+    N, D] (float32 or bf16 bits) with their raw q·k from the search (-1 = none), reused rather than recomputed. Query head
     h reads KV head h // (H / KVH). Writes out [H, q, D].
 
     mass [H, M] (M = 0: off) collects each key's softmax weight at its absolute position when that
@@ -98,7 +98,7 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
                 total += w
                 row = values[g, node]
                 for d in range(dim):
-                    acc[d] += w * row[d]
+                    acc[d] += w * widen(row[d])
             for d in range(dim):
                 out[h, i, d] = acc[d] / total if total > 0 else 0.0
             if mass.shape[1] > 0 and total > 0:

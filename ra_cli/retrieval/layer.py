@@ -23,6 +23,7 @@ from ra_cli.engine.attention import attention_with_lse, grouped_scores, merge_pa
 from ra_cli.engine.cache import AttentionLayer
 from ra_cli.index.base import kv_head_of
 from ra_cli.retrieval.kernels import attend_retrieved, attend_static_and_retrieved
+from ra_cli.store import as_host_dtype
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 # Each search is also seeded with the previous step's best keys and their successors: consecutive
@@ -74,19 +75,23 @@ class RetrievalStats:
 
 
 class HostKV:
-    """The indexed part of one layer's KV in CPU memory: the stored arrays (memory-mapped) for
-    positions [lo, n_stored), and a growable RAM copy once conversation tokens are evicted."""
+    """The indexed part of one layer's KV in CPU memory, positions [lo, n_stored) and conversation
+    tokens evicted later: [KVH, n, D] in the dtype the kernels read (bf16 bits as uint16 for a
+    bf16 store, else float32; store.host_kv)."""
 
     def __init__(self, keys: np.ndarray, values: np.ndarray):
-        self.keys = keys  # [KVH, n, D] float32
+        self.keys = keys
         self.values = values
         self.count = keys.shape[1]
         self.owned = False
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add float32 keys/values [KVH, c, D] (rounded to bf16 when the host KV is bf16)."""
+        keys, values = as_host_dtype(keys, self.keys.dtype), as_host_dtype(values, self.values.dtype)
         needed = self.count + keys.shape[1]
-        self.keys = with_room(self.keys, self.count, needed, axis=1, minimum=1024, dtype=np.float32, copy=not self.owned)
-        self.values = with_room(self.values, self.count, needed, axis=1, minimum=1024, dtype=np.float32,
+        self.keys = with_room(self.keys, self.count, needed, axis=1, minimum=1024, dtype=self.keys.dtype,
+                              copy=not self.owned)
+        self.values = with_room(self.values, self.count, needed, axis=1, minimum=1024, dtype=self.values.dtype,
                                 copy=not self.owned)
         self.owned = True
         self.keys[:, self.count:needed] = keys
