@@ -44,6 +44,22 @@ def test_graph_is_exact_when_ef_covers_every_key():
     np.testing.assert_allclose(found.scores, exact.scores, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,ef", [(200, 32), (30, 64), (30, 700)])
+def test_decode_answers_are_the_same_keys_with_only_the_lead_in_order(k, ef):
+    """Decode asks for its best CARRY keys in order and the rest in any order (sorting is not
+    free): the same keys and scores as a fully ordered answer."""
+    keys, queries, layer, params = synthetic_layer(seed=2)
+    index = GraphLayerIndex(layer, keys, params)
+    ordered = index.search(queries[:, :12], k, ef=ef)
+    lead = index.search(queries[:, :12], k, ef=ef, ordered=8)
+    np.testing.assert_array_equal(lead.ids[..., :8], ordered.ids[..., :8])
+    np.testing.assert_array_equal(np.sort(lead.ids, -1), np.sort(ordered.ids, -1))
+    np.testing.assert_array_equal(np.sort(lead.scores, -1), np.sort(ordered.scores, -1))
+    np.testing.assert_array_equal(lead.evaluations, ordered.evaluations)
+    if k > ef:  # every key the search met is answered: past the lead they come in pool order
+        assert not (np.diff(lead.scores[..., 8:], axis=-1) <= 0).all()
+
+
 def test_hnsw_is_exact_when_ef_covers_every_key(tmp_path):
     keys, queries, _, _ = synthetic_layer(seed=1)
     graphs = []

@@ -20,7 +20,7 @@ class FlatLayerIndex(LayerIndex):
     def _insert(self, keys: np.ndarray, n: int) -> None:
         pass  # an exact scan needs no structure: search reads keys [0, n)
 
-    def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
+    def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
         keys = np.ascontiguousarray(widened(self.keys[:, : self.n]))
         scores = grouped_scores(torch.from_numpy(queries), torch.from_numpy(keys))
         take = min(k, self.n)

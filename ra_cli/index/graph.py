@@ -244,12 +244,12 @@ class GraphLayerIndex(LayerIndex):
         self.buffers.grow(n)
         insert_nodes(keys, np.arange(self.kv_heads, dtype=np.int64), grown, self.n, n, 64, self.buffers.visited)
 
-    def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
+    def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
         """`extra` [KVH, X] or [H, X] int32 (regrouped per KV head): more entry points."""
         kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k)
         extra = NO_EXTRA if extra is None else extra.reshape(self.kv_heads, -1) if extra.shape[0] != 1 else extra
         extra = np.ascontiguousarray(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32)
         search_groups_routed(queries, self.keys, self.layer.adjacency, self.n, self.layer.centroids,
                              self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
-                             extra, ef, k, self.buffers.visited, kept, todo, best, result.ids, result.scores,
+                             extra, ef, k, ordered, self.buffers.visited, kept, todo, best, result.ids, result.scores,
                              result.evaluations)

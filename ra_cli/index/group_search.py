@@ -25,6 +25,13 @@ def _ordered_bits(bits):
 
 
 @njit(cache=True, inline="always")
+def _float_bits(ordered):
+    """The inverse of _ordered_bits: a float32's int32 bits from their ordered form."""
+    value = np.int32(ordered)
+    return value ^ np.int32(0x7FFFFFFF) if value < 0 else value
+
+
+@njit(cache=True, inline="always")
 def _heap_up_max(heap, position):
     item = heap[position]
     while position > 0:
@@ -124,10 +131,11 @@ def _keep_best(h, entry, k, best, best_size):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def search_group(queries, keys, adjacency, n_valid, entries, ef, k, visited, kept, todo, best, out_ids, out_scores):
+def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visited, kept, todo, best, out_ids,
+                 out_scores):
     """Best-first search of one graph by G queries at once, for their top-k keys by inner product.
 
-    queries [G, D] contiguous; keys [n, D] float32; adjacency [n, M] (-1 or the dtype's max ends a
+    queries [G, D] contiguous; keys [n, D] float32 or bf16 bits (uint16); adjacency [n, M] (-1 or the dtype's max ends a
     row); only ids < n_valid exist; entries [E] int32 (-1 = none). Each query keeps its own pools
     (kept [G, >= ef], todo [G, cap] packed int64 scratch); a key reached by any query's expansion
     is read once and scored for all G (one cache miss, G dot products), so the queries of one KV
@@ -138,8 +146,9 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, visited, kep
 
     The answer is each query's k best keys among *every* key scored (best [G, >= k] scratch when
     k > ef): the beam width sets how far the search explores, the attention budget k how many of
-    the keys it met are kept. Writes out_ids/out_scores [G, k] (best first, -1/-inf padded);
-    returns the keys read."""
+    the keys it met are kept. Writes out_ids/out_scores [G, k] (-1/-inf padded) with the best
+    `lead` first and in order, the rest in any order (lead >= k: all sorted; a 400-key sort costs
+    ~12 µs per query here, a tenth of its search); returns the keys read."""
     groups, dim = queries.shape
     width = adjacency.shape[1]
     wide = k > ef
@@ -225,18 +234,48 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, visited, kep
             if wide:
                 _keep_best(h, entry, k, best, best_size)
             stopped[h] = False
+    answer_bits = np.empty(k, np.int32)
+    answer_scores = answer_bits.view(np.float32)
     for h in range(groups):
         size = best_size[h] if wide else kept_size[h]
-        ranked = np.sort(best[h, :size] if wide else kept[h, :size])[::-1]
+        pool = best[h, :size] if wide else kept[h, :size]
+        if 0 < lead < min(size, k) and size <= k:  # every pooled key is answered: order only the lead
+            ranked = _lead_first(pool, lead)
+        else:
+            ranked = np.sort(pool)[::-1]
         for i in range(k):
             if i < size:
-                node = ranked[i] & 0xFFFFFFFF
-                out_ids[h, i] = node
-                out_scores[h, i] = dot(queries[h], keys[node])
+                out_ids[h, i] = ranked[i] & 0xFFFFFFFF
+                answer_bits[i] = _float_bits(ranked[i] >> 32)  # the score as scored: no second dot product
             else:
                 out_ids[h, i] = NO_ID
-                out_scores[h, i] = -np.inf
+                answer_scores[i] = -np.inf
+        out_scores[h, :] = answer_scores
     return reads
+
+
+@njit(cache=True, nogil=True)
+def _lead_first(pool, lead):
+    """The pool's entries (distinct) with its `lead` largest first, largest first; the others
+    after them in pool order. One pass keeping a small sorted array: O(size * lead) at worst,
+    about size comparisons in practice."""
+    top = np.full(lead, -(2 ** 63), np.int64)  # descending
+    for entry in pool:
+        if entry <= top[lead - 1]:
+            continue
+        position = lead - 1
+        while position > 0 and top[position - 1] < entry:
+            top[position] = top[position - 1]
+            position -= 1
+        top[position] = entry
+    ranked = np.empty(pool.shape[0], np.int64)
+    ranked[:lead] = top
+    rest = lead
+    for entry in pool:
+        if entry < top[lead - 1]:
+            ranked[rest] = entry
+            rest += 1
+    return ranked
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -258,7 +297,7 @@ def _route_group(queries, centroids, entries, route, chosen):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def search_groups_routed(queries, keys, adjacency, n_valid, centroids, entries, route, recent, extra, ef, k,
+def search_groups_routed(queries, keys, adjacency, n_valid, centroids, entries, route, recent, extra, ef, k, lead,
                          visited, kept, todo, best, out_ids, out_scores, out_evals):
     """Every KV head's graph searched by its query heads in lockstep, KV heads in parallel.
 
@@ -266,7 +305,8 @@ def search_groups_routed(queries, keys, adjacency, n_valid, centroids, entries, 
     router centroids [KVH, C, D] with entry keys [KVH, C, E]; each search starts from the entries of
     the `route` clusters nearest each of its queries, the `recent` newest keys, extra [KVH, X]
     (-1 = none) and key 0. Scratch per KV head: visited [KVH, words], kept [KVH, G, >= ef], todo [KVH, G,
-    cap], best [KVH, G, >= k]. out_evals [H, q]: keys each query head scored, router included."""
+    cap], best [KVH, G, >= k]. out_evals [H, q]: keys each query head scored, router included.
+    lead: how many of each answer's best come first, in order (>= k: all; see search_group)."""
     kv_heads = keys.shape[0]
     groups = queries.shape[0] // kv_heads
     fixed = groups * route * entries.shape[2]
@@ -283,7 +323,8 @@ def search_groups_routed(queries, keys, adjacency, n_valid, centroids, entries, 
             for h in range(groups):
                 group_queries[h] = queries[first + h, i]
             routed = _route_group(group_queries, centroids[g], entries[g], route, chosen)
-            reads = search_group(group_queries, keys[g], adjacency[g], n_valid, chosen, ef, k, visited[g], kept[g],
-                                 todo[g], best[g], out_ids[first:first + groups, i], out_scores[first:first + groups, i])
+            reads = search_group(group_queries, keys[g], adjacency[g], n_valid, chosen, ef, k, lead, visited[g],
+                                 kept[g], todo[g], best[g], out_ids[first:first + groups, i],
+                                 out_scores[first:first + groups, i])
             for h in range(groups):
                 out_evals[first + h, i] = routed + reads

@@ -154,7 +154,7 @@ class HnswLayerIndex(LayerIndex):
         insert_nodes(keys, np.arange(self.base.shape[0], dtype=np.int64), self.base, self.n, n, 64,
                      graph_buffers.visited)
 
-    def _search(self, queries, k, ef, extra, result: SearchResult) -> None:
+    def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
         """hnswlib's algorithm starts from its own entry point only; `extra` is ignored."""
         search_heads_hnsw(queries, self.keys, self.kv_of_head, self.base, self.n, self.entry, self.levels,
                           self.upper_rows, self.upper, ef, k, self.buffers.visited, result.ids, result.scores,

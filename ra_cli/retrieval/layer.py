@@ -208,7 +208,7 @@ class RetrievalLayer(AttentionLayer):
         keys and their successors as the next step's extra entry points."""
         began = time.perf_counter()
         result = self.index.search(host_query, min(self.top_k, self.n_indexed), self.settings.ef,
-                                   self._entry_points(host_query.shape[0]))
+                                   self._entry_points(host_query.shape[0]), ordered=CARRY)
         last = result.ids[:, -1, :CARRY]
         successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
         self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
