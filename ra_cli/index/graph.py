@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
@@ -22,7 +23,7 @@ from ra_cli.buffers import with_room
 from ra_cli.engine.attention import grouped_scores, static_and_top_mass
 from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult
 from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes, reachable
-from ra_cli.index.group_search import search_groups_routed
+from ra_cli.index.group_search import search_groups_routed, worker_plan
 
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
@@ -213,6 +214,7 @@ class GraphLayerIndex(LayerIndex):
         self.kv_heads = layer.adjacency.shape[0]
         self.n = keys.shape[1] if n is None else n
         self.buffers = SearchBuffers(self.kv_heads, self.n)
+        self.last_reads = np.ones(self.kv_heads)  # keys each KV head's last search read: balances the next
 
     @property
     def default_ef(self) -> int:
@@ -249,7 +251,10 @@ class GraphLayerIndex(LayerIndex):
         kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k)
         extra = NO_EXTRA if extra is None else extra.reshape(self.kv_heads, -1) if extra.shape[0] != 1 else extra
         extra = np.ascontiguousarray(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32)
+        groups = queries.shape[0] // self.kv_heads
+        plan = worker_plan(self.last_reads, numba.get_num_threads())
         search_groups_routed(queries, self.keys, self.layer.adjacency, self.n, self.layer.centroids,
                              self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
-                             extra, ef, k, ordered, self.buffers.visited, kept, todo, best, result.ids, result.scores,
-                             result.evaluations)
+                             extra, ef, k, ordered, plan, self.buffers.visited, kept, todo, best, result.ids,
+                             result.scores, result.evaluations)
+        self.last_reads = result.evaluations[::groups].sum(axis=1).astype(np.float64)
