@@ -107,7 +107,8 @@ def cheaper_dense_layers(store: ContextStore, settings: RetrievalSettings, threa
         reads = expected_reads(entry, settings.ef)
         if int(layer) in diffuse or reads is None:
             continue
-        attended = (settings.top_k or layer_budget(entry, settings.coverage)) + lo + n - hi
+        # an answer holds at most the keys the search read
+        attended = min(settings.top_k or layer_budget(entry, settings.coverage), reads) + lo + n - hi
         if not search_is_cheaper(reads, n, attended, shape["kv_heads"], shape["heads"], threads):
             cheaper.append(int(layer))
     return sorted(cheaper)
