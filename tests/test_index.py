@@ -12,8 +12,7 @@ from ra_cli.errors import RaError
 from ra_cli.index import IndexParams, open_layer_index
 from ra_cli.index.base import indexed_range
 from ra_cli.index.flat import FlatLayerIndex
-from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer, recall
-from ra_cli.index.group_search import worker_plan
+from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer, recall, worker_plan
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 from ra_cli.ingest import IngestOptions, ingest
 from ra_cli.store import ContextStore

@@ -1,4 +1,4 @@
-"""`graph`: the attention-aware index (ours). One graph per query head, built from prefill queries.
+"""`graph`: the attention-aware index (ours). One graph per KV head, built from the prefill queries of its query heads.
 
 Build (per layer, once prefill is done, from PrefillCollector's work files):
 1. co-selection counts: keys adjacent in a prefill query's exact top-k list are linked (numba);
@@ -23,7 +23,7 @@ from ra_cli.buffers import with_room
 from ra_cli.engine.attention import grouped_scores, static_and_top_mass
 from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult
 from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes, reachable
-from ra_cli.index.group_search import search_groups_routed, worker_plan
+from ra_cli.index.group_search import search_groups_routed
 
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 CALIBRATION_QUERIES = 32  # held-out prefill queries per head used to choose ef
@@ -200,6 +200,24 @@ def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, sta
         if trial(position)[1] >= target:
             break
     return trial(position)
+
+
+def worker_plan(reads: np.ndarray, threads: int) -> np.ndarray:
+    """KV heads per parallel worker [W, P] (-1 padded) for search_groups_routed: with more KV heads
+    than threads, the heads that read most go first, each to the worker with the least work so far
+    (longest processing time first), by `reads` per KV head (the previous search's: consecutive
+    decode steps read alike). 3 KV heads on 2 threads read e.g. 966 / 1,193 / 764 keys: the fixed
+    split {0, 1} | {2} waits for 2,159 reads, this one {1} | {0, 2} for 1,730."""
+    kv_heads = reads.shape[0]
+    workers = max(1, min(threads, kv_heads))
+    plan = np.full((workers, -(-kv_heads // workers) + kv_heads), -1, np.int64)
+    load, count = np.zeros(workers), np.zeros(workers, np.int64)
+    for g in np.argsort(-reads, kind="stable"):
+        w = int(np.argmin(load))
+        plan[w, count[w]] = g
+        count[w] += 1
+        load[w] += reads[g]
+    return plan[:, : max(1, int(count.max()))]
 
 
 class GraphLayerIndex(LayerIndex):

@@ -308,7 +308,7 @@ def search_groups_routed(queries, keys, adjacency, n_valid, centroids, entries, 
     cap], best [KVH, G, >= k]. out_evals [H, q]: keys each query head scored, router included.
     lead: how many of each answer's best come first, in order (>= k: all; see search_group).
     plan [W, P]: the KV heads each of W parallel workers searches in turn (-1 ends a row), every
-    KV head once (worker_plan)."""
+    KV head once (graph.worker_plan)."""
     kv_heads = keys.shape[0]
     groups = queries.shape[0] // kv_heads
     fixed = groups * route * entries.shape[2]
@@ -343,20 +343,3 @@ def _search_kv_head(queries, keys, adjacency, n_valid, centroids, entries, route
         for h in range(groups):
             out_evals[first + h, i] = routed + reads
 
-
-def worker_plan(reads: np.ndarray, threads: int) -> np.ndarray:
-    """KV heads per parallel worker [W, P] (-1 padded) for search_groups_routed: with more KV heads
-    than threads, the heads that read most go first, each to the worker with the least work so far
-    (longest processing time first), by `reads` per KV head (the previous search's: consecutive
-    decode steps read alike). 3 KV heads on 2 threads read e.g. 966 / 1,193 / 764 keys: the fixed
-    split {0, 1} | {2} waits for 2,159 reads, this one {1} | {0, 2} for 1,730."""
-    kv_heads = reads.shape[0]
-    workers = max(1, min(threads, kv_heads))
-    plan = np.full((workers, -(-kv_heads // workers) + kv_heads), -1, np.int64)
-    load, count = np.zeros(workers), np.zeros(workers, np.int64)
-    for g in np.argsort(-reads, kind="stable"):
-        w = int(np.argmin(load))
-        plan[w, count[w]] = g
-        count[w] += 1
-        load[w] += reads[g]
-    return plan[:, : max(1, int(count.max()))]

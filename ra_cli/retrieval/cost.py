@@ -9,7 +9,7 @@ SEARCH_READ_COST times what one key costs dense attention — 4.8x with 3 query 
 (SmolLM2 at 16K: 219 vs 46 ns per thread), 5.2x with 7 (Qwen2.5 at 16K: 295 vs 57 ns); and
 again with budgets up to 1600 and KV heads balanced over threads (283 ns per read at 1.5 rounds
 vs 49.5 ns per key: 5.7x). A layer's searches run one KV head per thread, spread by how much each
-read last time (index/group_search.worker_plan), so 3 KV heads on 2 threads take about 1.5
+read last time (index/graph.worker_plan), so 3 KV heads on 2 threads take about 1.5
 rounds; dense attention splits its work evenly. Attending to the answered keys (at most the keys
 the search read) and the static ones costs about one unit per query head and key (measured 0.92).
 How many keys a search reads was measured at ingest (the ef calibration), and grows about
