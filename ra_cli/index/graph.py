@@ -210,7 +210,7 @@ def worker_plan(reads: np.ndarray, threads: int) -> np.ndarray:
     split {0, 1} | {2} waits for 2,159 reads, this one {1} | {0, 2} for 1,730."""
     kv_heads = reads.shape[0]
     workers = max(1, min(threads, kv_heads))
-    plan = np.full((workers, -(-kv_heads // workers) + kv_heads), -1, np.int64)
+    plan = np.full((workers, kv_heads), -1, np.int64)
     load, count = np.zeros(workers), np.zeros(workers, np.int64)
     for g in np.argsort(-reads, kind="stable"):
         w = int(np.argmin(load))
@@ -221,7 +221,7 @@ def worker_plan(reads: np.ndarray, threads: int) -> np.ndarray:
 
 
 class GraphLayerIndex(LayerIndex):
-    """Search over one layer's graphs, one per KV head; keys [KVH, n, D] float32."""
+    """Search over one layer's graphs, one per KV head; keys [KVH, n, D] float32 or bf16 bits."""
 
     kind = "graph"
 
