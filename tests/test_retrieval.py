@@ -137,6 +137,23 @@ def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
     assert cache.length == full.length
 
 
+def test_host_kv_keeps_a_bf16_store_in_bf16_and_rounds_what_is_evicted_into_it():
+    """Evicted window tokens arrive as float32: a bf16 host KV stores them rounded as the store
+    would (torch's bf16), and the kernels' widening gives those bf16 values back exactly."""
+    from ra_cli.retrieval.layer import HostKV
+    from ra_cli.store import kv_to_numpy, widened
+
+    generator = torch.Generator().manual_seed(0)
+    stored = kv_to_numpy(torch.randn(3, 5, 64, generator=generator), "bfloat16")
+    host = HostKV(stored.copy(), stored.copy())
+    evicted = torch.randn(3, 2, 64, generator=generator)
+    host.append(evicted.numpy(), (2 * evicted).numpy())
+    assert host.keys.dtype == host.values.dtype == np.uint16 and host.count == 7
+    np.testing.assert_array_equal(host.keys[:, :5], stored)
+    np.testing.assert_array_equal(widened(host.keys[:, 5:7]), evicted.bfloat16().float().numpy())
+    np.testing.assert_array_equal(widened(host.values[:, 5:7]), (2 * evicted).bfloat16().float().numpy())
+
+
 def test_search_cost_model_on_the_measured_shapes():
     """retrieval/cost.py's decision on the two shapes it was measured on, and what moves it."""
     # SmolLM2 at 16K (3 KV / 9 query heads, 2 threads): the search reads 7% of the keys, retrieval pays

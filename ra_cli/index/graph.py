@@ -202,22 +202,24 @@ def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, sta
     return trial(position)
 
 
-def worker_plan(reads: np.ndarray, threads: int) -> np.ndarray:
+def worker_plan(reads: list[float], threads: int) -> np.ndarray:
     """KV heads per parallel worker [W, P] (-1 padded) for search_groups_routed: with more KV heads
     than threads, the heads that read most go first, each to the worker with the least work so far
     (longest processing time first), by `reads` per KV head (the previous search's: consecutive
     decode steps read alike). 3 KV heads on 2 threads read e.g. 966 / 1,193 / 764 keys: the fixed
-    split {0, 1} | {2} waits for 2,159 reads, this one {1} | {0, 2} for 1,730."""
-    kv_heads = reads.shape[0]
-    workers = max(1, min(threads, kv_heads))
-    plan = np.full((workers, kv_heads), -1, np.int64)
-    load, count = np.zeros(workers), np.zeros(workers, np.int64)
-    for g in np.argsort(-reads, kind="stable"):
-        w = int(np.argmin(load))
-        plan[w, count[w]] = g
-        count[w] += 1
+    split {0, 1} | {2} waits for 2,159 reads, this one {1} | {0, 2} for 1,730. Plain Python on a
+    handful of heads: it runs before every search of every layer."""
+    workers = max(1, min(threads, len(reads)))
+    rows: list[list[int]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for g in sorted(range(len(reads)), key=lambda g: -reads[g]):
+        w = load.index(min(load))
+        rows[w].append(g)
         load[w] += reads[g]
-    return plan[:, : max(1, int(count.max()))]
+    plan = np.full((workers, max(map(len, rows))), -1, np.int64)
+    for w, row in enumerate(rows):
+        plan[w, : len(row)] = row
+    return plan
 
 
 class GraphLayerIndex(LayerIndex):
@@ -232,7 +234,7 @@ class GraphLayerIndex(LayerIndex):
         self.kv_heads = layer.adjacency.shape[0]
         self.n = keys.shape[1] if n is None else n
         self.buffers = SearchBuffers(self.kv_heads, self.n)
-        self.last_reads = np.ones(self.kv_heads)  # keys each KV head's last search read: balances the next
+        self.last_reads = [1.0] * self.kv_heads  # keys each KV head's last search read: balances the next
 
     @property
     def default_ef(self) -> int:
@@ -275,4 +277,4 @@ class GraphLayerIndex(LayerIndex):
                              self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
                              extra, ef, k, ordered, plan, self.buffers.visited, kept, todo, best, result.ids,
                              result.scores, result.evaluations)
-        self.last_reads = result.evaluations[::groups].sum(axis=1).astype(np.float64)
+        self.last_reads = result.evaluations[::groups].sum(axis=1).tolist()

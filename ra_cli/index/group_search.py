@@ -147,8 +147,8 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
     The answer is each query's k best keys among *every* key scored (best [G, >= k] scratch when
     k > ef): the beam width sets how far the search explores, the attention budget k how many of
     the keys it met are kept. Writes out_ids/out_scores [G, k] (-1/-inf padded) with the best
-    `lead` first and in order, the rest in any order (lead >= k: all sorted; a 400-key sort costs
-    ~12 µs per query here, a tenth of its search); returns the keys read."""
+    `lead` first and in order, the rest in any order (lead >= k: all sorted; attention needs no
+    order, and sorting hundreds of entries per query head is not free); returns the keys read."""
     groups, dim = queries.shape
     width = adjacency.shape[1]
     wide = k > ef

@@ -34,7 +34,7 @@ def _widen(x):
 @njit(cache=True, inline="always", fastmath=True)
 def dot(a, b):
     """a · b for float32 or bfloat16-bits (uint16) vectors: host KV kept in the store's bf16 halves
-    the bytes every random row read moves (measured: the 16K searches 11% faster, same ids)."""
+    the bytes every random row read moves, and widening is exact (same scores as a float32 copy)."""
     total = np.float32(0.0)
     for i in range(a.shape[0]):
         total += widen(a[i]) * widen(b[i])
