@@ -111,3 +111,63 @@ def test_sampling_rules():
     # top-p keeps only the head of the distribution
     picks = {sample(torch.tensor([5.0, 4.9, -9.0, -9.0]), Sampling(temperature=1.0, top_p=0.5, seed=s)) for s in range(20)}
     assert picks <= {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("groups", [3, 7])
+def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups):
+    """The CPU decode kernel against float64 math on the same (rounded) KV, inside a preallocated
+    cache buffer (rows beyond n must be ignored), at chunk edges; and its weights are the softmax."""
+    from ra_cli.engine.dense_decode import CHUNK, cpu_decode_attention
+
+    g = torch.Generator().manual_seed(groups)
+    kv_heads, dim = 2, 64
+    for n in (1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17):
+        buffer_k = (torch.randn(kv_heads, n + 64, dim, generator=g) * 2).to(dtype)
+        buffer_v = torch.randn(kv_heads, n + 64, dim, generator=g).to(dtype)
+        buffer_k[:, n:] = 1e4  # garbage past the cached length would dominate any softmax that read it
+        rows = torch.randn(kv_heads, groups, dim, generator=g)
+        out, weights = cpu_decode_attention(rows, buffer_k[:, :n], buffer_v[:, :n], 0.125, want_weights=True)
+        reference_weights = torch.softmax(rows.double() @ buffer_k[:, :n].double().transpose(1, 2) * 0.125, -1)
+        reference = reference_weights @ buffer_v[:, :n].double()
+        torch.testing.assert_close(out.double(), reference, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(weights.double(), reference_weights, atol=1e-7, rtol=1e-5)
+
+
+def test_cpu_dense_decode_exp_and_fallbacks():
+    """Its exp is accurate wherever a softmax can land; layouts it cannot read go to torch."""
+    import numpy as np
+    from numba import njit
+
+    from ra_cli.engine.dense_decode import cpu_decode_attention, exp_nonpositive
+
+    x = -np.concatenate([np.linspace(0, 87, 100_001), np.geomspace(1e-8, 1, 1000)]).astype(np.float32)
+    got = njit(lambda v: np.array([exp_nonpositive(t) for t in v], np.float32))(x)
+    exact = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got[np.abs(x) < 1], exact[np.abs(x) < 1], rtol=1.5e-7, atol=0)
+    np.testing.assert_allclose(got, exact, rtol=5e-6, atol=0)
+    keys = torch.randn(2, 64, 16)
+    assert cpu_decode_attention(torch.randn(2, 3, 16), keys.transpose(1, 2), keys.transpose(1, 2), 0.25) is None
+    assert cpu_decode_attention(torch.randn(2, 3, 16), keys.half(), keys.half(), 0.25) is None
+    q = torch.randn(1, 6, 1, 16)
+    transposed = torch.randn(1, 2, 16, 40).transpose(2, 3)  # rows not contiguous: torch's path, same answer
+    torch.testing.assert_close(exact_attention(q, transposed, transposed, 0.25, q_offset=39),
+                               exact_attention(q, transposed.contiguous(), transposed.contiguous(), 0.25, q_offset=39),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dense_decode_collects_each_positions_softmax_weight():
+    """Chat's citations from a dense layer: every query head's weight per position, from sinks on."""
+    import numpy as np
+
+    from ra_cli.engine.mass import AttentionMass
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 6, 1, 16, generator=g), torch.randn(1, 2, 700, 16, generator=g), torch.randn(1, 2, 700, 16)
+    mass = AttentionMass(heads=6, limit=650, sinks=4)
+    exact_attention(q, k, v, 0.25, q_offset=699, mass=mass)
+    scores = torch.einsum("hd,hnd->hn", q[0, :, 0].double(), k[0].repeat_interleave(3, 0).double()) * 0.25
+    weights = torch.softmax(scores, -1)  # query head h reads KV head h // 3
+    expected = weights.sum(0).numpy()
+    expected[:4] = 0
+    np.testing.assert_allclose(mass.by_position(), expected[:650], atol=1e-7, rtol=1e-5)

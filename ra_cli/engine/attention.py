@@ -15,6 +15,8 @@ import contextvars
 import torch
 import torch.nn.functional as F
 
+from ra_cli.engine.dense_decode import cpu_decode_attention
+
 ATTENTION_NAME = "ra"
 _active_cache: contextvars.ContextVar = contextvars.ContextVar("ra_active_cache", default=None)
 
@@ -73,12 +75,12 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
     """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D].
     `mass` (an engine.mass.AttentionMass) collects a decode step's weights by position."""
     out_dtype = query.dtype
-    query = query.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
     q_len, kv_len = query.shape[2], keys.shape[2]
     needs_mask = q_len > 1 or (sliding_window is not None and q_offset - kv_offset >= sliding_window)
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
     if mask is None and softcap is None and q_len <= SMALL_QUERY and query.shape[0] == 1:
         return decode_attention(query, keys, values, scaling, mass, kv_offset).to(out_dtype)
+    query = query.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
     if q_len <= SMALL_QUERY or softcap is not None:
         out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)
         return out.to(out_dtype)
@@ -88,12 +90,21 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
 
 def decode_attention(query, keys, values, scaling: float, mass=None, kv_offset: int = 0) -> torch.Tensor:
     """softmax(q k^T) v for a few query positions that see every key, no log-sum-exp: query
-    [1, H, q, D], keys/values [1, KVH, n, D] -> [1, H, q, D]. One KV head at a time: a head's [n, D]
-    slice of a cache buffer is contiguous while the whole [KVH, n, D] view is not, and bf16 matmuls
-    on strided views run several times slower (measured: 4.9 vs 0.9 ms at 32K keys)."""
+    [1, H, q, D], keys/values [1, KVH, n, D] -> [1, H, q, D]. On a CPU, engine/dense_decode.py's
+    kernel (one float32 pass over the KV). Elsewhere one KV head at a time: a head's [n, D] slice of
+    a cache buffer is contiguous while the whole [KVH, n, D] view is not, and bf16 matmuls on
+    strided views run several times slower (measured: 4.9 vs 0.9 ms at 32K keys)."""
     heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = keys.shape[1]
     rows = grouped_rows(query[0], kv_heads)  # [KVH, G*q, D]
+    computed = cpu_decode_attention(rows, keys[0], values[0], scaling, mass is not None)
+    if computed is not None:
+        out, weights = computed
+        if mass is not None:
+            for g in range(kv_heads):
+                mass.add_dense(g * (heads // kv_heads), weights[g], kv_offset)
+        return out.reshape(1, heads, count, values.shape[3])
+    rows = rows.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
     out = []
     for g in range(kv_heads):
         scores = torch.matmul(rows[g], keys[0, g].transpose(0, 1)).float() * scaling

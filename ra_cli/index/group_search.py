@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ra_cli.index.intrinsics import prefetch
+from ra_cli.intrinsics import prefetch
 from ra_cli.index.search_kernels import NO_ID, _mark, _seen, dot
 
 

@@ -11,24 +11,11 @@ index runs at decode, one KV head's graph by all its query heads at once, is gro
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
-from ra_cli.index.intrinsics import bf16_to_float32
+from ra_cli.intrinsics import widen
 
 NO_ID = -1
-
-
-def widen(x):
-    """A stored KV element as float32: bfloat16 bits (uint16) are widened exactly, floats pass."""
-    return x
-
-
-@overload(widen, inline="always")
-def _widen(x):
-    if x == types.uint16:
-        return lambda x: bf16_to_float32(x)
-    return lambda x: x
 
 
 @njit(cache=True, inline="always", fastmath=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ra_cli.index.intrinsics import prefetch
-from ra_cli.index.search_kernels import dot, widen
+from ra_cli.index.search_kernels import dot
+from ra_cli.intrinsics import prefetch, widen
 
 
 @njit(cache=True, parallel=True, nogil=True)

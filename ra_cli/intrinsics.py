@@ -1,11 +1,14 @@
-"""Two LLVM instructions numba does not expose: a software prefetch, and the bfloat16 -> float32
-bit conversion (so kernels can read bf16 arrays, stored as uint16, without a float32 copy)."""
+"""LLVM instructions numba does not expose: a software prefetch, the bfloat16 -> float32 bit
+conversion (so kernels can read bf16 arrays, stored as uint16, without a float32 copy), and an
+int32 -> float32 bit cast (a vectorizable exp builds its power of two from the exponent bits);
+and `widen`, a stored KV element as float32, for kernels over float32 or bf16 arrays alike.
+Shared by the index's search, the retrieval kernels and dense decode attention."""
 
 from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 @intrinsic
@@ -36,3 +39,26 @@ def bf16_to_float32(typingctx, bits):
         return builder.bitcast(wide, ir.FloatType())
 
     return signature, codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """The float32 whose bits are `bits` (int32)."""
+    signature = types.float32(types.int32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+def widen(x):
+    """A stored KV element as float32: bfloat16 bits (uint16) are widened exactly, floats pass."""
+    return x
+
+
+@overload(widen, inline="always")
+def _widen(x):
+    if x == types.uint16:
+        return lambda x: bf16_to_float32(x)
+    return lambda x: x

@@ -1,0 +1,186 @@
+"""Dense decode attention on a CPU: one query position of every head over all of a layer's keys,
+in one numba pass over the KV buffer (full attention, and the layers retrieval leaves dense).
+
+torch runs it as a bf16 matmul, a float32 softmax and a second bf16 matmul: three passes over
+memory with the scores rounded to bf16 in between. Here each worker takes a chunk of one KV
+head's keys, scores it against that head's G query heads (float32, keys widened from bf16
+exactly), turns the chunk's scores into weights with its own running maximum and accumulates the
+values while the chunk is still in L1/L2; chunks merge by log-sum-exp. Measured on this machine
+(`benchmarks/dense_decode.py`): docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ra_cli.intrinsics import float32_from_bits, widen
+
+CHUNK = 512  # keys per work item: its K and V rows (128 KB in bf16) stay in L2 between the passes
+UNROLL = 4  # keys scored / accumulated together: one pass over a query row serves 4 keys
+LOG2E = np.float32(1.4426950408889634)
+LN2 = np.float32(0.6931471805599453)
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def exp_nonpositive(x):
+    """e^x for x <= 0 (below -87 it returns e^-87 ~ 1.6e-38, i.e. 0 for a softmax): 2^n times a
+    degree-7 polynomial of the remainder. Relative error <= 1e-7 for |x| < 1, growing with |x|
+    to 4e-6 at -87 (the float32 rounding of x log2(e); weights that small hardly count). Unlike
+    np.exp (a libm call per element without SVML) it vectorizes."""
+    t = max(x, np.float32(-87.0)) * LOG2E
+    n = np.floor(t + np.float32(0.5))
+    f = (t - n) * LN2  # |f| <= ln2 / 2
+    p = np.float32(1.0 / 5040.0)
+    p = p * f + np.float32(1.0 / 720.0)
+    p = p * f + np.float32(1.0 / 120.0)
+    p = p * f + np.float32(1.0 / 24.0)
+    p = p * f + np.float32(1.0 / 6.0)
+    p = p * f + np.float32(0.5)
+    p = p * f + np.float32(1.0)
+    p = p * f + np.float32(1.0)
+    return p * float32_from_bits(np.int32(n + np.float32(127.0)) << 23)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _chunk_scores(queries, keys, first, count, rows, scores, scaling):
+    """scores[r, j] = queries[r] . keys row (first + j) * scaling for j < count (rounded up to
+    UNROLL; the padding repeats the last key). keys: the flat buffer from the row's start."""
+    dim = queries.shape[1]
+    for j in range(0, count, UNROLL):
+        for u in range(UNROLL):
+            start = (first + min(j + u, count - 1)) * dim
+            row = keys[start:start + dim]  # a slice: its loop vectorizes, flat indexing did not (3x slower)
+            for d in range(dim):
+                rows[u, d] = widen(row[d])
+        for r in range(queries.shape[0]):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(dim):
+                x = queries[r, d]
+                a0 += x * rows[0, d]
+                a1 += x * rows[1, d]
+                a2 += x * rows[2, d]
+                a3 += x * rows[3, d]
+            scores[r, j] = a0 * scaling
+            scores[r, j + 1] = a1 * scaling
+            scores[r, j + 2] = a2 * scaling
+            scores[r, j + 3] = a3 * scaling
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _chunk_values(weights, values, first, count, rows, acc):
+    """acc[r] += sum_j weights[r, j] * values row (first + j), j < count rounded up to UNROLL (the
+    padding's weights are 0)."""
+    dim = acc.shape[1]
+    for j in range(0, count, UNROLL):
+        for u in range(UNROLL):
+            start = (first + min(j + u, count - 1)) * dim
+            row = values[start:start + dim]  # a slice: its loop vectorizes, flat indexing did not (3x slower)
+            for d in range(dim):
+                rows[u, d] = widen(row[d])
+        for r in range(acc.shape[0]):
+            w0 = weights[r, j]
+            w1 = weights[r, j + 1]
+            w2 = weights[r, j + 2]
+            w3 = weights[r, j + 3]
+            for d in range(dim):
+                acc[r, d] += w0 * rows[0, d] + w1 * rows[1, d] + w2 * rows[2, d] + w3 * rows[3, d]
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def dense_decode_attention(queries, keys, values, head_stride, n, scaling, out, weights):
+    """softmax(q k^T * scaling) v of queries [KVH, R, D] float32 (the R = G x positions rows of
+    each KV head) over the first n rows of each KV head's keys/values. keys/values: flat 1-D
+    buffers (float32 or bf16 bits as uint16), KV head g's rows starting at g * head_stride.
+    Writes out [KVH, R, D]; weights [KVH, R, n] (or [KVH, R, 0]: not wanted) gets every key's
+    softmax weight, for chat's citations."""
+    kv_heads, count, dim = queries.shape
+    chunks = (n + CHUNK - 1) // CHUNK
+    items = kv_heads * chunks
+    partial = np.empty((items, count, dim), np.float32)
+    maxima = np.empty((items, count), np.float32)
+    sums = np.empty((items, count), np.float32)
+    keep = weights.shape[2] > 0
+    for item in prange(items):
+        g, first = item // chunks, (item % chunks) * CHUNK
+        size = min(n - first, CHUNK)
+        padded = (size + UNROLL - 1) // UNROLL * UNROLL
+        scores = np.empty((count, CHUNK), np.float32)
+        rows = np.empty((UNROLL, dim), np.float32)
+        base = g * head_stride
+        _chunk_scores(queries[g], keys[base:], first, size, rows, scores, scaling)
+        for r in range(count):
+            top = np.float32(-np.inf)
+            for j in range(size):
+                top = max(top, scores[r, j])
+            total = np.float32(0.0)
+            for j in range(size):
+                e = exp_nonpositive(scores[r, j] - top)
+                scores[r, j] = e
+                total += e
+            for j in range(size, padded):
+                scores[r, j] = 0.0
+            maxima[item, r] = top
+            sums[item, r] = total
+            if keep:
+                for j in range(size):
+                    weights[g, r, first + j] = scores[r, j]
+        acc = np.zeros((count, dim), np.float32)
+        _chunk_values(scores, values[base:], first, size, rows, acc)
+        partial[item] = acc
+    for g in range(kv_heads):
+        for r in range(count):
+            top = np.float32(-np.inf)
+            for c in range(chunks):
+                top = max(top, maxima[g * chunks + c, r])
+            total = np.float32(0.0)
+            for d in range(dim):
+                out[g, r, d] = 0.0
+            for c in range(chunks):
+                scale = np.exp(maxima[g * chunks + c, r] - top)
+                total += scale * sums[g * chunks + c, r]
+                for d in range(dim):
+                    out[g, r, d] += scale * partial[g * chunks + c, r, d]
+            for d in range(dim):
+                out[g, r, d] /= total
+            if keep:
+                for c in range(chunks):
+                    scale = np.exp(maxima[g * chunks + c, r] - top) / total
+                    for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+                        weights[g, r, j] *= scale
+
+
+KERNEL_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.float32}
+
+
+def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, int] | None:
+    """A [KVH, n, D] CPU view whose rows are dense (each KV head's [n, D] contiguous, e.g. the first
+    n rows of a preallocated cache buffer) as one flat numpy array over the same memory and the
+    element distance between KV heads; None when the layout or dtype does not allow it."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        return None
+    kv_heads, n, dim = x.shape
+    span = (kv_heads - 1) * x.stride(0) + n * dim
+    flat = torch.as_strided(x, (span,), (1,)).view(KERNEL_DTYPES[x.dtype]).numpy()
+    return (flat.view(np.uint16) if x.dtype == torch.bfloat16 else flat), x.stride(0)
+
+
+def cpu_decode_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                         want_weights: bool = False):
+    """Attention of rows [KVH, R, D] over keys/values [KVH, n, D] on a CPU with this module's kernel:
+    (out [KVH, R, D] float32, weights [KVH, R, n] float32 or None), or None where the kernel does
+    not apply (another device, dtype or layout; keys and values of different dtypes; no keys)."""
+    n = keys.shape[1]
+    flat_keys, flat_values = flat_rows(keys), flat_rows(values)
+    if n == 0 or flat_keys is None or flat_values is None or keys.dtype != values.dtype \
+            or flat_keys[1] != flat_values[1] or keys.shape[2] != values.shape[2]:
+        return None
+    queries = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
+    out = np.empty_like(queries)
+    weights = np.empty((*queries.shape[:2], n if want_weights else 0), np.float32)
+    dense_decode_attention(queries, flat_keys[0], flat_values[0], flat_keys[1], n, np.float32(scaling), out, weights)
+    return torch.from_numpy(out), (torch.from_numpy(weights) if want_weights else None)
