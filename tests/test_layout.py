@@ -10,7 +10,7 @@ from conftest import REPO
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = ["base", "store", "document", "prompt", "engine", "model", "index", "retrieval", "ingest", "chat", "bench",
           "cli"]
-BASE = {"errors", "paths", "files", "buffers", "ui", "choices", "__init__"}
+BASE = {"errors", "paths", "files", "buffers", "ui", "choices", "intrinsics", "__init__"}
 ALSO = {"manifest": "store", "citations": "chat", "sessions": "chat"}  # modules whose layer is not their name
 PACKAGE = REPO / "ra_cli"
 
