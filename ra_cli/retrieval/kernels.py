@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ra_cli.engine.dense_decode import exp_nonpositive
 from ra_cli.index.search_kernels import dot
 from ra_cli.intrinsics import prefetch, widen
 
@@ -70,6 +71,7 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
     for h in prange(heads):
         g = h // groups
         weights = np.empty(static_keys.shape[1], np.float32)
+        found = np.empty(width, np.float32)
         acc = np.empty(dim, np.float32)
         for i in range(count):
             visible = static_visible[i]
@@ -77,26 +79,30 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
             for j in range(visible):
                 weights[j] = dot(queries[h, i], static_keys[g, j]) * scaling
                 best = max(best, weights[j])
-            for j in range(width):
-                if ids[h, i, j] < 0:
-                    break
-                prefetch(values[g, ids[h, i, j]], 0)  # the value rows' misses overlap the static half
-                best = max(best, scores[h, i, j] * scaling)
+            answered = 0
+            while answered < width and ids[h, i, answered] >= 0:
+                prefetch(values[g, ids[h, i, answered]], 0)  # the value rows' misses overlap the static half
+                found[answered] = scores[h, i, answered] * scaling
+                best = max(best, found[answered])
+                answered += 1
+            # weights first, in loops of their own: exp_nonpositive vectorizes there (np.exp is a
+            # libm call per key)
             total = np.float32(0.0)
+            for j in range(visible):
+                weights[j] = exp_nonpositive(weights[j] - best)
+                total += weights[j]
+            for j in range(answered):
+                found[j] = exp_nonpositive(found[j] - best)
+                total += found[j]
             acc[:] = 0.0  # a local accumulator: writes through `out` would not stay in registers
             for j in range(visible):
-                w = np.exp(weights[j] - best)
-                total += w
+                w = weights[j]
                 row = static_values[g, j]
                 for d in range(dim):
                     acc[d] += w * row[d]
-            for j in range(width):
-                node = ids[h, i, j]
-                if node < 0:
-                    break
-                w = np.exp(scores[h, i, j] * scaling - best)
-                total += w
-                row = values[g, node]
+            for j in range(answered):
+                w = found[j]
+                row = values[g, ids[h, i, j]]
                 for d in range(dim):
                     acc[d] += w * widen(row[d])
             for d in range(dim):
@@ -104,13 +110,10 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
             if mass.shape[1] > 0 and total > 0:
                 for j in range(visible):
                     position = j if j < lo else window_start + j - lo
-                    w = np.exp(weights[j] - best) / total
+                    w = weights[j] / total
                     if first <= position < mass.shape[1] and w >= floor:
                         mass[h, position] += w
-                for j in range(width):
-                    node = ids[h, i, j]
-                    if node < 0:
-                        break
-                    w = np.exp(scores[h, i, j] * scaling - best) / total
-                    if first <= lo + node < mass.shape[1] and w >= floor:
-                        mass[h, lo + node] += w
+                for j in range(answered):
+                    w = found[j] / total
+                    if first <= lo + ids[h, i, j] < mass.shape[1] and w >= floor:
+                        mass[h, lo + ids[h, i, j]] += w
