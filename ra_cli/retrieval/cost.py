@@ -2,32 +2,37 @@
 reading every key.
 
 On a CPU both halves of attention read the same host memory, so an index only pays while its
-search reads few enough keys. A key the graph search reads is a random row, scored for each query
-head of its KV head and pooled; dense attention streams the KV in order. Measured on the dev box
-(docs/benchmarks.md, "Dense where cheaper"): one key read by the search costs about
-SEARCH_READ_COST times what one key costs dense attention — 4.8x with 3 query heads per KV head
-(SmolLM2 at 16K: 219 vs 46 ns per thread), 5.2x with 7 (Qwen2.5 at 16K: 295 vs 57 ns); and
-again with budgets up to 1600 and KV heads balanced over threads (283 ns per read at 1.5 rounds
-vs 49.5 ns per key: 5.7x). A layer's searches run one KV head per thread, spread by how much each
-read last time (index/graph.worker_plan), so 3 KV heads on 2 threads take about 1.5
-rounds; dense attention splits its work evenly. Attending to the answered keys (at most the keys
-the search read) and the static ones costs about one unit per query head and key (measured 0.92).
-How many keys a search reads was measured at ingest (the ef calibration), and grows about
-linearly with ef.
+search reads few enough keys. Dense attention (engine/dense_decode.py) streams each KV head's keys
+once and scores them for its G query heads; the graph search reads random rows, scores each for
+the G query heads of its KV head and pools it; retrieval then attends each query head to its
+answered and static keys. Costs per thread, measured on the dev box with the current kernels
+(docs/benchmarks.md, "Dense where cheaper", recalibration after the dense kernel), as a constant
+plus a part per query head, since both scoring loops run once per query head:
+- dense: 22.8 ns per key and KV head with G = 3 (SmolLM2, 16K), 40.4 with G = 7 (Qwen2.5, 32K);
+- search: 250 ns per read with G = 3 (SmolLM2 at 16K: 12.4 ms over 29 layers x 1.5 rounds x 1,140
+  reads), 323 with G = 7 (Qwen2.5 at 16K: 38.4 ms over 24 layers x 4,938 reads);
+- attention to the answered and static keys: ~18 ns per query head and key (2.9 ms and 4.25 ms).
+A layer's searches run one KV head per thread, spread by how much each read last time
+(index/graph.worker_plan), so 3 KV heads on 2 threads take about 1.5 rounds; dense attention
+splits its work evenly. How many keys a search reads was measured at ingest (the ef
+calibration), and grows about linearly with ef.
 """
 
 from __future__ import annotations
 
-SEARCH_READ_COST = 5.0  # one key read by the graph search, in keys streamed by dense attention
+DENSE_KEY_NS, DENSE_HEAD_NS = 9.6, 4.4  # dense attention, per key and KV head: + per query head
+READ_NS, READ_HEAD_NS = 195.0, 18.0  # one key read by the graph search: + per query head scoring it
+ATTEND_NS = 18.0  # one query head attending to one answered or static key
 
 
 def search_is_cheaper(reads: float, total_keys: int, attended: int, kv_heads: int, heads: int, threads: int) -> bool:
     """Whether a layer's retrieval (a search reading `reads` keys per KV head, then attention of
     each query head to `attended` keys: answered plus static) beats dense attention over
     `total_keys`, in time on `threads` CPU threads."""
+    groups = heads / kv_heads
     rounds = max(1.0, kv_heads / max(1, threads))
-    search = rounds * reads * SEARCH_READ_COST + heads * attended / threads
-    dense = total_keys * kv_heads / threads
+    search = rounds * reads * (READ_NS + READ_HEAD_NS * groups) + heads * attended * ATTEND_NS / threads
+    dense = total_keys * kv_heads * (DENSE_KEY_NS + DENSE_HEAD_NS * groups) / threads
     return search < dense
 
 
