@@ -5,8 +5,8 @@ torch runs it as a bf16 matmul, a float32 softmax and a second bf16 matmul: thre
 memory with the scores rounded to bf16 in between. Here each worker takes a chunk of one KV
 head's keys, scores it against that head's G query heads (float32, keys widened from bf16
 exactly), turns the chunk's scores into weights with its own running maximum and accumulates the
-values while the chunk is still in L1/L2; chunks merge by log-sum-exp. Measured on this machine
-(`benchmarks/dense_decode.py`): docs/benchmarks.md.
+values while the chunk is still in L2; chunks merge by log-sum-exp. `benchmarks/dense_decode.py`
+times both in one run (docs/benchmarks.md, "Dense attention as one float32 pass").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ search reads few enough keys. Dense attention (engine/dense_decode.py) streams e
 once and scores them for its G query heads; the graph search reads random rows, scores each for
 the G query heads of its KV head and pools it; retrieval then attends each query head to its
 answered and static keys. Costs per thread, measured on the dev box with the current kernels
-(docs/benchmarks.md, "Dense where cheaper", recalibration after the dense kernel), as a constant
+(docs/benchmarks.md, "Dense attention as one float32 pass"), as a constant
 plus a part per query head, since both scoring loops run once per query head:
 - dense: 22.8 ns per key and KV head with G = 3 (SmolLM2, 16K), 40.4 with G = 7 (Qwen2.5, 32K);
 - search: 250 ns per read with G = 3 (SmolLM2 at 16K: 12.4 ms over 29 layers x 1.5 rounds x 1,140
