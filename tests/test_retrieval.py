@@ -219,3 +219,29 @@ def test_cli_rejects_a_mismatched_index_mode(small_context, reuse_loaded_model):
     assert result.exit_code == 1 and "indexed with graph" in result.stderr
     result = runner.invoke(app, ["chat", str(small_context.path), "--sinks", "7", "--ask", "x"])
     assert result.exit_code == 1 and "ingested with --sinks 32" in result.stderr
+
+
+def test_attention_over_retrieved_keys_is_exact_with_its_log_sum_exp():
+    """The accelerator path's CPU half: softmax over each query's own retrieved keys (gaps of -1
+    anywhere, a query with none), and the log-sum-exp that merges it with the static half."""
+    from ra_cli.retrieval.kernels import attend_retrieved
+
+    rng = np.random.default_rng(3)
+    keys = (rng.standard_normal((2, 300, 64)) * 2).astype(np.float32)
+    values = rng.standard_normal((2, 300, 64)).astype(np.float32)
+    queries = rng.standard_normal((6, 2, 64)).astype(np.float32)
+    ids = rng.integers(0, 300, (6, 2, 40)).astype(np.int32)
+    ids[:, :, ::7] = -1
+    ids[4, 1] = -1
+    out, lse = np.empty((6, 2, 64), np.float32), np.empty((6, 2), np.float32)
+    attend_retrieved(queries, keys, values, np.repeat(np.arange(2), 3), ids, np.float32(0.125), out, lse)
+    for h in range(6):
+        for i in range(2):
+            chosen = ids[h, i][ids[h, i] >= 0]
+            if chosen.size == 0:
+                assert lse[h, i] == -np.inf and not out[h, i].any()
+                continue
+            scores = keys[h // 3, chosen].astype(np.float64) @ queries[h, i] * 0.125
+            weights = np.exp(scores - scores.max())
+            np.testing.assert_allclose(out[h, i], weights @ values[h // 3, chosen] / weights.sum(), atol=1e-6)
+            np.testing.assert_allclose(lse[h, i], scores.max() + np.log(weights.sum()), rtol=1e-6)

@@ -1,6 +1,6 @@
 """`ra bench --decode-step`: the CPU cost of one decode step of one attention layer at a given
 number of indexed keys — retrieval (graph search + attention over the retrieved keys) against
-exact attention over every key, measured in the same run.
+exact attention over every key as ra's dense layers compute it, measured in the same run.
 
 A 128K-token prefill of the real model takes hours on a CPU, so this benchmark builds a layer of
 the model's shape from synthetic data with the structure measured on real keys and queries: a
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ra_cli.engine.attention import grouped_rows, grouped_scores
+from ra_cli.engine.attention import decode_attention, grouped_rows
 from ra_cli.index.base import IndexParams, kv_head_of
 from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
@@ -90,9 +90,9 @@ def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
 
 
 def exact_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of one decode position [H, 1, D] over all keys [KVH, N, D] (grouped-query)."""
-    scores = grouped_scores(query, keys, grouped=True) * scaling  # [KVH, G, N]
-    return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(query.shape[0], 1, -1)
+    """Attention of one decode position [H, 1, D] over all keys [KVH, N, D] (grouped-query), as
+    ra's own dense layers compute it (on a CPU, engine/dense_decode.py's kernel)."""
+    return decode_attention(query[None], keys[None], values[None], scaling)[0]
 
 
 def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:

@@ -10,7 +10,7 @@ from ra_cli.index.search_kernels import dot
 from ra_cli.intrinsics import prefetch, widen
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
     """Softmax attention of queries [H, q, D] over their own retrieved keys (ids [H, q, k], -1 =
     none) of keys/values [KVH, n, D] (float32 or bf16 bits): writes out [H, q, Dv] and the log-sum-exp [H, q] (-inf when
@@ -20,31 +20,30 @@ def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
     for h in prange(heads):
         g = kv_of_head[h]
         weights = np.empty(width, np.float32)
+        nodes = np.empty(width, np.int64)
         for i in range(count):
             best = -np.inf
+            found = 0
             for j in range(width):
-                node = ids[h, i, j]
-                if node < 0:
-                    weights[j] = -np.inf
+                if ids[h, i, j] < 0:
                     continue
-                weights[j] = dot(queries[h, i], keys[g, node]) * scaling
-                if weights[j] > best:
-                    best = weights[j]
+                nodes[found] = ids[h, i, j]
+                weights[found] = dot(queries[h, i], keys[g, nodes[found]]) * scaling
+                best = max(best, weights[found])
+                found += 1
             for d in range(out.shape[2]):
                 out[h, i, d] = 0.0
-            if best == -np.inf:
+            if found == 0:
                 lse[h, i] = -np.inf
                 continue
             total = np.float32(0.0)
-            for j in range(width):
-                node = ids[h, i, j]
-                if node < 0:
-                    continue
-                w = np.exp(weights[j] - best)
-                total += w
-                row = values[g, node]
+            for j in range(found):  # a loop of its own: exp_nonpositive vectorizes here
+                weights[j] = exp_nonpositive(weights[j] - best)
+                total += weights[j]
+            for j in range(found):
+                row = values[g, nodes[j]]
                 for d in range(out.shape[2]):
-                    out[h, i, d] += w * widen(row[d])
+                    out[h, i, d] += weights[j] * widen(row[d])
             for d in range(out.shape[2]):
                 out[h, i, d] /= total
             lse[h, i] = best + np.log(total)
