@@ -177,6 +177,9 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
     unvisited = 0
     while True:
         running = 0
+        for h in range(groups):  # the round's adjacency rows start loading together, not one miss per head
+            if not stopped[h] and todo_size[h] > 0:
+                prefetch(adjacency[np.int64(todo[h, 0] & 0xFFFFFFFF)], 0)
         for h in range(groups):
             if stopped[h]:
                 continue
