@@ -45,20 +45,27 @@ def exp_nonpositive(x):
     return p * float32_from_bits(np.int32(n + np.float32(127.0)) << 23)
 
 
+@njit(cache=True, inline="always")
+def _widened_rows(buffer, first, j, count, dim, rows):
+    """rows[u] = buffer row (first + j + u) as float32 for u < UNROLL (past `count`: the last row
+    again), prefetching the rows AHEAD of them."""
+    for u in range(UNROLL):
+        start = (first + min(j + u, count - 1)) * dim
+        row = buffer[start:start + dim]  # a slice: its loop vectorizes, flat indexing did not (3x slower)
+        if start + AHEAD * dim + dim <= buffer.shape[0]:  # both cache lines of a row AHEAD rows on
+            prefetch(buffer, start + AHEAD * dim)
+            prefetch(buffer, start + AHEAD * dim + dim // 2)
+        for d in range(dim):
+            rows[u, d] = widen(row[d])
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _chunk_scores(queries, keys, first, count, rows, scores, scaling):
     """scores[r, j] = queries[r] . keys row (first + j) * scaling for j < count (rounded up to
     UNROLL; the padding repeats the last key). keys: the flat buffer from the row's start."""
     dim = queries.shape[1]
     for j in range(0, count, UNROLL):
-        for u in range(UNROLL):
-            start = (first + min(j + u, count - 1)) * dim
-            row = keys[start:start + dim]  # a slice: its loop vectorizes, flat indexing did not (3x slower)
-            if start + AHEAD * dim + dim <= keys.shape[0]:  # both cache lines of a row AHEAD rows on
-                prefetch(keys, start + AHEAD * dim)
-                prefetch(keys, start + AHEAD * dim + dim // 2)
-            for d in range(dim):
-                rows[u, d] = widen(row[d])
+        _widened_rows(keys, first, j, count, dim, rows)
         for r in range(queries.shape[0]):
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
@@ -82,14 +89,7 @@ def _chunk_values(weights, values, first, count, rows, acc):
     padding's weights are 0)."""
     dim = acc.shape[1]
     for j in range(0, count, UNROLL):
-        for u in range(UNROLL):
-            start = (first + min(j + u, count - 1)) * dim
-            row = values[start:start + dim]  # a slice: its loop vectorizes, flat indexing did not (3x slower)
-            if start + AHEAD * dim + dim <= values.shape[0]:  # both cache lines of a row AHEAD rows on
-                prefetch(values, start + AHEAD * dim)
-                prefetch(values, start + AHEAD * dim + dim // 2)
-            for d in range(dim):
-                rows[u, d] = widen(row[d])
+        _widened_rows(values, first, j, count, dim, rows)
         for r in range(acc.shape[0]):
             w0 = weights[r, j]
             w1 = weights[r, j + 1]
