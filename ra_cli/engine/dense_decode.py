@@ -5,8 +5,9 @@ torch runs it as a bf16 matmul, a float32 softmax and a second bf16 matmul: thre
 memory with the scores rounded to bf16 in between. Here each worker takes a chunk of one KV
 head's keys, scores it against that head's G query heads (float32, keys widened from bf16
 exactly), turns the chunk's scores into weights with its own running maximum and accumulates the
-values while the chunk is still in L2; chunks merge by log-sum-exp. `benchmarks/dense_decode.py`
-times both in one run (docs/benchmarks.md, "Dense attention as one float32 pass").
+values while those weights are still in cache; chunks merge by log-sum-exp.
+`benchmarks/dense_decode.py` times both in one run (docs/benchmarks.md, "Dense attention as one
+float32 pass").
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from numba import njit, prange
 
 from ra_cli.intrinsics import float32_from_bits, prefetch, widen
 
-CHUNK = 512  # keys per work item: its K and V rows (128 KB in bf16) stay in L2 between the passes
+CHUNK = 512  # keys per work item: its weights (G x 512 floats) stay in cache from scoring to accumulating
 UNROLL = 4  # keys scored / accumulated together: one pass over a query row serves 4 keys
 AHEAD = 32  # rows prefetched ahead of the one being read: 4-10% faster than the hardware prefetcher
 # alone (16 and 64 alike; benchmarks/dense_decode.py, alternating versions)
