@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ra_cli.engine.attention import grouped_rows
+from ra_cli.engine.attention import grouped_rows, matmul_decode_attention
 from ra_cli.engine.dense_decode import cpu_decode_attention
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 16384
@@ -25,12 +25,8 @@ rows = grouped_rows(torch.randn(heads, 1, dim, generator=generator), kv_heads)  
 
 
 def torch_matmuls(rows, k, v, scaling):
-    """The previous CPU path: per KV head, a bf16 q k^T, a float32 softmax, a bf16 weights x V."""
-    out = []
-    for g in range(k.shape[0]):
-        weights = torch.softmax(torch.matmul(rows[g].to(k.dtype), k[g].transpose(0, 1)).float() * scaling, dim=-1)
-        out.append(torch.matmul(weights.to(v.dtype), v[g]))
-    return torch.stack(out)
+    """The previous CPU path, still the path off a CPU: bf16 q k^T, float32 softmax, bf16 weights x V."""
+    return matmul_decode_attention(rows, k, v, scaling)[0]
 
 
 def kernel(rows, k, v, scaling):

@@ -91,28 +91,30 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
 def decode_attention(query, keys, values, scaling: float, mass=None, kv_offset: int = 0) -> torch.Tensor:
     """softmax(q k^T) v for a few query positions that see every key, no log-sum-exp: query
     [1, H, q, D], keys/values [1, KVH, n, D] -> [1, H, q, D]. On a CPU, engine/dense_decode.py's
-    kernel (one float32 pass over the KV). Elsewhere one KV head at a time: a head's [n, D] slice of
-    a cache buffer is contiguous while the whole [KVH, n, D] view is not, and bf16 matmuls on
-    strided views run several times slower (measured: 4.9 vs 0.9 ms at 32K keys)."""
-    heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
+    kernel (one float32 pass over the KV); elsewhere matmul_decode_attention."""
+    heads, count = query.shape[1], query.shape[2]
     kv_heads = keys.shape[1]
     rows = grouped_rows(query[0], kv_heads)  # [KVH, G*q, D]
     computed = cpu_decode_attention(rows, keys[0], values[0], scaling, mass is not None)
-    if computed is not None:
-        out, weights = computed
-        if mass is not None:
-            for g in range(kv_heads):
-                mass.add_dense(g * (heads // kv_heads), weights[g], kv_offset)
-        return out.reshape(1, heads, count, values.shape[3])
-    rows = rows.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
-    out = []
-    for g in range(kv_heads):
-        scores = torch.matmul(rows[g], keys[0, g].transpose(0, 1)).float() * scaling
-        weights = torch.softmax(scores, dim=-1)
-        if mass is not None:
-            mass.add_dense(g * (heads // kv_heads), weights, kv_offset)
-        out.append(torch.matmul(weights.to(values.dtype), values[0, g]))
-    return torch.stack(out).reshape(1, heads, count, values.shape[3])
+    out, weights = computed if computed is not None else matmul_decode_attention(rows, keys[0], values[0], scaling)
+    if mass is not None:
+        for g in range(kv_heads):
+            mass.add_dense(g * (heads // kv_heads), weights[g], kv_offset)
+    return out.reshape(1, heads, count, values.shape[3])
+
+
+def matmul_decode_attention(rows, keys, values, scaling: float):
+    """Decode attention as torch matmuls, rows [KVH, R, D] over keys/values [KVH, n, D] -> (out
+    [KVH, R, D], softmax weights per KV head [R, n]): q k^T and weights x V in the KV's dtype (e.g.
+    bf16), the softmax in float32. One KV head at a time: a head's [n, D] slice of a cache buffer
+    is contiguous while the whole [KVH, n, D] view is not, and bf16 matmuls on strided views run
+    several times slower (measured: 4.9 vs 0.9 ms at 32K keys)."""
+    rows = rows.to(keys.dtype)
+    out, weights = [], []
+    for g in range(keys.shape[0]):
+        weights.append(torch.softmax(torch.matmul(rows[g], keys[g].transpose(0, 1)).float() * scaling, dim=-1))
+        out.append(torch.matmul(weights[g].to(values.dtype), values[g]))
+    return torch.stack(out), weights
 
 
 def attention_with_lse(query, keys, values, scaling: float, mask: torch.Tensor | None = None,
