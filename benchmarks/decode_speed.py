@@ -1,4 +1,9 @@
-"""Whole-model decode ms/token with full and retrieval attention on saved contexts (20 steps after 4 warm-up)."""
+"""Whole-model decode ms/token with full and retrieval attention (every retrievable layer searched)
+on saved contexts, 20 steps after 4 warm-up, and where a retrieval step's time goes: search and
+attention over the answered + static keys, per token over all layers.
+
+    python benchmarks/decode_speed.py [--model NAME] CTX.idx …
+"""
 
 import json
 import sys
@@ -13,21 +18,30 @@ from ra_cli.store import ContextStore
 CONTINUATION = (" The license also says that you may copy and distribute the program, provided that you keep"
                 " these notices intact and give every recipient a copy")
 
-loaded = load_model()
+args = sys.argv[1:]
+model = None
+if args[:1] == ["--model"]:
+    model, args = args[1], args[2:]
+loaded = load_model(model)
 tokens = loaded.tokenizer(CONTINUATION, add_special_tokens=False).input_ids[:24]
-for path in sys.argv[1:]:
+for path in args:
     store = ContextStore.open(path)
     row = {"context": path, "context_tokens": store.n_tokens}
     for mode in ("full", "retrieval"):
         cache = open_cache(loaded, store, mode, RetrievalSettings(dense_when_cheaper=False))
         for token in tokens[:4]:
             prefill(loaded.model, cache, [token])
+        stats = getattr(cache, "retrieval_stats", None)
+        if stats:
+            stats.search_seconds = stats.attention_seconds = 0.0
         began = time.perf_counter()
         for token in tokens[4:]:
             prefill(loaded.model, cache, [token])
-        row[f"ms_per_token_{mode}"] = round((time.perf_counter() - began) / len(tokens[4:]) * 1000, 1)
-        stats = getattr(cache, "retrieval_stats", None)
+        steps = len(tokens[4:])
+        row[f"ms_per_token_{mode}"] = round((time.perf_counter() - began) / steps * 1000, 1)
         if stats:
+            row["search_ms_per_token"] = round(stats.search_seconds / steps * 1000, 2)
+            row["retrieved_attention_ms_per_token"] = round(stats.attention_seconds / steps * 1000, 2)
             row["retrieval_stats"] = stats.as_dict()
         del cache
     print(json.dumps(row), flush=True)

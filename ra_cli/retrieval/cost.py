@@ -8,10 +8,12 @@ the G query heads of its KV head and pools it; retrieval then attends each query
 answered and static keys. Costs per thread, measured on the dev box with the current kernels
 (docs/benchmarks.md, "Dense attention as one float32 pass"), as a constant
 plus a part per query head, since both scoring loops run once per query head:
-- dense: 22.8 ns per key and KV head with G = 3 (SmolLM2, 16K), 40.4 with G = 7 (Qwen2.5, 32K);
-- search: 250 ns per read with G = 3 (SmolLM2 at 16K: 12.4 ms over 29 layers x 1.5 rounds x 1,140
-  reads), 323 with G = 7 (Qwen2.5 at 16K: 38.4 ms over 24 layers x 4,938 reads);
-- attention to the answered and static keys: ~18 ns per query head and key (2.9 ms and 4.25 ms).
+- dense: 22.8 ns per key and KV head with G = 3 (SmolLM2, 16K), 40.4 with G = 7 (Qwen2.5, 32K)
+  (`benchmarks/dense_decode.py`);
+- search: ~250 ns per read with G = 3 (SmolLM2 at 16K: 12.3-12.4 ms over 29 layers x 1.5 rounds x
+  1,140 reads), 305-323 with G = 7 (Qwen2.5 at 16K: 36.1-38.4 ms over 24 layers x 4,938 reads);
+- attention to the answered and static keys: ~18 ns per query head and key (2.9-3.0 ms; 4.3-4.6 ms)
+  (search and attention: `benchmarks/decode_speed.py [--model M] CTX.idx`, every layer searched).
 A layer's searches run one KV head per thread, spread by how much each read last time
 (index/graph.worker_plan), so 3 KV heads on 2 threads take about 1.5 rounds; dense attention
 splits its work evenly. How many keys a search reads was measured at ingest (the ef
