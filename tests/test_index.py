@@ -13,6 +13,7 @@ from ra_cli.index import IndexParams, open_layer_index
 from ra_cli.index.base import indexed_range
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer, recall, worker_plan
+from ra_cli.index.pools import MIN_ENTRY, keep_best, select_top
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 from ra_cli.ingest import IngestOptions, ingest
 from ra_cli.store import ContextStore
@@ -58,6 +59,30 @@ def test_decode_answers_are_the_same_keys_with_only_the_lead_in_order(k, ef):
     np.testing.assert_array_equal(lead.evaluations, ordered.evaluations)
     if k > ef:  # every key the search met is answered: past the lead they come in pool order
         assert not (np.diff(lead.scores[..., 8:], axis=-1) <= 0).all()
+
+
+def test_a_wide_answer_is_the_k_best_of_every_key_the_search_scored():
+    """k > ef: every key scored is a candidate, cut back to its k best whenever the buffer fills
+    (at k = 40 a search here reads several hundred keys). The traversal does not depend on k, so
+    an answer wide enough to hold every key read, cut to its k best, is the reference."""
+    keys, queries, layer, params = synthetic_layer(seed=3)
+    index = GraphLayerIndex(layer, keys, params)
+    every = index.search(queries[:, :12], keys.shape[1], ef=32)
+    cut = index.search(queries[:, :12], 40, ef=32)
+    assert (every.evaluations == cut.evaluations).all() and every.evaluations.min() > 2 * 40 + params.degree
+    np.testing.assert_array_equal(cut.ids, every.ids[..., :40])
+    np.testing.assert_array_equal(cut.scores, every.scores[..., :40])
+
+
+def test_candidate_buffer_cuts_to_the_k_best():
+    entries = np.random.default_rng(0).permutation(5000).astype(np.int64) * 7 - 9000
+    k = 37
+    best, size, floor = np.empty((1, k + 1), np.int64), np.zeros(1, np.int64), np.full(1, MIN_ENTRY, np.int64)
+    for entry in entries:
+        keep_best(0, entry, k, best, size, floor)
+    if size[0] > k:
+        select_top(best[0], size[0], k)
+    np.testing.assert_array_equal(np.sort(best[0, :k]), np.sort(entries)[-k:])
 
 
 def test_worker_plan_balances_kv_heads_over_threads():

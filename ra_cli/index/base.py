@@ -99,14 +99,17 @@ class SearchBuffers:
         if bitset_words(n) > self.visited.shape[1]:
             self.visited = np.zeros((self.heads, max(bitset_words(n), 2 * self.visited.shape[1])), np.int64)
 
-    def pools(self, groups: int, ef: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pools(self, groups: int, ef: int, k: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidate pools of the lockstep search, kept between calls (packed int64 entries):
-        kept [heads, groups, >= ef], todo [heads, groups, 4 ef + 8], best [heads, groups, >= k]."""
+        kept [heads, groups, >= ef], todo [heads, groups, 4 ef + 8], and the answer's candidates
+        best [heads, groups, >= 2k + width] (width: the graph's row length; see pools.make_room)."""
         pools = getattr(self, "_pools", None)
-        if pools is None or pools[0].shape[1] != groups or pools[0].shape[2] < ef or pools[2].shape[2] < k:
-            ef, k = max(ef, 0 if pools is None else pools[0].shape[2]), max(k, 0 if pools is None else pools[2].shape[2])
+        candidates = 2 * k + width
+        if pools is None or pools[0].shape[1] != groups or pools[0].shape[2] < ef or pools[2].shape[2] < candidates:
+            ef = max(ef, 0 if pools is None else pools[0].shape[2])
+            candidates = max(candidates, 0 if pools is None else pools[2].shape[2])
             pools = (np.empty((self.heads, groups, ef), np.int64), np.empty((self.heads, groups, 4 * ef + 8), np.int64),
-                     np.empty((self.heads, groups, k), np.int64))
+                     np.empty((self.heads, groups, candidates), np.int64))
             self._pools = pools
         return pools
 

@@ -268,7 +268,8 @@ class GraphLayerIndex(LayerIndex):
 
     def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
         """`extra` [KVH, X] or [H, X] int32 (regrouped per KV head): more entry points."""
-        kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k)
+        kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k,
+                                              self.layer.adjacency.shape[2])
         extra = NO_EXTRA if extra is None else extra.reshape(self.kv_heads, -1) if extra.shape[0] != 1 else extra
         extra = np.ascontiguousarray(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32)
         groups = queries.shape[0] // self.kv_heads
