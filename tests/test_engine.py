@@ -115,13 +115,15 @@ def test_sampling_rules():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("groups", [3, 7])
-def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups):
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups, dim):
     """The CPU decode kernel against float64 math on the same (rounded) KV, inside a preallocated
-    cache buffer (rows beyond n must be ignored), at chunk edges; and its weights are the softmax."""
+    cache buffer (rows beyond n must be ignored), at chunk edges; and its weights are the softmax.
+    Head size 64 runs the kernel's compiled-constant path, 128 the general one."""
     from ra_cli.engine.dense_decode import CHUNK, cpu_decode_attention
 
     g = torch.Generator().manual_seed(groups)
-    kv_heads, dim = 2, 64
+    kv_heads = 2
     for n in (1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17):
         buffer_k = (torch.randn(kv_heads, n + 64, dim, generator=g) * 2).to(dtype)
         buffer_v = torch.randn(kv_heads, n + 64, dim, generator=g).to(dtype)

@@ -20,6 +20,8 @@ from ra_cli.intrinsics import float32_from_bits, prefetch, widen
 
 CHUNK = 512  # keys per work item: its weights (G x 512 floats) stay in cache from scoring to accumulating
 UNROLL = 4  # keys scored / accumulated together: one pass over a query row serves 4 keys
+HEAD_DIM = 64  # the head size compiled as a constant (SmolLM2, Qwen2.5): LLVM unrolls the row loops and keeps
+# the rows in registers, 14-15% faster than a run-time size (benchmarks/dense_decode.py); others take the general path
 AHEAD = 32  # rows prefetched ahead of the one being read: 4-10% faster than the hardware prefetcher
 # alone (16 and 64 alike; benchmarks/dense_decode.py, alternating versions)
 LOG2E = np.float32(1.4426950408889634)
@@ -64,7 +66,14 @@ def _widened_rows(buffer, first, j, count, dim, rows):
 def _chunk_scores(queries, keys, first, count, rows, scores, scaling):
     """scores[r, j] = queries[r] . keys row (first + j) * scaling for j < count (rounded up to
     UNROLL; the padding repeats the last key). keys: the flat buffer from the row's start."""
-    dim = queries.shape[1]
+    if queries.shape[1] == HEAD_DIM:
+        _scores(queries, keys, first, count, rows, scores, scaling, HEAD_DIM)
+    else:
+        _scores(queries, keys, first, count, rows, scores, scaling, queries.shape[1])
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _scores(queries, keys, first, count, rows, scores, scaling, dim):
     for j in range(0, count, UNROLL):
         _widened_rows(keys, first, j, count, dim, rows)
         for r in range(queries.shape[0]):
@@ -88,7 +97,14 @@ def _chunk_scores(queries, keys, first, count, rows, scores, scaling):
 def _chunk_values(weights, values, first, count, rows, acc):
     """acc[r] += sum_j weights[r, j] * values row (first + j), j < count rounded up to UNROLL (the
     padding's weights are 0)."""
-    dim = acc.shape[1]
+    if acc.shape[1] == HEAD_DIM:
+        _values(weights, values, first, count, rows, acc, HEAD_DIM)
+    else:
+        _values(weights, values, first, count, rows, acc, acc.shape[1])
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _values(weights, values, first, count, rows, acc, dim):
     for j in range(0, count, UNROLL):
         _widened_rows(values, first, j, count, dim, rows)
         for r in range(acc.shape[0]):

@@ -8,11 +8,11 @@ the G query heads of its KV head and pools it; retrieval then attends each query
 answered and static keys. Costs per thread, measured on the dev box with the current kernels
 (docs/benchmarks.md, "Dense attention as one float32 pass"), as a constant
 plus a part per query head, since both scoring loops run once per query head:
-- dense: 22.8 ns per key and KV head with G = 3 (SmolLM2, 16K), 40.4 with G = 7 (Qwen2.5, 32K)
-  (`benchmarks/dense_decode.py`);
-- search: ~250 ns per read with G = 3 (SmolLM2 at 16K: 12.3-12.4 ms over 29 layers x 1.5 rounds x
-  1,140 reads), 305-323 with G = 7 (Qwen2.5 at 16K: 36.1-38.4 ms over 24 layers x 4,938 reads);
-- attention to the answered and static keys: ~18 ns per query head and key (2.9-3.0 ms; 4.3-4.6 ms)
+- dense: 18.5 ns per key and KV head with G = 3 (SmolLM2, 16K: 13.6 ms over 30 layers), 28.9 with
+  G = 7 (Qwen2.5, 32K: 22.7 ms over 24 layers) (`benchmarks/dense_decode.py`);
+- search: ~232 ns per key scanned with G = 3 (SmolLM2 at 16K: 11.7 ms over 29 layers x 1.5 rounds x
+  1,158 keys), ~275 with G = 7 (Qwen2.5 at 16K: 34.0 ms over 24 layers x 5,159 keys);
+- attention to the answered and static keys: ~18 ns per query head and key (2.9 ms; 4.6 ms)
   (search and attention: `benchmarks/decode_speed.py [--model M] CTX.idx`, every layer searched).
 A layer's searches run one KV head per thread, spread by how much each read last time
 (index/graph.worker_plan), so 3 KV heads on 2 threads take about 1.5 rounds; dense attention
@@ -22,8 +22,8 @@ calibration), and grows about linearly with ef.
 
 from __future__ import annotations
 
-DENSE_KEY_NS, DENSE_HEAD_NS = 9.6, 4.4  # dense attention, per key and KV head: + per query head
-READ_NS, READ_HEAD_NS = 195.0, 18.0  # one key read by the graph search: + per query head scoring it
+DENSE_KEY_NS, DENSE_HEAD_NS = 10.7, 2.6  # dense attention, per key and KV head: + per query head
+READ_NS, READ_HEAD_NS = 200.0, 11.0  # one key read by the graph search: + per query head scoring it
 ATTEND_NS = 18.0  # one query head attending to one answered or static key
 
 
