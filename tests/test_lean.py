@@ -47,6 +47,32 @@ def test_packed_linear_decode_matches_its_dense_weights(decode):
                                + bias.bfloat16().float(), atol=0.05, rtol=0.01)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_int8_decode_kernel_is_float32_math_on_the_int8_rows(rows, scale_dtype):
+    """engine/int8_decode.py against float64 math on the same int8 rows and scales (200 outputs:
+    not a multiple of its 64-row blocks), in float32 before the final rounding; and what torch's
+    int8 kernel (the path off a CPU) computes, within that rounding."""
+    import numpy as np
+
+    from ra_cli.engine.int8_decode import int8_matmul, int8_rows_matmul
+
+    g = torch.Generator().manual_seed(rows)
+    weights = torch.randint(-127, 128, (200, 96), generator=g, dtype=torch.int8)
+    scales = (torch.rand(200, generator=g) * 0.01).to(scale_dtype)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    reference = x.double() @ (weights.double() * scales.double()[:, None]).T
+    out = np.empty((rows, 200), np.float32)
+    bits = scales.view(torch.int16).numpy().view(np.uint16) if scale_dtype == torch.bfloat16 else scales.numpy()
+    int8_rows_matmul(x.float().numpy(), weights.numpy(), bits, out)
+    torch.testing.assert_close(torch.from_numpy(out).double(), reference, atol=1e-5 * reference.abs().max(), rtol=0)
+    rounded = int8_matmul(x, weights, scales)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, torch.from_numpy(out).bfloat16())
+    torch.testing.assert_close(rounded.float(), torch._weight_int8pack_mm(x, weights, scales.bfloat16()).float(),
+                               atol=0.01 * reference.abs().max(), rtol=0)
+    assert int8_matmul(x, weights.t(), scales) is None  # a layout it cannot read in place
+
+
 def _transformers_logits(model, ids):
     model.set_attn_implementation("sdpa")
     try:

@@ -18,6 +18,8 @@ from ra_cli.choices import WeightFormat
 import torch
 import torch.nn.functional as F
 
+from ra_cli.engine.int8_decode import int8_matmul
+
 DECODE_ROWS = 16  # up to this many rows use the decode weights
 GROUP = 32  # int4 group size along the input dimension (the GGUF block size)
 
@@ -90,7 +92,9 @@ class PackedLinear(torch.nn.Module):
         elif self.kind == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         else:
-            out = torch._weight_int8pack_mm(rows, self.int8, self.int8_scales)
+            out = int8_matmul(rows, self.int8, self.int8_scales)
+            if out is None:  # off a CPU: torch's kernel
+                out = torch._weight_int8pack_mm(rows, self.int8, self.int8_scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,50 @@
+"""Decode-time products with int8 weight rows on a CPU, in one numba pass.
+
+A decode step multiplies a row or a few by every weight matrix, so it costs the weight bytes
+streamed from memory. torch's int8 weight-only kernel (`_weight_int8pack_mm`) moves them at
+~28-32 GB/s here; a plain loop per output row (int8 widened to float32 in registers, one dot
+with the float32 activations, the row's scale after) moves them at ~38-46 GB/s on the same
+shapes (benchmarks/int8_decode.py times both in one run). Sums stay in float32: the result is
+rounded to the activations' dtype once, at the end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ra_cli.intrinsics import widen
+
+BLOCK = 64  # output rows per work item: enough items to balance threads on the smallest matrix (q|k|v)
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def int8_rows_matmul(x, weights, scales, out):
+    """out[r, n] = scales[n] * (x[r] . weights[n]) for x [R, K] float32, weights [N, K] int8,
+    scales [N] float32 or bf16 bits (uint16); out [R, N] float32. Each weight row is read from
+    memory once for all R rows."""
+    rows, outputs = x.shape[0], weights.shape[0]
+    for block in prange((outputs + BLOCK - 1) // BLOCK):
+        for n in range(block * BLOCK, min(outputs, (block + 1) * BLOCK)):
+            weight = weights[n]
+            scale = widen(scales[n])
+            for r in range(rows):
+                features = x[r]
+                total = np.float32(0.0)
+                for i in range(features.shape[0]):
+                    total += features[i] * np.float32(weight[i])
+                out[r, n] = total * scale
+
+
+def int8_matmul(rows: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """rows [R, K] @ (weights [N, K] int8 * scales [N])^T in rows' dtype, or None where this kernel
+    does not apply (not a CPU, or a layout it cannot read in place)."""
+    if rows.device.type != "cpu" or not weights.is_contiguous() or scales.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    x = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
+    scale_view = scales.contiguous().view(torch.int16).numpy().view(np.uint16) if scales.dtype == torch.bfloat16 \
+        else scales.contiguous().numpy()
+    out = np.empty((x.shape[0], weights.shape[0]), np.float32)
+    int8_rows_matmul(x, weights.numpy(), scale_view, out)
+    return torch.from_numpy(out).to(rows.dtype)
