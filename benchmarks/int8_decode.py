@@ -12,19 +12,31 @@ import time
 
 import torch
 
-from ra_cli.engine.int8_decode import int8_matmul
+import numpy as np
+
+from ra_cli.engine.int8_decode import int8_rows_matmul
 
 QWEN_INT8 = [(896, 1152, 24), (896, 896, 24), (896, 9728, 24), (4864, 896, 24), (896, 151936, 2)]
 args = [int(a) for a in sys.argv[1:]]
 shapes = [tuple(args[i:i + 3]) for i in range(0, len(args), 3)] or QWEN_INT8
 generator = torch.Generator().manual_seed(0)
+
+
+def kernel(x, weights, scales):
+    """What PackedLinear runs on a CPU for matrices of 1 MiB and more (int8_decode.int8_matmul),
+    called here at every size."""
+    out = np.empty((x.shape[0], weights.shape[0]), np.float32)
+    int8_rows_matmul(x.float().numpy(), weights.numpy(), scales.view(torch.int16).numpy().view(np.uint16), out)
+    return torch.from_numpy(out).bfloat16()
+
+
 for k, n, copies in shapes:
     weights = [torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8) for _ in range(copies)]
     scales = (torch.rand(n, generator=generator) * 0.01).bfloat16()
     x = torch.randn(1, k, generator=generator).bfloat16()
     row = {"in": k, "out": n, "matrices": copies, "threads": torch.get_num_threads()}
-    for name, multiply in (("kernel", int8_matmul), ("torch", torch._weight_int8pack_mm),
-                           ("kernel_again", int8_matmul), ("torch_again", torch._weight_int8pack_mm)):
+    for name, multiply in (("kernel", kernel), ("torch", torch._weight_int8pack_mm),
+                           ("kernel_again", kernel), ("torch_again", torch._weight_int8pack_mm)):
         for w in weights[:2]:  # warm-up (and compilation)
             multiply(x, w, scales)
         times = []

@@ -51,16 +51,17 @@ def test_packed_linear_decode_matches_its_dense_weights(decode):
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 def test_int8_decode_kernel_is_float32_math_on_the_int8_rows(rows, scale_dtype):
     """engine/int8_decode.py against float64 math on the same int8 rows and scales (200 outputs:
-    not a multiple of its 64-row blocks), in float32 before the final rounding; and what torch's
-    int8 kernel (the path off a CPU) computes, within that rounding."""
+    not a multiple of its 64-row blocks; 1 MiB, the smallest matrix it takes), in float32 before
+    the final rounding; and what torch's int8 kernel (off a CPU, small matrices) computes, within
+    that rounding."""
     import numpy as np
 
     from ra_cli.engine.int8_decode import int8_matmul, int8_rows_matmul
 
     g = torch.Generator().manual_seed(rows)
-    weights = torch.randint(-127, 128, (200, 96), generator=g, dtype=torch.int8)
+    weights = torch.randint(-127, 128, (200, 5248), generator=g, dtype=torch.int8)
     scales = (torch.rand(200, generator=g) * 0.01).to(scale_dtype)
-    x = torch.randn(rows, 96, generator=g).bfloat16()
+    x = torch.randn(rows, 5248, generator=g).bfloat16()
     reference = x.double() @ (weights.double() * scales.double()[:, None]).T
     out = np.empty((rows, 200), np.float32)
     bits = scales.view(torch.int16).numpy().view(np.uint16) if scale_dtype == torch.bfloat16 else scales.numpy()
@@ -71,6 +72,7 @@ def test_int8_decode_kernel_is_float32_math_on_the_int8_rows(rows, scale_dtype):
     torch.testing.assert_close(rounded.float(), torch._weight_int8pack_mm(x, weights, scales.bfloat16()).float(),
                                atol=0.01 * reference.abs().max(), rtol=0)
     assert int8_matmul(x, weights.t(), scales) is None  # a layout it cannot read in place
+    assert int8_matmul(x[:, :96], weights[:, :96].contiguous(), scales) is None  # too small to pay
 
 
 def _transformers_logits(model, ids):

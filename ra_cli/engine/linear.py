@@ -93,7 +93,7 @@ class PackedLinear(torch.nn.Module):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         else:
             out = int8_matmul(rows, self.int8, self.int8_scales)
-            if out is None:  # off a CPU: torch's kernel
+            if out is None:  # off a CPU, or a matrix too small to pay: torch's kernel
                 out = torch._weight_int8pack_mm(rows, self.int8, self.int8_scales)
         if self.bias is not None:
             out = out + self.bias
