@@ -9,8 +9,8 @@ import numpy as np
 from numba import njit, prange
 
 from ra_cli.intrinsics import prefetch
-from ra_cli.index.pools import (MIN_ENTRY, float_bits, heap_down_max, keep_best, lead_first, make_room, offer,
-                                ordered_bits, select_top)
+from ra_cli.index.pools import (MIN_ENTRY, float_bits, keep_best, lead_first, make_room, next_to_expand, offer,
+                                ordered_bits, pop_next, select_top)
 from ra_cli.index.search_kernels import NO_ID, _mark, _seen, dot
 
 
@@ -64,18 +64,15 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
         running = 0
         for h in range(groups):  # the round's adjacency rows start loading together, not one miss per head
             if not stopped[h] and todo_size[h] > 0:
-                prefetch(adjacency[np.int64(todo[h, 0] & 0xFFFFFFFF)], 0)
+                prefetch(adjacency[np.int64(next_to_expand(h, todo) & 0xFFFFFFFF)], 0)
         for h in range(groups):
             if stopped[h]:
                 continue
-            if todo_size[h] == 0 or (kept_size[h] == ef and todo[h, 0] < kept[h, 0]):
+            if todo_size[h] == 0 or (kept_size[h] == ef and next_to_expand(h, todo) < kept[h, 0]):
                 stopped[h] = True
                 continue
             running += 1
-            node = np.int64(todo[h, 0] & 0xFFFFFFFF)
-            todo_size[h] -= 1
-            todo[h, 0] = todo[h, todo_size[h]]
-            heap_down_max(todo[h], todo_size[h])
+            node = np.int64(pop_next(h, todo, todo_size) & 0xFFFFFFFF)
             count = 0
             for j in range(width):
                 neighbor = np.int64(adjacency[node, j])
