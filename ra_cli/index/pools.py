@@ -4,11 +4,12 @@ int64 comparison orders entries by score.
 
 Each query head keeps a min-heap of its best `ef` entries (root = the worst kept) and a queue of
 entries to expand, best first: a min-heap of the complemented entries (~e reverses the order of
-int64 values exactly), so one pair of heap routines serves both; heap updates are O(log ef) where a sorted array shifts O(ef) entries per
-insertion (measured: at ef 400 the heaps cost 52 ns per key read, the sorted pool 83). When the
-answer is wider than the beam (k > ef), every key scored is a candidate for it: appended to a
-buffer of at least k + room entries, cut back to its k best when full (O(1) per entry, where a
-bounded k-heap cost O(log k) and, measured on real searches, 10% of the search).
+int64 values exactly), so one pair of heap routines serves both. Heap updates are O(log ef) where
+a sorted array shifts O(ef) entries per insertion (measured: at ef 400 the heaps cost 52 ns per
+key read, the sorted pool 83). When the answer is wider than the beam (k > ef), every key scored
+is a candidate for it: appended to a buffer of at least k + room entries, cut back to its k best
+when full (O(1) per entry, where a bounded k-heap cost O(log k) and, measured on real searches,
+10% of the search).
 """
 
 from __future__ import annotations
