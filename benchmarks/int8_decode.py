@@ -12,9 +12,7 @@ import time
 
 import torch
 
-import numpy as np
-
-from ra_cli.engine.int8_decode import int8_rows_matmul
+from ra_cli.engine.int8_decode import int8_matmul
 
 QWEN_INT8 = [(896, 1152, 24), (896, 896, 24), (896, 9728, 24), (4864, 896, 24), (896, 151936, 2)]
 args = [int(a) for a in sys.argv[1:]]
@@ -23,11 +21,8 @@ generator = torch.Generator().manual_seed(0)
 
 
 def kernel(x, weights, scales):
-    """What PackedLinear runs on a CPU for matrices of 1 MiB and more (int8_decode.int8_matmul),
-    called here at every size."""
-    out = np.empty((x.shape[0], weights.shape[0]), np.float32)
-    int8_rows_matmul(x.float().numpy(), weights.numpy(), scales.view(torch.int16).numpy().view(np.uint16), out)
-    return torch.from_numpy(out).bfloat16()
+    """What PackedLinear runs on a CPU for matrices of 1 MiB and more, called here at every size."""
+    return int8_matmul(x, weights, scales, smallest=0)
 
 
 for k, n, copies in shapes:

@@ -20,8 +20,8 @@ from ra_cli.intrinsics import float32_from_bits, prefetch, widen
 
 CHUNK = 512  # keys per work item: its weights (G x 512 floats) stay in cache from scoring to accumulating
 UNROLL = 4  # keys scored / accumulated together: one pass over a query row serves 4 keys
-HEAD_DIM = 64  # the head size compiled as a constant (SmolLM2, Qwen2.5): LLVM unrolls the row loops and keeps
-# the rows in registers, 14-15% faster than a run-time size (benchmarks/dense_decode.py); others take the general path
+HEAD_DIM = 64  # the head size compiled as a constant (SmolLM2, Qwen2.5), so LLVM can unroll the row loops:
+# 14-21% faster than a run-time size (benchmarks/dense_decode.py before and after); others take the general path
 AHEAD = 32  # rows prefetched ahead of the one being read: 4-10% faster than the hardware prefetcher
 # alone (16 and 64 alike; benchmarks/dense_decode.py, alternating versions)
 LOG2E = np.float32(1.4426950408889634)

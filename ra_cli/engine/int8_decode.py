@@ -18,7 +18,7 @@ from ra_cli.intrinsics import widen
 
 BLOCK = 64  # output rows per work item: enough items to balance threads on the smallest matrix (q|k|v)
 SMALLEST = 1 << 20  # weight bytes below which torch's kernel wins: a call here costs a few microseconds more
-# (896 x 896: 0.023 vs 0.017 ms; 896 x 1152: 0.025 vs 0.027; benchmarks/int8_decode.py)
+# (benchmarks/int8_decode.py: slower at 896 x 896, about even at 896 x 1152, faster above)
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
@@ -39,11 +39,13 @@ def int8_rows_matmul(x, weights, scales, out):
                 out[r, n] = total * scale
 
 
-def int8_matmul(rows: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+def int8_matmul(rows: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
+                smallest: int = SMALLEST) -> torch.Tensor | None:
     """rows [R, K] @ (weights [N, K] int8 * scales [N])^T in rows' dtype, or None where this kernel
-    does not apply (not a CPU, a layout it cannot read in place) or would not pay (a small matrix)."""
+    does not apply (not a CPU, a layout it cannot read in place) or would not pay (fewer than
+    `smallest` weight bytes)."""
     if rows.device.type != "cpu" or not weights.is_contiguous() or scales.dtype not in (torch.bfloat16, torch.float32) \
-            or weights.numel() < SMALLEST:
+            or weights.numel() < smallest:
         return None
     x = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
     scale_view = scales.contiguous().view(torch.int16).numpy().view(np.uint16) if scales.dtype == torch.bfloat16 \

@@ -29,8 +29,8 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
     from an unvisited key, so that ef >= n is exact even on a disconnected graph.
 
     The answer is each query's k best keys among *every* key scored (best [G, >= k + M] scratch
-    when k > ef; 2k + M keeps its cuts rare): the beam width sets how far the search explores, the attention budget k how many of
-    the keys it met are kept. Writes out_ids/out_scores [G, k] (-1/-inf padded) with the best
+    when k > ef; 2k + M keeps its cuts rare): the beam width sets how far the search explores, the
+    attention budget k how many of the keys it met are kept. Writes out_ids/out_scores [G, k] (-1/-inf padded) with the best
     `lead` first and in order, the rest in any order (lead >= k: all sorted; attention needs no
     order, and sorting hundreds of entries per query head is not free); returns the keys read."""
     groups, dim = queries.shape
