@@ -75,6 +75,124 @@ def test_int8_decode_kernel_is_float32_math_on_the_int8_rows(rows, scale_dtype):
     assert int8_matmul(x[:, :96], weights[:, :96].contiguous(), scales) is None  # too small to pay
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_decode_kernel_is_float32_math_on_the_groups(rows):
+    """engine/int4_decode.py against float64 math on the same groups (low + q * step, bf16-exact):
+    200 outputs (not a multiple of its 16-row tiles), K = 576; the tiles hold every q at its place."""
+    import numpy as np
+
+    from ra_cli.engine.int4_decode import int4_matmul, int4_tiles_matmul, int4_views, pack_int4_tiles
+
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(0, 16, (200, 576), generator=g)
+    step = (torch.rand(200, 18, generator=g) * 0.1 + 0.01).bfloat16().float()
+    low = (torch.randn(200, 18, generator=g) * 0.3).bfloat16().float()
+    weight = low.repeat_interleave(32, 1) + q * step.repeat_interleave(32, 1)
+    tiles, step_tiles, low_tiles = pack_int4_tiles(q, step, low)
+    assert tiles.shape == (13, 18, 16, 16) and step_tiles.shape == (13, 18, 16)
+    unpacked = torch.stack([tiles & 15, tiles >> 4], 2).permute(0, 4, 1, 2, 3).reshape(13 * 16, 576)
+    assert torch.equal(unpacked[:200].int(), q) and not unpacked[200:].any()
+    x = torch.randn(rows, 576, generator=g)
+    reference = x.double() @ weight.double().T
+    out = np.empty((rows, 13 * 16), np.float32)
+    int4_tiles_matmul(x.numpy(), *int4_views(tiles, step_tiles, low_tiles), out)
+    torch.testing.assert_close(torch.from_numpy(out[:, :200]).double(), reference, atol=1e-5 * reference.abs().max(),
+                               rtol=0)
+    assert not out[:, 200:].any()
+    rounded = int4_matmul(x.bfloat16(), int4_views(tiles, step_tiles, low_tiles), 200)
+    assert rounded.shape == (rows, 200) and rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded, int4_matmul(x.bfloat16().float(), int4_views(tiles, step_tiles, low_tiles), 200)
+                       .bfloat16())
+
+
+def test_a_packed_state_at_any_offset_loads_aligned():
+    """A saved state puts tensors back to back at any offset; torch's int8 kernel (small matrices)
+    crashes on weights that do not start on a cache line, so loading copies those."""
+    layer = PackedLinear(torch.randn(48, 64), None, WeightFormat.int8)
+    state = {}
+    for name, tensor in layer.state_dict().items():
+        if tensor is not None:
+            raw = torch.empty(tensor.numel() * tensor.element_size() + 72, dtype=torch.uint8)
+            start = 8 + (-raw.data_ptr()) % 64  # 8 bytes past a cache line
+            state["x." + name] = raw[start: start + tensor.numel() * tensor.element_size()].view(tensor.dtype) \
+                .view(tensor.shape).copy_(tensor)
+    assert state["x.int8"].data_ptr() % 64 == 8
+    loaded = PackedLinear.from_state(state, "x.")
+    assert loaded.int8.data_ptr() % 64 == 0 and torch.equal(loaded.int8, layer.int8)
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(loaded(x), layer(x))
+
+
+def _snapped_qwen2():
+    """A random two-layer Qwen2 (q|k|v biases) whose weights ra packs without loss: q|k|v, the
+    output projection and down on 4-bit groups (int4), gate|up and the head as bf16-scaled int8
+    rows with a +-127 in each (int8)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+
+    def int8_rows(rows, cols, seed):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randint(-127, 128, (rows, cols), generator=g).float()
+        q[:, 0] = 127
+        return q * (torch.rand(rows, 1, generator=g) * 0.002 + 0.0005).bfloat16().float()
+
+    for i, layer in enumerate(model.model.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        for j, projection in enumerate((attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)):
+            projection.weight.data = q4_weight(*projection.weight.shape, seed=10 * i + j) * 0.2
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+            projection.bias.data.normal_()
+        mlp.gate_proj.weight.data = int8_rows(96, 64, 10 * i + 5)
+        mlp.up_proj.weight.data = int8_rows(96, 64, 10 * i + 6)
+        mlp.down_proj.weight.data = q4_weight(64, 96, seed=10 * i + 7) * 0.2
+    model.lm_head.weight.data = int8_rows(300, 64, 99) * 20
+    install(model)
+    return config, model
+
+
+def test_fused_decode_step_is_the_layer_math():
+    """A decode token through fused_decode.py (float32 glue in numba around the cache's attention)
+    against transformers' float32 forward of the same (losslessly packed) weights, token by token;
+    the general forward (torch ops, activations rounded to bf16 at each projection) is checked
+    beside it. Only keys and values are rounded to bf16 in both ra paths."""
+    config, model = _snapped_qwen2()
+    lean = LeanDecoder.from_model(model, WeightFormat.int4, torch.bfloat16, torch.float32)
+    kinds = [(b.qkv.kind, b.out.kind, b.gate_up.kind, b.down.kind) for b in lean.blocks] + [lean.lm_head.kind]
+    assert kinds == [("int4", "int4", "int8", "int4")] * 2 + ["int8"]
+    assert lean._host_weights() is not None
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
+    reference = _transformers_logits(model, ids)[PREFILL - 1:]
+    fused = _lean_logits(lean, config, ids)
+    lean._host = False  # the general forward for one token
+    general = _lean_logits(lean, config, ids)
+    scale = reference.abs().max()
+    torch.testing.assert_close(fused, reference, atol=0.01 * scale, rtol=0)
+    torch.testing.assert_close(general, reference, atol=0.03 * scale, rtol=0)
+    assert (fused[1:] - reference[1:]).abs().max() < (general[1:] - reference[1:]).abs().max()
+
+
+def test_fast_default_decodes_like_float32(loaded, loaded_fast):
+    """The embedded model's decode steps on the CPU default (fused_decode.py, int4 groups) track
+    float32 token by token: the same greedy token wherever float32's choice is clear (its top two
+    more than 0.2 nats apart: a 0.07 near-tie flips either way with rounding), a small divergence."""
+    assert loaded_fast.model.ra_lean._host_weights() is not None
+    ids = loaded.tokenizer("The lighthouse on Karsk Island was built in 1871 by the engineer Tomas Lindqvist, who",
+                           add_special_tokens=False).input_ids
+    caches = [ContextCache.full(loaded.model.config), ContextCache.full(loaded_fast.model.config)]
+    prefill(loaded.model, caches[0], ids[:PREFILL])
+    prefill(loaded_fast.model, caches[1], ids[:PREFILL])
+    for token in ids[PREFILL:]:
+        reference = torch.log_softmax(prefill(loaded.model, caches[0], [token]), -1)
+        fast = torch.log_softmax(prefill(loaded_fast.model, caches[1], [token]), -1)
+        first, second = torch.topk(reference, 2).values
+        assert int(fast.argmax()) == int(reference.argmax()) or first - second < 0.2
+        assert float((reference.exp() * (reference - fast)).sum()) < 0.02
+
+
 def _transformers_logits(model, ids):
     model.set_attn_implementation("sdpa")
     try:

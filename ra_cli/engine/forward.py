@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+
 from ra_cli.choices import WeightFormat
+from ra_cli.engine.fused_decode import NO_BIAS, after_attention, before_attention, final_logits
 from ra_cli.engine.linear import PackedLinear, fused
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
@@ -45,6 +48,7 @@ class LeanDecoder(torch.nn.Module):
         object.__setattr__(self, "rotary", rotary)  # the model's own module; not part of the packed state
         self.blocks = torch.nn.ModuleList()
         self._cos = self._sin = None
+        self._host = None  # per block, the arrays fused_decode reads (built on the first decode step)
 
     @classmethod
     def from_model(cls, model, decode: WeightFormat, dtype: torch.dtype = torch.bfloat16,
@@ -104,9 +108,57 @@ class LeanDecoder(torch.nn.Module):
             self._cos, self._sin = cos[0].float(), sin[0].float()
         return self._cos[start:end], self._sin[start:end]
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), …: the arrays viewed before may be gone
+        self._host = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _host_weights(self):
+        """Per block the numpy arrays fused_decode reads, then the final norm and head; None when a
+        weight is not int4/int8 on a CPU (dense weights, another device: the general forward)."""
+        if self._host is None:
+            linears = [m for m in self.modules() if isinstance(m, PackedLinear)]
+            if self.embed.device.type != "cpu" or any(m.kind not in ("int4", "int8") for m in linears) or \
+                    any(m.host_weights() is None for m in linears):
+                self._host = False
+            else:
+                def bias(linear):
+                    return NO_BIAS if linear.bias is None else linear.bias.float().numpy()
+
+                blocks = [(block.attn_norm.numpy(), block.qkv.host_weights(), bias(block.qkv),
+                           block.out.host_weights(), bias(block.out), block.mlp_norm.numpy(),
+                           block.gate_up.host_weights(), bias(block.gate_up), block.down.host_weights(), bias(block.down),
+                           block.down.in_features) for block in self.blocks]
+                self._host = (blocks, self.norm.numpy(), self.lm_head.host_weights(), bias(self.lm_head),
+                              self.lm_head.out_features)
+        return self._host or None
+
+    def _decode_token(self, ids: torch.Tensor, cache, want_logits: bool, host) -> torch.Tensor | None:
+        """One token on a CPU with packed weights: the layers' glue in numba (fused_decode.py), the
+        residual stream a float32 numpy vector, attention through the cache layers as in forward."""
+        blocks, norm, head, head_bias, vocab = host
+        cos, sin = self._rotary(cache.length, 1, ids.device)
+        cos, sin = cos[0].numpy(), sin[0].numpy()
+        x = self.embed[ids[0, 0]].float().numpy()
+        for layer, (attn_norm, qkv, qkv_bias, out, out_bias, mlp_norm, gate_up, gate_up_bias, down, down_bias,
+                    inner) in zip(cache.layers, blocks):
+            query, key, value = before_attention(x, attn_norm, self.eps, qkv, qkv_bias, cos, sin, self.heads,
+                                                 self.kv_heads)
+            layer.update(torch.from_numpy(key)[None, :, None].to(self.kv_dtype),
+                         torch.from_numpy(value)[None, :, None].to(self.kv_dtype))
+            attended = layer.attend(torch.from_numpy(query)[None, :, None].to(self.cache_dtype), self.scaling)
+            attended = np.ascontiguousarray(attended.reshape(-1).float().numpy())
+            after_attention(x, attended, out, out_bias, mlp_norm, self.eps, gate_up, gate_up_bias, down, down_bias,
+                            inner)
+        if not want_logits:
+            return None
+        return torch.from_numpy(final_logits(x, norm, self.eps, head, head_bias, vocab))
+
     def forward(self, ids: torch.Tensor, cache, want_logits: bool = True) -> torch.Tensor | None:
         """Run token ids [1, T] after what `cache` holds; returns last-position logits [vocab]."""
         count = ids.shape[1]
+        host = self._host_weights() if count == 1 else None
+        if host is not None:
+            return self._decode_token(ids, cache, want_logits, host)
         start = cache.length
         cos, sin = self._rotary(start, count, ids.device)
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # [1, T, 1, D]

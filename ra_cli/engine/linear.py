@@ -8,8 +8,9 @@ weights for decode.
 
 int4 is used only where it loses nothing: GGUF checkpoints are already quantized in groups of 32
 along the input dimension (Q4_0/Q4_1/Q4_K), so their dequantized weights lie exactly on a
-16-level grid per group, which torch's int4 kernel represents as (q - 8) * scale + zero. Weights
-not on such a grid (Q5/Q6/Q8, float checkpoints) get int8 rows, 255 levels per output channel.
+16-level grid per group, low + q * step (engine/int4_decode.py multiplies them). Weights not on
+such a grid (Q5/Q6/Q8, float checkpoints) get int8 rows, 255 levels per output channel
+(engine/int8_decode.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from ra_cli.choices import WeightFormat
 import torch
 import torch.nn.functional as F
 
-from ra_cli.engine.int8_decode import int8_matmul
+from ra_cli.engine.int4_decode import GROUP, int4_matmul, int4_views, pack_int4_tiles
+from ra_cli.engine.int8_decode import int8_matmul, int8_views
 
+BUFFERS = ("dense", "bias", "int4_tiles", "int4_step", "int4_low", "int8", "int8_scales")
 DECODE_ROWS = 16  # up to this many rows use the decode weights
-GROUP = 32  # int4 group size along the input dimension (the GGUF block size)
 
 
 
@@ -46,6 +48,15 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.reshape(n, k).to(torch.int32), step, low
 
 
+def aligned(tensor: torch.Tensor | None, alignment: int = 64) -> torch.Tensor | None:
+    """The tensor, copied when its data does not start on a cache line: a saved state is loaded
+    with tensors back to back at any offset, and torch's int8 kernel reads its weights with aligned
+    vector loads (a weight at offset 8 crashed it)."""
+    if tensor is None or tensor.data_ptr() % alignment == 0:
+        return tensor
+    return tensor.clone()
+
+
 class PackedLinear(torch.nn.Module):
     """y = x W^T (+ b) with dense weights (bf16 by default) for prefill and int4/int8 weights for
     decode; activations run in the dense weights' dtype."""
@@ -62,11 +73,10 @@ class PackedLinear(torch.nn.Module):
         self.kind = "dense"
         groups = int4_groups(weight) if decode is WeightFormat.int4 else None
         if groups is not None:
-            q, step, low = groups
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-            # torch's int4 convention: w = (q - 8) * scale + zero, [K/G, N, 2] in bf16
-            self.register_buffer("scales_zeros", torch.stack([step, low + 8 * step], -1).transpose(0, 1)
-                                 .contiguous().to(torch.bfloat16))
+            tiles, step, low = pack_int4_tiles(*groups)
+            self.register_buffer("int4_tiles", tiles)
+            self.register_buffer("int4_step", step)
+            self.register_buffer("int4_low", low)
             self.kind = "int4"
         elif decode in (WeightFormat.int4, WeightFormat.int8):
             scale = weight.abs().amax(1).clamp_min(1e-30) / 127
@@ -79,20 +89,30 @@ class PackedLinear(torch.nn.Module):
         """A layer from the tensors a saved state holds under `prefix` (no packing work)."""
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
-        for name in ("dense", "bias", "packed", "scales_zeros", "int8", "int8_scales"):
-            layer.register_buffer(name, state.get(prefix + name))
+        for name in BUFFERS:
+            layer.register_buffer(name, aligned(state.get(prefix + name)))
         layer.out_features, layer.in_features = layer.dense.shape
-        layer.kind = "int4" if layer.packed is not None else "int8" if layer.int8 is not None else "dense"
+        layer.kind = "int4" if layer.int4_tiles is not None else "int8" if layer.int8 is not None else "dense"
         return layer
+
+    def host_weights(self) -> tuple:
+        """The decode weights as the numba kernels read them (int4: tiles, step and low bits; int8:
+        rows and scale bits), viewed once and kept: converting them on every call costs microseconds."""
+        source = self.int4_tiles if self.kind == "int4" else self.int8
+        if getattr(self, "_host", None) is None or self._host[0] != source.data_ptr():
+            views = int4_views(self.int4_tiles, self.int4_step, self.int4_low) if self.kind == "int4" \
+                else int8_views(self.int8, self.int8_scales)
+            self._host = (source.data_ptr(), views)
+        return self._host[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dense.dtype)
         if rows.shape[0] > DECODE_ROWS or self.kind == "dense":
             out = F.linear(rows, self.dense)
         elif self.kind == "int4":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
+            out = int4_matmul(rows, self.host_weights(), self.out_features)
         else:
-            out = int8_matmul(rows, self.int8, self.int8_scales)
+            out = int8_matmul(rows, self.int8, self.int8_scales, views=self.host_weights())
             if out is None:  # off a CPU, or a matrix too small to pay: torch's kernel
                 out = torch._weight_int8pack_mm(rows, self.int8, self.int8_scales)
         if self.bias is not None:
@@ -103,7 +123,7 @@ class PackedLinear(torch.nn.Module):
     def decode_bytes(self) -> int:
         """Weight bytes one decode step streams through this layer."""
         if self.kind == "int4":
-            return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+            return self.int4_tiles.numel() + (self.int4_step.numel() + self.int4_low.numel()) * 2
         if self.kind == "int8":
             return self.int8.numel() + self.int8_scales.numel() * 2
         return self.dense.numel() * 2

@@ -103,7 +103,7 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-LEAN_VERSION = 1  # bump when the packed layout changes: cached packs are then rebuilt
+LEAN_VERSION = 2  # bump when the packed layout changes: cached packs are then rebuilt
 
 
 def load_model(name: str | None = None, device: str = "auto", dtype: ComputeDtype | str = "auto",
