@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ra_cli.engine.int4_decode import GROUP, int4_matmul, int4_views, pack_int4_tiles
-from ra_cli.engine.int8_decode import int8_matmul, int8_views
+from ra_cli.engine.int8_decode import SMALLEST, int8_matmul, int8_views
 
 BUFFERS = ("dense", "bias", "int4_tiles", "int4_step", "int4_low", "int8", "int8_scales")
 DECODE_ROWS = 16  # up to this many rows use the decode weights
@@ -51,7 +51,8 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def aligned(tensor: torch.Tensor | None, alignment: int = 64) -> torch.Tensor | None:
     """The tensor, copied when its data does not start on a cache line: a saved state is loaded
     with tensors back to back at any offset, and torch's int8 kernel reads its weights with aligned
-    vector loads (a weight at offset 8 crashed it)."""
+    vector loads (a weight at offset 8 crashed it). Only what that kernel reads is copied: the
+    rest stays in the loaded file's pages (a copy of them would be resident memory twice over)."""
     if tensor is None or tensor.data_ptr() % alignment == 0:
         return tensor
     return tensor.clone()
@@ -90,14 +91,20 @@ class PackedLinear(torch.nn.Module):
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
         for name in BUFFERS:
-            layer.register_buffer(name, aligned(state.get(prefix + name)))
+            tensor = state.get(prefix + name)
+            if name == "int8_scales" or name == "int8" and tensor is not None and tensor.numel() < SMALLEST:
+                tensor = aligned(tensor)  # what torch's int8 kernel reads (int8_decode.SMALLEST)
+            layer.register_buffer(name, tensor)
         layer.out_features, layer.in_features = layer.dense.shape
         layer.kind = "int4" if layer.int4_tiles is not None else "int8" if layer.int8 is not None else "dense"
         return layer
 
-    def host_weights(self) -> tuple:
+    def host_weights(self) -> tuple | None:
         """The decode weights as the numba kernels read them (int4: tiles, step and low bits; int8:
-        rows and scale bits), viewed once and kept: converting them on every call costs microseconds."""
+        rows and scale bits; None for dense weights), viewed once and kept: converting them on every
+        call costs microseconds."""
+        if self.kind == "dense":
+            return None
         source = self.int4_tiles if self.kind == "int4" else self.int8
         if getattr(self, "_host", None) is None or self._host[0] != source.data_ptr():
             views = int4_views(self.int4_tiles, self.int4_step, self.int4_low) if self.kind == "int4" \
