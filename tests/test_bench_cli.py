@@ -89,6 +89,9 @@ def test_recall_bench_compares_ingest_times_from_the_same_run(reuse_loaded_model
         report = json.loads(result.stdout)
         assert report["ingest_baseline_seconds"] > 0 and report["ingest_with_graph_seconds"] > 0, run
         assert abs(report["ingest_speed_ratio"] - report["ingest_baseline_seconds"] / report["ingest_with_graph_seconds"]) < 0.05
+        alone = report["indexes"]["graph_heads_alone"]  # one search per query head: exact once ef covers every key
+        assert alone["sweep"][-1]["ef"] >= report["indexed_keys"] and alone["sweep"][-1]["recall"] == 1.0
+        assert 0 < alone["evaluations_per_query"] <= report["indexed_keys"] + 64
     assert "timing the graph ingest again" in result.stderr
 
 

@@ -19,7 +19,7 @@ from ra_cli.intrinsics import widen
 
 BLOCK = 64  # output rows per work item: enough items to balance threads on the smallest matrix (q|k|v)
 SMALLEST = 1 << 20  # weight bytes below which torch's kernel wins: a call here costs a few microseconds more
-# (benchmarks/int8_decode.py: slower at 896 x 896, about even at 896 x 1152, faster above)
+# (benchmarks/decode_weights.py int8, `call`: slower at 896 x 896, about even at 896 x 1152, faster above)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
