@@ -1,8 +1,9 @@
 """LLVM instructions numba does not expose: a software prefetch, the bfloat16 -> float32 bit
 conversion (so kernels can read bf16 arrays, stored as uint16, without a float32 copy), and an
 int32 -> float32 bit cast (a vectorizable exp builds its power of two from the exponent bits);
-and `widen`, a stored KV element as float32, for kernels over float32 or bf16 arrays alike.
-Shared by the index's search, the retrieval kernels and dense decode attention."""
+and `widen`, a stored KV element as float32, for kernels over float32 or bf16 arrays alike; on the
+host side, `bf16_bits`, a bfloat16 tensor as the uint16 array those kernels read. Shared by the
+index's search, the retrieval kernels, dense decode attention, the store and the decode weights."""
 
 from __future__ import annotations
 
@@ -62,3 +63,11 @@ def _widen(x):
     if x == types.uint16:
         return lambda x: bf16_to_float32(x)
     return lambda x: x
+
+
+def bf16_bits(tensor):
+    """A CPU bfloat16 tensor's bits as a uint16 numpy array (the same memory when contiguous)."""
+    import numpy as np
+    import torch
+
+    return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)

@@ -48,8 +48,10 @@ def kv_to_numpy(tensor, kv_dtype: str) -> np.ndarray:
     """A KV tensor as the numpy array a store keeps in `kv_dtype` (bfloat16 as its raw uint16 bits)."""
     import torch
 
+    from ra_cli.intrinsics import bf16_bits
+
     if kv_dtype == "bfloat16":
-        return tensor.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+        return bf16_bits(tensor.detach().to("cpu", torch.bfloat16))
     return tensor.detach().to("cpu").numpy().astype(numpy_storage_dtype(kv_dtype), copy=False)
 
 

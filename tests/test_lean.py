@@ -57,6 +57,7 @@ def test_int8_decode_kernel_is_float32_math_on_the_int8_rows(rows, scale_dtype):
     import numpy as np
 
     from ra_cli.engine.int8_decode import int8_matmul, int8_rows_matmul
+    from ra_cli.intrinsics import bf16_bits
 
     g = torch.Generator().manual_seed(rows)
     weights = torch.randint(-127, 128, (200, 5248), generator=g, dtype=torch.int8)
@@ -64,7 +65,7 @@ def test_int8_decode_kernel_is_float32_math_on_the_int8_rows(rows, scale_dtype):
     x = torch.randn(rows, 5248, generator=g).bfloat16()
     reference = x.double() @ (weights.double() * scales.double()[:, None]).T
     out = np.empty((rows, 200), np.float32)
-    bits = scales.view(torch.int16).numpy().view(np.uint16) if scale_dtype == torch.bfloat16 else scales.numpy()
+    bits = bf16_bits(scales) if scale_dtype == torch.bfloat16 else scales.numpy()
     int8_rows_matmul(x.float().numpy(), weights.numpy(), bits, out)
     torch.testing.assert_close(torch.from_numpy(out).double(), reference, atol=1e-5 * reference.abs().max(), rtol=0)
     rounded = int8_matmul(x, weights, scales)

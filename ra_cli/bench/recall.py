@@ -21,6 +21,7 @@ from ra_cli.engine.attention import grouped_scores, static_and_top_mass
 from ra_cli.engine.generate import prefill
 from ra_cli.errors import RaError
 from ra_cli.index import IndexParams, indexed_range, open_layer_index
+from ra_cli.index.base import SearchResult
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import recall
 from ra_cli.bench.corpus import bench_text, cached_context, context_tokens
@@ -96,23 +97,23 @@ def capture_decode_queries(loaded, store: ContextStore, held_out: list[int], lay
 class HeadsAlone:
     """The graph index searched one query head at a time (its KV head's graph, the same kernel,
     groups of one), instead of a KV head's query heads in lockstep, where every head is charged the
-    union of the keys the group read. The protocol the issue's 1,182-evaluation bar was measured
-    with (one search per query head, before the lockstep search)."""
+    union of the keys the group read: one search per query head, as the first recall figures in
+    docs/benchmarks.md (2026-11-26) were measured."""
 
     def __init__(self, index, kv_heads: int):
         self.index, self.kv_heads = index, kv_heads
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None):
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
         groups = queries.shape[0] // self.kv_heads
         results = [self.index.search(np.ascontiguousarray(queries[j::groups]), k, ef) for j in range(groups)]
-        merged = results[0]
+        fields = []
         for name in ("ids", "scores", "evaluations"):
             parts = [getattr(result, name) for result in results]
             whole = np.empty((queries.shape[0],) + parts[0].shape[1:], parts[0].dtype)
             for j, part in enumerate(parts):  # head g * groups + j is row g of search j
                 whole[j::groups] = part
-            setattr(merged, name, whole)
-        return merged
+            fields.append(whole)
+        return SearchResult(*fields)
 
 
 def evaluations_at(target: float, curve: list[dict]) -> float | None:

@@ -2,9 +2,9 @@
 
 Every matrix of a decode step is a GEMV over int4 or int8 weights, which numba kernels stream at
 memory speed (int4_decode.py, int8_decode.py). What was left around them was glue: a short-
-context step of the embedded model (profiled) spent 3.4 ms a token in the ~4,500 small tensor-op
-calls around its matrices (RMSNorm as eight ops, rotary as six, dtype round trips before and
-after every projection), more than its weights take to stream (~2.4 ms). Here the work before attention (RMSNorm, q|k|v, bias, rotary) and
+context step of the embedded model spent ~2.6 ms a token in the ~6,000 small tensor-op calls
+around its matrices (RMSNorm as eight ops, rotary as six, dtype round trips before and after every
+projection; benchmarks/decode_profile.py), about what its weights take to stream (~2.4 ms). Here the work before attention (RMSNorm, q|k|v, bias, rotary) and
 after it (output projection, residual, RMSNorm, gate|up, SiLU x up, down, residual) are one call
 each, in float32 throughout; attention stays with the cache layers (dense or retrieval).
 """

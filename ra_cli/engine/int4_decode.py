@@ -24,6 +24,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ra_cli.intrinsics import bf16_bits
+
 TILE = 16  # output rows per tile: one vector of float32 sums
 GROUP = 32  # inputs per scale (the GGUF block size)
 
@@ -142,11 +144,6 @@ def int4_product(x, tiles, step, low, out):
 def int4_tiles_matmul(x, tiles, step, low, out):
     """int4_product as a parallel kernel of its own (PackedLinear's calls from Python)."""
     int4_product(x, tiles, step, low, out)
-
-
-def bf16_bits(tensor: torch.Tensor) -> np.ndarray:
-    """A bfloat16 tensor's bits as a uint16 array (no copy when contiguous)."""
-    return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def int4_views(tiles: torch.Tensor, step: torch.Tensor, low: torch.Tensor):

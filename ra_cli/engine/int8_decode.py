@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ra_cli.engine.int4_decode import bf16_bits
-from ra_cli.intrinsics import widen
+from ra_cli.intrinsics import bf16_bits, widen
 
 BLOCK = 64  # output rows per work item: enough items to balance threads on the smallest matrix (q|k|v)
 SMALLEST = 1 << 20  # weight bytes below which torch's kernel wins: a call here costs a few microseconds more

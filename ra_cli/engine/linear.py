@@ -92,7 +92,7 @@ class PackedLinear(torch.nn.Module):
         torch.nn.Module.__init__(layer)
         for name in BUFFERS:
             tensor = state.get(prefix + name)
-            if name == "int8_scales" or name == "int8" and tensor is not None and tensor.numel() < SMALLEST:
+            if name == "int8_scales" or (name == "int8" and tensor is not None and tensor.numel() < SMALLEST):
                 tensor = aligned(tensor)  # what torch's int8 kernel reads (int8_decode.SMALLEST)
             layer.register_buffer(name, tensor)
         layer.out_features, layer.in_features = layer.dense.shape
