@@ -45,6 +45,7 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
     score_bits = np.empty((width, groups), np.float32)
     bits = score_bits.view(np.int32)
     visited[: (n_valid + 63) >> 6] = 0
+    line = 64 // keys.itemsize  # row elements per cache line
     reads = 0
     for e in range(entries.shape[0]):
         node = np.int64(entries[e])
@@ -81,7 +82,8 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
                 if _seen(visited, neighbor):
                     continue
                 _mark(visited, neighbor)
-                prefetch(keys[neighbor], 0)
+                for offset in range(0, keys.shape[1], line):  # every cache line of the row (bf16 64-dim: 2)
+                    prefetch(keys[neighbor], offset)
                 fresh[count] = neighbor
                 count += 1
             reads += count
@@ -160,10 +162,11 @@ def _route_group(queries, centroids, entries, route, chosen):
     for h in range(queries.shape[0]):
         for c in range(clusters):
             sims[c] = dot(queries[h], centroids[c])
-        order = np.argsort(-sims)
-        for r in range(route):
+        for r in range(route):  # the best `route` clusters by repeated maximum: route is 1-3, no sort
+            nearest = np.argmax(sims)
+            sims[nearest] = -np.inf
             for e in range(width):
-                chosen[slot] = entries[order[r], e]
+                chosen[slot] = entries[nearest, e]
                 slot += 1
     return clusters
 
