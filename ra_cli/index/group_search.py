@@ -133,14 +133,14 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
     answer_scores = answer_bits.view(np.float32)
     for h in range(groups):
         size = best_size[h] if wide else kept_size[h]
-        if wide and size > k:
-            select_top(best[h], size, k)
+        pool = best[h] if wide else kept[h]  # scratch from here on: reordered in place
+        if size > k:  # the k best first (quickselect), then only those are ordered
+            select_top(pool, size, k)
             size = k
-        pool = best[h, :size] if wide else kept[h, :size]
-        if 0 < lead < min(size, k) and size <= k:  # every pooled key is answered: order only the lead
-            ranked = lead_first(pool, lead)
+        if 0 < lead < size:
+            ranked = lead_first(pool[:size], lead)
         else:
-            ranked = np.sort(pool)[::-1]
+            ranked = np.sort(pool[:size])[::-1]
         for i in range(k):
             if i < size:
                 out_ids[h, i] = ranked[i] & 0xFFFFFFFF
