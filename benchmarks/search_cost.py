@@ -1,10 +1,19 @@
 """Graph search cost per distance evaluation at several beam widths, on the decode-step bench's
-synthetic layer with KEYS indexed keys per KV head (caches left warm: no sweep between steps)."""
+synthetic layer with KEYS indexed keys per KV head (caches left warm: no sweep between steps).
+
+    python benchmarks/search_cost.py [KEYS]
+
+Per thread: the searches run on one thread, and the cost is that thread's time over every query
+head's evaluations (a KV head's query heads search in lockstep: each scores every key the group
+reads). Timing two threads instead and dividing by a share of the query heads would mix in how
+the KV heads split over the threads (3 on 2: one thread searches two of them). The step on two
+threads is printed beside it."""
 
 import json
 import sys
 import time
 
+import numba
 import numpy as np
 
 from ra_cli.bench.decode import DecodeStepConfig, build_index, synthetic_layer
@@ -14,17 +23,23 @@ n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
 keys, values, queries_for, heads = synthetic_layer(DecodeStepConfig(keys=n))
 index = build_index(keys, queries_for, heads, IndexParams())
 decode = queries_for(np.full(64, n - 1))
-critical_path = -(-heads // 2)  # searches per thread on 2 threads
+threads = numba.get_num_threads()
 for ef in (128, 256, 512, 1024):
-    index.search(np.ascontiguousarray(decode[:, :1]), 100, ef)
-    total, evaluations = 0.0, 0.0
-    for i in range(decode.shape[1]):
-        query = np.ascontiguousarray(decode[:, i:i + 1])
-        began = time.perf_counter()
-        result = index.search(query, 100, ef)
-        total += time.perf_counter() - began
-        evaluations += result.evaluations.mean()
-    ms = total / decode.shape[1] * 1e3
-    evaluations /= decode.shape[1]
-    print(json.dumps({"keys": n, "ef": ef, "ms_per_step": round(ms, 3), "evaluations_per_head": round(evaluations),
-                      "ns_per_evaluation_per_thread": round(ms * 1e6 / (critical_path * evaluations))}), flush=True)
+    row = {"keys": n, "ef": ef}
+    for used in sorted({1, threads}):
+        numba.set_num_threads(used)
+        index.search(np.ascontiguousarray(decode[:, :1]), 100, ef)
+        total, evaluations = 0.0, 0.0
+        for i in range(decode.shape[1]):
+            query = np.ascontiguousarray(decode[:, i:i + 1])
+            began = time.perf_counter()
+            result = index.search(query, 100, ef)
+            total += time.perf_counter() - began
+            evaluations += result.evaluations.sum()
+        steps = decode.shape[1]
+        row[f"ms_per_step_{used}_threads"] = round(total / steps * 1e3, 3)
+        if used == 1:
+            row["evaluations_per_head"] = round(evaluations / steps / heads)
+            row["ns_per_evaluation_per_thread"] = round(total * 1e9 / evaluations, 1)
+    numba.set_num_threads(threads)
+    print(json.dumps(row), flush=True)
