@@ -257,7 +257,7 @@ class GraphLayerIndex(LayerIndex):
 
     def _insert(self, keys: np.ndarray, n: int) -> None:
         adjacency = self.layer.adjacency
-        private = adjacency.dtype == np.int32 and adjacency.flags.writeable  # not the stored uint16 map
+        private = adjacency.dtype == np.int32 and not isinstance(adjacency, np.memmap)  # not the stored map
         grown = with_room(adjacency, self.n, n, axis=1, minimum=1024, fill=-1, dtype=np.int32, copy=not private)
         if adjacency.dtype == np.uint16:
             head = grown[:, : self.n]
@@ -271,7 +271,9 @@ class GraphLayerIndex(LayerIndex):
         kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k,
                                               self.layer.adjacency.shape[2])
         extra = NO_EXTRA if extra is None else extra.reshape(self.kv_heads, -1) if extra.shape[0] != 1 else extra
-        extra = np.ascontiguousarray(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32)
+        # a fresh writable array whatever came in: numba compiles the search once per argument type,
+        # and a broadcast view is read-only, another type
+        extra = np.array(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32, order="C")
         groups = queries.shape[0] // self.kv_heads
         plan = worker_plan(self.last_reads, numba.get_num_threads())
         search_groups_routed(queries, self.keys, self.layer.adjacency, self.n, self.layer.centroids,
