@@ -108,9 +108,9 @@ def open_layer_index(store, layer: int, keys: np.ndarray | None = None):
 
 
 def _load(store, relative: str, mmap: bool = False) -> np.ndarray:
-    """mmap: mapped copy-on-write, not read-only. Nothing writes to it (a writable map would leave
-    the file untouched anyway), but numba compiles a kernel once per argument type and read-only
-    is a type of its own: a read-only int32 graph (documents past 65,535 indexed keys) cost its
+    """mmap: mapped copy-on-write, not read-only. Nothing writes to it (and a write would stay in
+    this process's memory, the file untouched), but numba compiles a kernel once per argument type
+    and read-only is a type of its own: a read-only int32 graph (documents past 65,535 indexed keys) cost its
     first answer ~16 s of compiling the search that setup.sh had already compiled for writable
     ones (measured on a 128K-token store: 18.4 s against 2.3 s for the next answer)."""
     try:
