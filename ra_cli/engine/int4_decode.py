@@ -2,9 +2,10 @@
 vector of sums each.
 
 A decode step multiplies one row (or a few) by every weight matrix, so it costs the weight bytes
-streamed from memory. torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) took 52% of a short-
-context step of the embedded model (profiled: 32 us a call, 120 calls a token). A plain numba loop
-over nibbles does not vectorize (8-10x slower: LLVM keeps it scalar), so the inner step is written
+streamed from memory. torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) took ~3.0 ms of a 9 ms
+short-context step of the embedded model (120 calls a token, ~25 us each; benchmarks/decode_profile.py
+on the code before this module). A plain numba loop over nibbles does not vectorize (a one-off
+prototype ran 8-10x slower than torch's kernel: LLVM keeps it scalar), so the inner step is written
 as vector IR: for a tile of 16 output rows and a group of 32 inputs, 16 bytes hold input j of
 every row in their low nibbles and input j + 16 in their high nibbles; each byte vector is widened
 to two float vectors and multiplied into the 16 row sums by the input broadcast. No horizontal
@@ -12,7 +13,8 @@ sum anywhere: a tile's 16 results come out as one vector store.
 
 Weights: w = low + q * step per group of 32 inputs (GGUF Q4 blocks dequantize exactly to this),
 q in 0..15, step and low kept in bfloat16 as torch's int4 layout keeps them. Activations and sums
-stay float32; the result is rounded to the activations' dtype once (benchmarks/int4_decode.py).
+stay float32; the result is rounded to the activations' dtype once. `benchmarks/decode_weights.py
+int4` times this kernel against torch's.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A decode step multiplies a row or a few by every weight matrix, so it costs the 
 streamed from memory. torch's int8 weight-only kernel (`_weight_int8pack_mm`) moves them at
 ~28-32 GB/s here; a plain loop per output row (int8 widened to float32 in registers, one dot
 with the float32 activations, the row's scale after) moves them at ~38-46 GB/s on the same
-shapes (benchmarks/int8_decode.py times both in one run). Sums stay in float32: the result is
+shapes (`benchmarks/decode_weights.py int8` times both in one run). Sums stay in float32: the result is
 rounded to the activations' dtype once, at the end.
 """
 
@@ -65,8 +65,10 @@ def int8_matmul(rows: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
     """rows [R, K] @ (weights [N, K] int8 * scales [N])^T in rows' dtype, or None where this kernel
     does not apply (not a CPU, a layout it cannot read in place) or would not pay (fewer than
     `smallest` weight bytes). `views`: int8_views of the same weights, kept by the caller."""
-    views = views or int8_views(weights, scales)
-    if rows.device.type != "cpu" or views is None or weights.numel() < smallest:
+    if rows.device.type != "cpu" or weights.numel() < smallest:
+        return None
+    views = views or int8_views(weights, scales)  # after the size check: small matrices need no views
+    if views is None:
         return None
     x = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
     out = np.empty((x.shape[0], weights.shape[0]), np.float32)
