@@ -218,6 +218,7 @@ class ChatSession:
         if retrieval is not None:
             stats.update(retrieval.as_dict())
             stats["indexed_keys_per_head"] = retrieval.indexed_keys + retrieval.evicted
+            stats["steps_run_again_exactly"] = self.cache.exact_steps
         return stats
 
 

@@ -49,14 +49,21 @@ def test_eval_json(tmp_path, lighthouse_txt, reuse_loaded_model):
     result = runner.invoke(app, ["eval", str(context), "--tokens", "6", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    for field in ("token_agreement", "kl_mean", "mass_coverage", "recall_at_k", "scanned_fraction", "context_tokens"):
+    for field in ("token_agreement", "kl_mean", "mass_coverage", "recall_at_k", "scanned_fraction", "context_tokens",
+                  "exact_step_fraction"):
         assert field in report
     assert 0.5 <= report["token_agreement"] <= 1 and report["kl_mean"] >= 0
+    assert report["exact_margin"] == 0.5 and 0 <= report["exact_step_fraction"] <= 1
     assert 0.5 < report["mass_coverage"] <= 1.0001 and 0 < report["scanned_fraction"] <= 1.2
     # with every key retrieved the approximation is exact
     exact = json.loads(runner.invoke(app, ["eval", str(context), "--tokens", "6", "--json", "--top-k", "4096",
                                            "--ef", "4096", "--dense-below", "0"]).stdout)
     assert exact["token_agreement"] == 1.0 and exact["kl_mean"] < 1e-4 and exact["mass_coverage"] > 0.9999
+    # every step run again exactly: full attention's tokens, whatever the search found
+    redone = json.loads(runner.invoke(app, ["eval", str(context), "--tokens", "6", "--json", "--top-k", "4",
+                                            "--exact-margin", "1000"]).stdout)
+    assert redone["exact_step_fraction"] == 1.0 and redone["token_agreement"] == 1.0 and redone["kl_mean"] < 1e-4
+    assert redone["recall_at_k"] is not None  # the searches still ran (and were graded) first
 
 
 def test_decode_step_bench_times_a_correct_retrieval():
@@ -118,8 +125,10 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
         assert run["peak_device_bytes"] is None  # no accelerator here
         # the parts split the mean step (the median is what the table leads with; on a busy
         # machine the two can differ by far more than any tolerance)
-        assert abs(run["body_ms"] + run["search_ms"] + run["attention_ms"] + run["other_ms"] - run["decode_mean_ms"]) < 0.01
-        assert min(run["search_ms"], run["other_ms"]) >= 0
+        parts = ("body_ms", "search_ms", "attention_ms", "other_ms", "exact_ms")
+        assert abs(sum(run[part] for part in parts) - run["decode_mean_ms"]) < 0.01
+        assert min(run["search_ms"], run["other_ms"], run["exact_ms"]) >= 0
+        assert (run["exact_steps"] is None) == (mode == "full") and (run["exact_steps"] or 0) <= 3
     # at 1K tokens a CPU reads some layers whole rather than search them; search-all searches every one
     assert runs["retrieval"]["cheaper_dense_layers"] and set(runs["retrieval"]["cheaper_dense_layers"]) <= set(
         runs["retrieval"]["dense_layers"])

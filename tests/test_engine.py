@@ -120,7 +120,9 @@ def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups, dim):
     """The CPU decode kernel against float64 math on the same (rounded) KV, inside a preallocated
     cache buffer (rows beyond n must be ignored), at chunk edges; and its weights are the softmax.
     Head size 64 runs the kernel's compiled-constant path, 128 the general one."""
-    from ra_cli.engine.dense_decode import CHUNK, cpu_decode_attention
+    import numpy as np
+
+    from ra_cli.engine.dense_decode import CHUNK, cpu_decode_attention, host_attention_with_lse
 
     g = torch.Generator().manual_seed(groups)
     kv_heads = 2
@@ -134,6 +136,13 @@ def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups, dim):
         reference = reference_weights @ buffer_v[:, :n].double()
         torch.testing.assert_close(out.double(), reference, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(weights.double(), reference_weights, atol=1e-7, rtol=1e-5)
+        # host arrays (bf16 as uint16 bits): the same attention and its log-sum-exp, for merging
+        host_k, host_v = (x.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else x.numpy()
+                          for x in (buffer_k.contiguous(), buffer_v.contiguous()))
+        out, lse = host_attention_with_lse(rows.numpy(), host_k, host_v, n, 0.125)
+        torch.testing.assert_close(torch.from_numpy(out).double(), reference, atol=2e-6, rtol=1e-5)
+        reference_lse = torch.logsumexp(rows.double() @ buffer_k[:, :n].double().transpose(1, 2) * 0.125, -1)
+        torch.testing.assert_close(torch.from_numpy(lse).double(), reference_lse, atol=1e-5, rtol=1e-6)
 
 
 def test_cpu_dense_decode_exp_and_fallbacks():

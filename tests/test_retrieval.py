@@ -60,7 +60,7 @@ def test_full_budget_equals_full_attention(small_context, loaded, attention):
     tokens = question_tokens(loaded, store)
     full = open_cache(loaded, store, "full")
     reference = [prefill(loaded.model, full, tokens)]
-    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False)
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False, exact_margin=0)
     cache = open_cache(loaded, store, attention, everything)
     got = [prefill(loaded.model, cache, tokens)]
     for token in (100, 200, 300):  # decode steps: one query position at a time
@@ -81,7 +81,7 @@ def test_full_budget_equals_full_attention_with_bf16_kv(small_context_fast, load
     loaded, store = loaded_fast, small_context_fast
     assert store.kv_dtype == "bfloat16" and store.keys(0).dtype == np.uint16
     n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
-    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False)
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False, exact_margin=0)
     full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, attention, everything)
     generator = torch.Generator().manual_seed(4)
     for index in (0, 11, 29):
@@ -109,7 +109,7 @@ def test_default_budget_tracks_full_attention(small_context, loaded):
     store = small_context
     tokens = question_tokens(loaded, store)
     full = open_cache(loaded, store, "full")
-    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(top_k=100, dense_when_cheaper=False))
+    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(top_k=100, dense_when_cheaper=False, exact_margin=0))
     a = torch.log_softmax(prefill(loaded.model, cache, tokens), -1)
     b = torch.log_softmax(prefill(loaded.model, full, tokens), -1)
     kl = float((b.exp() * (b - a)).sum())
@@ -118,12 +118,55 @@ def test_default_budget_tracks_full_attention(small_context, loaded):
     assert 0 < stats["keys_scanned_per_search"] <= store.manifest["index"]["hi"] - store.manifest["index"]["lo"] + 64
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_uncertain_steps_run_again_with_exact_attention(small_context, small_context_fast, loaded, loaded_fast, fast):
+    """A step whose two likeliest tokens are closer than the exact margin is run again with exact
+    attention: its logits (and the KV it leaves for later steps) are full attention's, in float32
+    and with the CPU default's bf16 KV and int4 weights; a step outside the margin keeps
+    retrieval's own logits."""
+    loaded, store = (loaded_fast, small_context_fast) if fast else (loaded, small_context)
+    tokens, steps = question_tokens(loaded, store), (100, 200, 300)
+
+    def logits(mode, settings=None):
+        cache = open_cache(loaded, store, mode, settings)
+        return [prefill(loaded.model, cache, tokens)] + [prefill(loaded.model, cache, [t]) for t in steps], cache
+
+    small = dict(top_k=8, ef=16, dense_when_cheaper=False)  # far from every key: retrieval's logits differ
+    reference, _ = logits("full")
+    approximate, plain = logits("retrieval", RetrievalSettings(**small, exact_margin=0))
+    assert plain.exact_steps == 0
+    assert max(float((a - b).abs().max()) for a, b in zip(approximate, reference)) > 0.05
+    always, cache = logits("retrieval", RetrievalSettings(**small, exact_margin=1e9))
+    assert cache.exact_steps == 4 and cache.exact_seconds > 0
+    assert cache.retrieval_stats.searches > 0  # each step searched first, then ran again
+    # whatever the search returned, the exact forward is the same: bit for bit what it gives
+    # after a search that returned every key
+    n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
+    every_key, _ = logits("retrieval", RetrievalSettings(top_k=n_indexed, ef=n_indexed, dense_when_cheaper=False,
+                                                         exact_margin=1e9))
+    for got, want, same in zip(always, reference, every_key):
+        assert torch.equal(got, same)
+        assert int(got.argmax()) == int(want.argmax())
+        if fast:  # bf16 KV and int4 weights: full attention's bf16 matmuls round differently (test above)
+            p, q = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
+            assert float((p.exp() * (p - q)).sum()) < 0.01
+        else:
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    # the margin decides per step: just above the first step's own gap redoes it, just below does not
+    top = torch.topk(approximate[0], 2).values
+    gap = float(top[0] - top[1])
+    for margin, redone in ((gap + 1e-3, 1), (gap - 1e-3, 0)):
+        cache = open_cache(loaded, store, "retrieval", RetrievalSettings(**small, exact_margin=margin))
+        prefill(loaded.model, cache, tokens)
+        assert cache.exact_steps == redone, margin
+
+
 def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
     """A conversation longer than the window: evicted tokens stay reachable; with a full budget
     the result is still exactly full attention."""
     store = small_context
     n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
-    settings = RetrievalSettings(top_k=4096, ef=4096, window=64, dense_when_cheaper=False)
+    settings = RetrievalSettings(top_k=4096, ef=4096, window=64, dense_when_cheaper=False, exact_margin=0)
     cache = open_cache(loaded, store, "retrieval", settings)
     full = open_cache(loaded, store, "full")
     conversation = loaded.tokenizer((" The keeper wrote about storms and goats." * 30), add_special_tokens=False).input_ids

@@ -5,8 +5,10 @@ Every (context, mode) pair runs in a fresh worker process (bench/worker.py), so 
 its own and one run's caches do not warm the next. The context is the benchmark text (the shipped
 corpus by default) cut or repeated to N tokens and ingested as `ra ingest` does (cached: later
 runs reuse it); decode is teacher-forced through the tokens that follow it in the text, a
-median over `steps` steps after `warmup`. A step's time is split into model body, index search,
-attention (retrieved and static keys, and dense layers) and other (the retrieval layers' glue).
+median over `steps` steps after `warmup` (and their mean). A step's time is split into model body,
+index search, attention (retrieved and static keys, and dense layers), other (the retrieval
+layers' glue) and exact (the steps whose next token was too close to call, run again with exact
+attention: their second forward's time, per step, and how many steps).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ContextBenchConfig:
     synthetic: str | None = None  # a model shape with random weights (timing only)
     gpu_mem_gb: float | None = None
     quantize: str | None = None
+    exact_margin: float = 0.5  # retrieval modes: steps this uncertain are run again exactly (RetrievalSettings)
     extra: dict = field(default_factory=dict)
 
 
@@ -104,7 +107,8 @@ def print_table(report: dict) -> None:
 
     table = Table(title=f"decode ms/token (median of {report['steps']} steps); model {report['model']}"
                         + (" — synthetic weights: timing only" if report["synthetic"] else ""))
-    columns = ("tokens", "mode", "ms/tok", "body", "search", "attn", "other", "ingest/s", "RSS", "disk", "keys", "dense")
+    columns = ("tokens", "mode", "ms/tok", "mean", "body", "search", "attn", "other", "exact", "ingest/s", "RSS", "disk",
+               "keys", "dense")
     for column in columns:
         table.add_column(column, justify="right")
 
@@ -112,9 +116,12 @@ def print_table(report: dict) -> None:
         return "-" if value is None else fmt.format(value)
 
     for run in report["runs"]:
+        redone = run.get("exact_steps")
         table.add_row(f"{run['context_tokens']:,}", run["mode"], number(run["decode_ms_per_token"]),
-                      number(run.get("body_ms")), number(run.get("search_ms")), number(run.get("attention_ms")),
-                      number(run.get("other_ms")), number(run.get("ingest_tokens_per_s"), "{:,.0f}"),
+                      number(run.get("decode_mean_ms")), number(run.get("body_ms")), number(run.get("search_ms")),
+                      number(run.get("attention_ms")), number(run.get("other_ms")),
+                      "-" if redone is None else f"{number(run.get('exact_ms'))} ({redone}/{run['steps']})",
+                      number(run.get("ingest_tokens_per_s"), "{:,.0f}"),
                       number(run["peak_rss_bytes"] and run["peak_rss_bytes"] / 2**30, "{:.1f}G"),
                       number(run.get("disk_bytes") and run["disk_bytes"] / 2**30, "{:.2f}G"),
                       number(run.get("keys_scanned"), "{:,.0f}"),

@@ -3,7 +3,9 @@
 For each prompt, full attention generates a greedy continuation of N tokens (stop tokens
 suppressed so every prompt yields N). Both attention modes are then teacher-forced through the
 same tokens and compared position by position: greedy-token agreement and KL(full || retrieval)
-of the next-token distributions. While retrieval runs, an auditor scores every query against all
+of the next-token distributions (retrieval as chat runs it: a step whose two likeliest tokens are
+closer than the exact margin is run again exactly; `exact_step_fraction` says how often, and
+`--exact-margin 0` grades retrieval alone). While retrieval runs, an auditor scores every query against all
 indexed keys to report the softmax mass that static + retrieved keys cover, Recall@k of the
 retrieval, and the keys the search scanned.
 """
@@ -110,7 +112,7 @@ def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
     agreements, kls = [], []
     full_seconds, retrieval_seconds = [], []
     auditor = Auditor()
-    evaluations = searches = 0
+    evaluations = searches = redone = forwards = 0
     n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
     per_prompt = []
     for style, text in config.prompts:
@@ -132,6 +134,8 @@ def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
         stats = cache.retrieval_stats
         evaluations += stats.evaluations
         searches += stats.searches
+        redone += cache.exact_steps
+        forwards += len(continuation)
         per_prompt.append({"style": style, "prompt": text, "token_agreement": round(agree, 4), "kl_mean": round(kl, 5),
                            "continuation": loaded.tokenizer.decode(continuation)})
     coverage = np.concatenate(auditor.coverage) if auditor.coverage else np.array([1.0])
@@ -148,6 +152,8 @@ def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
         "mass_coverage_p05": round(float(np.quantile(coverage, 0.05)), 4),
         "recall_at_k": round(float(np.mean(auditor.recall)), 4) if auditor.recall else None,
         "keys_scanned_per_search": round(scanned, 1),
+        "exact_margin": config.settings.exact_margin,
+        "exact_step_fraction": round(redone / forwards, 4) if forwards else 0.0,
         "dense_layers": stats.dense_layers, "cheaper_dense_layers": stats.cheaper_dense_layers,
         "budgets": stats.budgets,
         "scanned_fraction": round(scanned / n_indexed, 4) if n_indexed else 0.0,

@@ -38,6 +38,7 @@ class NeedleBenchConfig:
     tokens: int = 6144  # each document cut (or repeated) to about this many tokens
     depths: tuple[float, ...] = DEPTHS
     max_new_tokens: int = 10
+    exact_margin: float = 0.5  # 0: retrieval's answers with no step run again exactly (the index alone)
 
 
 def document_of(loaded, path: Path, tokens: int) -> list[str]:
@@ -76,14 +77,16 @@ def run_needle_bench(loaded, config: NeedleBenchConfig, status=print) -> dict:
             store = ContextStore.open(store_path, loaded.fingerprint)
             # every layer searched: at these sizes a CPU would attend densely where that is faster,
             # and the sweep measures what the index finds
-            searched = settings_for(store, dense_when_cheaper=False)
-            answers = {mode: start_chat(loaded, store, mode, searched).ask(cue, config.max_new_tokens, Sampling(),
-                                                                           raw=True).text
-                       for mode in MODES}
+            searched = settings_for(store, dense_when_cheaper=False, exact_margin=config.exact_margin)
+            answers, redone = {}, 0
+            for mode in MODES:
+                session = start_chat(loaded, store, mode, searched)
+                answers[mode] = session.ask(cue, config.max_new_tokens, Sampling(), raw=True).text
+                redone += session.cache.exact_steps if mode == "retrieval" else 0
             row = {"document": path.name, "depth": depth, "tokens": store.n_tokens, "needle": needle,
                    **{f"{mode}_right": answer in answers[mode] for mode in MODES},
                    "retrieval_differs_from_full": answers["retrieval"] != answers["full"],
-                   "answers": answers}
+                   "retrieval_exact_steps": redone, "answers": answers}
             rows.append(row)
             status(f"{path.name} {depth:.0%}: full {'right' if row['full_right'] else 'wrong'}, "
                    f"retrieval {'right' if row['retrieval_right'] else 'wrong'}"
@@ -99,5 +102,7 @@ def run_needle_bench(loaded, config: NeedleBenchConfig, status=print) -> dict:
         "retrieval_right_where_full_right": sum(row["retrieval_right"] for row in full_right),
         "full_right_placements": len(full_right),
         "retrieval_differs_from_full": sum(row["retrieval_differs_from_full"] for row in rows),
+        "exact_margin": config.exact_margin,
+        "retrieval_exact_steps": sum(row["retrieval_exact_steps"] for row in rows),
         "seconds": round(time.perf_counter() - started, 1), "rows": rows,
     }

@@ -73,12 +73,14 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         ingest_rate = record.get("prefilled_tokens", 0) / record["seconds"] if record.get("seconds") else None
         ingest_cached = True
     searched = mode == "search-all"  # retrieval, with no layer made dense for speed
-    cache = open_cache(loaded, store, "retrieval" if searched else mode, settings_for(store, dense_when_cheaper=not searched))
+    settings = settings_for(store, dense_when_cheaper=not searched, exact_margin=config["exact_margin"])
+    cache = open_cache(loaded, store, "retrieval" if searched else mode, settings)
     stats = getattr(cache, "retrieval_stats", None)
     tokens = bench.continuation
     for token in tokens[: config["warmup"]]:
         prefill(loaded.model, cache, [token])
-    cache.attention_timer.seconds = 0.0
+    cache.attention_timer.seconds = cache.exact_seconds = 0.0
+    cache.exact_steps = 0
     if stats is not None:
         stats.retrieval_seconds = stats.search_seconds = stats.attention_seconds = 0.0
         stats.evaluations = stats.searches = 0
@@ -92,12 +94,14 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     search = per_step(stats.search_seconds) if stats else 0.0
     attention = per_step(cache.attention_timer.seconds + (stats.attention_seconds if stats else 0.0))
     other = per_step(stats.retrieval_seconds - stats.search_seconds - stats.attention_seconds) if stats else 0.0
+    exact = per_step(cache.exact_seconds)
     mean = per_step(sum(steps))
     device = loaded.device.type == "cuda"
     return {
         "context_tokens": store.n_tokens, "mode": mode, "decode_ms_per_token": round(1000 * statistics.median(steps), 3),
-        "decode_mean_ms": round(mean, 3), "body_ms": round(mean - search - attention - other, 3), "search_ms": round(search, 3),
-        "attention_ms": round(attention, 3), "other_ms": round(other, 3),
+        "decode_mean_ms": round(mean, 3), "body_ms": round(mean - search - attention - other - exact, 3),
+        "search_ms": round(search, 3), "attention_ms": round(attention, 3), "other_ms": round(other, 3),
+        "exact_ms": round(exact, 3), "exact_steps": cache.exact_steps if stats else None,
         "ingest_tokens_per_s": round(ingest_rate, 1) if ingest_rate else None, "ingest_cached": ingest_cached,
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": torch.cuda.max_memory_allocated() if device else None,
         "disk_bytes": directory_bytes(store.path),
@@ -143,7 +147,7 @@ def llama_run(config: dict, context: int) -> dict:
             steps.append(time.perf_counter() - began)
     return {
         "context_tokens": len(prefix), "mode": "llama.cpp", "decode_ms_per_token": round(1000 * statistics.median(steps), 3),
-        "body_ms": None, "search_ms": None, "attention_ms": None, "other_ms": None,
+        "body_ms": None, "search_ms": None, "attention_ms": None, "other_ms": None, "exact_ms": None, "exact_steps": None,
         "ingest_tokens_per_s": round(len(prefix) / prefill_seconds, 1), "ingest_cached": False,
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": None, "disk_bytes": spec.path.stat().st_size,
         "keys_scanned": None, "dense_layers": None, "model": spec.path.name, "dtype": "gguf", "steps": len(steps),

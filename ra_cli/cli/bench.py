@@ -15,10 +15,10 @@ from ra_cli.errors import RaError
 
 # Options that belong to one measurement; given to another, they are refused (not silently ignored).
 MODE_OPTIONS = {
-    "context": ("modes", "baseline", "plot_file", "steps", "synthetic", "prefill"),
+    "context": ("modes", "baseline", "plot_file", "steps", "synthetic", "prefill", "exact_margin"),
     "recall": ("layers", "queries", "query_stride", "baseline_ingest", "prefill"),
     "decode-step": ("shape",),
-    "needles": (),
+    "needles": ("exact_margin",),
 }
 
 
@@ -56,6 +56,7 @@ def bench_command(
     queries: int = typer.Option(256, "--queries", min=1, max=4096, help="--recall: held-out decode-time queries."),
     query_stride: int = typer.Option(16, "--query-stride", min=1, help="--recall: graph trained on every n-th prefill query."),
     baseline_ingest: bool = typer.Option(False, "--baseline-ingest", help="--recall: also time the same prefill without any index."),
+    exact_margin: float = opt.ExactMargin,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
@@ -78,7 +79,7 @@ def bench_command(
     if needles:
         from ra_cli.bench.needles import NeedleBenchConfig, run_needle_bench
 
-        config = NeedleBenchConfig(tokens=sizes[0])
+        config = NeedleBenchConfig(tokens=sizes[0], exact_margin=exact_margin)
         if document is not None:
             config.documents = [document]
         report = run_needle_bench(load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb), config, status=status)
@@ -108,7 +109,7 @@ def bench_command(
             raise RaError(f"unknown --prefill '{prefill}'; use auto, full or sparse")
         config = ContextBenchConfig(contexts=sizes, modes=chosen, document=document, steps=steps, baseline=baseline,
                                     model=model, device=device, dtype=dtype.value, weights=weights.value,
-                                    prefill=prefill, synthetic=synthetic, gpu_mem_gb=gpu_mem_gb,
+                                    prefill=prefill, synthetic=synthetic, gpu_mem_gb=gpu_mem_gb, exact_margin=exact_margin,
                                     quantize=opt.quantization(load_in_4bit, load_in_8bit))
         report = run_context_bench(config, status=status)
         print_table(report)
@@ -157,7 +158,7 @@ def bench_command(
 
 
 EVAL_FIELDS = ("token_agreement", "kl_mean", "mass_coverage", "recall_at_k", "scanned_fraction",
-               "keys_scanned_per_search", "ms_per_token_full", "ms_per_token_retrieval")
+               "keys_scanned_per_search", "exact_step_fraction", "ms_per_token_full", "ms_per_token_retrieval")
 
 
 def eval_command(
@@ -169,6 +170,7 @@ def eval_command(
     coverage: float = opt.Coverage,
     dense_below: float = opt.DenseBelow,
     dense_when_cheaper: bool = opt.DenseWhenCheaperEval,
+    exact_margin: float = opt.ExactMargin,
     as_json: bool = opt.Json,
     chunk_size: int = opt.ChunkSize,
     model: Optional[str] = opt.Model,
@@ -192,7 +194,8 @@ def eval_command(
     found = read_source(source, encoding)
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     store = open_store(loaded, found, IngestOptions(chunk_size=chunk_size))
-    settings = settings_for(store, top_k, ef, None, coverage, dense_below, dense_when_cheaper=dense_when_cheaper)
+    settings = settings_for(store, top_k, ef, None, coverage, dense_below, dense_when_cheaper=dense_when_cheaper,
+                            exact_margin=exact_margin)
     report = run_eval(loaded, store, EvalConfig(tokens=tokens, attention=AttentionMode(attention), settings=settings), status)
     if as_json:
         print(json.dumps(report))

@@ -36,6 +36,7 @@ def chat_command(
     coverage: float = opt.Coverage,
     dense_below: float = opt.DenseBelow,
     dense_when_cheaper: bool = opt.DenseWhenCheaper,
+    exact_margin: float = opt.ExactMargin,
     sinks: Optional[int] = typer.Option(None, "--sinks", min=0, help="First tokens kept on the device; fixed when the document is ingested (default 128)."),
     index: opt.IndexKind = opt.Index,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
@@ -72,7 +73,7 @@ def chat_command(
                             index=IndexParams(kind=index.value, sinks=defaults.sinks if sinks is None else sinks,
                                               window=defaults.window if window is None else window))
     store = open_store(loaded, found, options)
-    settings = settings_for(store, top_k, ef, window, coverage, dense_below, sinks, dense_when_cheaper)
+    settings = settings_for(store, top_k, ef, window, coverage, dense_below, sinks, dense_when_cheaper, exact_margin)
     session = start_chat(loaded, store, attention, settings)
     if getattr(session.cache, "retrieval_stats", None) and session.cache.retrieval_stats.dense_layers:
         status(dense_note(session.cache.retrieval_stats, len(store.layers), store.n_tokens))

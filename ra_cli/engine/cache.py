@@ -175,10 +175,15 @@ class ContextCache(Cache):
     """The KV of one conversation: stored document prefix + everything said since."""
 
     token_seeds = None  # retrieval caches: reads each forward's tokens (retrieval/token_seeds.py)
+    # Retrieval caches: a forward whose two likeliest next tokens are closer than this many nats is
+    # run again with exact attention (engine/generate.py); 0 = never.
+    exact_margin = 0.0
 
     def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers=layers)
         self.attention_timer = AttentionTimer()
+        self.exact_steps = 0  # forwards run again exactly
+        self.exact_seconds = 0.0  # the time those second runs took (whole forwards)
         for layer in layers:
             if isinstance(layer, DeviceKVLayer):
                 layer.timer = self.attention_timer
@@ -202,6 +207,35 @@ class ContextCache(Cache):
         """Before a forward: the token ids [1, T] it runs, for layers that look them up."""
         if self.token_seeds is not None:
             self.token_seeds.feed(ids.reshape(-1).cpu().numpy(), self.length)
+
+    def uncertain(self, logits: torch.Tensor) -> bool:
+        """Whether next-token logits leave the choice to an error retrieval can make: the top two
+        closer than `exact_margin`."""
+        if self.exact_margin <= 0 or logits.shape[-1] < 2:
+            return False
+        first, second = torch.topk(logits, 2).values.tolist()
+        return first - second < self.exact_margin
+
+    @contextlib.contextmanager
+    def exactly(self):
+        """Meanwhile every layer attends to all its keys, and the attention timers stop: the time
+        of an exact forward is counted whole, in `exact_seconds`."""
+        layers = [layer for layer in self.layers if hasattr(layer, "exact")]
+        for layer in layers:
+            layer.exact = True
+        self.attention_timer, paused = AttentionTimer(), self.attention_timer
+        for layer in self.layers:
+            if getattr(layer, "timer", None) is paused:
+                layer.timer = self.attention_timer
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.exact = False
+            for layer in self.layers:
+                if getattr(layer, "timer", None) is self.attention_timer:
+                    layer.timer = paused
+            self.attention_timer = paused
 
     @contextlib.contextmanager
     def collecting(self, mass):

@@ -117,12 +117,13 @@ def _values(weights, values, first, count, rows, acc, dim):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def dense_decode_attention(queries, keys, values, head_stride, n, scaling, out, weights):
+def dense_decode_attention(queries, keys, values, head_stride, n, scaling, out, lse, weights):
     """softmax(q k^T * scaling) v of queries [KVH, R, D] float32 (the R = G x positions rows of
     each KV head) over the first n rows of each KV head's keys/values. keys/values: flat 1-D
     buffers (float32 or bf16 bits as uint16), KV head g's rows starting at g * head_stride.
-    Writes out [KVH, R, D]; weights [KVH, R, n] (or [KVH, R, 0]: not wanted) gets every key's
-    softmax weight, for chat's citations."""
+    Writes out [KVH, R, D] and its log-sum-exp [KVH, R] (to merge with attention over other
+    keys); weights [KVH, R, n] (or [KVH, R, 0]: not wanted) gets every key's softmax weight, for
+    chat's citations."""
     kv_heads, count, dim = queries.shape
     chunks = (n + CHUNK - 1) // CHUNK
     items = kv_heads * chunks
@@ -172,6 +173,7 @@ def dense_decode_attention(queries, keys, values, head_stride, n, scaling, out, 
                     out[g, r, d] += scale * partial[g * chunks + c, r, d]
             for d in range(dim):
                 out[g, r, d] /= total
+            lse[g, r] = top + np.log(total)
             if keep:
                 for c in range(chunks):
                     scale = np.exp(maxima[g * chunks + c, r] - top) / total
@@ -206,6 +208,18 @@ def cpu_decode_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.T
         return None
     queries = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
     out = np.empty_like(queries)
+    lse = np.empty(queries.shape[:2], np.float32)
     weights = np.empty((*queries.shape[:2], n if want_weights else 0), np.float32)
-    dense_decode_attention(queries, flat_keys[0], flat_values[0], flat_keys[1], n, np.float32(scaling), out, weights)
+    dense_decode_attention(queries, flat_keys[0], flat_values[0], flat_keys[1], n, np.float32(scaling), out, lse, weights)
     return torch.from_numpy(out), (torch.from_numpy(weights) if want_weights else None)
+
+
+def host_attention_with_lse(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, scaling: float):
+    """Attention of rows [KVH, R, D] float32 over the first n rows of host arrays keys/values
+    [KVH, capacity, D] (float32 or bf16 bits as uint16, C-contiguous) with this module's kernel:
+    (out [KVH, R, D], log-sum-exp [KVH, R]), to merge with attention over other keys."""
+    out = np.empty_like(rows)
+    lse = np.empty(rows.shape[:2], np.float32)
+    dense_decode_attention(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n,
+                           np.float32(scaling), out, lse, np.empty((*rows.shape[:2], 0), np.float32))
+    return out, lse

@@ -21,9 +21,10 @@ import torch
 from ra_cli.buffers import with_room
 from ra_cli.engine.attention import attention_with_lse, grouped_scores, merge_partial
 from ra_cli.engine.cache import AttentionLayer
+from ra_cli.engine.dense_decode import host_attention_with_lse
 from ra_cli.index.base import kv_head_of
 from ra_cli.retrieval.kernels import attend_retrieved, attend_static_and_retrieved
-from ra_cli.store import as_host_dtype
+from ra_cli.store import as_host_dtype, widened
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 # Each search is also seeded with the previous step's best keys and their successors: consecutive
@@ -46,6 +47,9 @@ class RetrievalSettings:
     # On a CPU, layers whose search would read so many keys that dense attention is faster attend
     # densely too (retrieval/cost.py); False searches every retrievable layer.
     dense_when_cheaper: bool = True
+    # A forward whose two likeliest next tokens are closer than this many nats is run again with
+    # exact attention (engine/generate.py prefill); 0 never does.
+    exact_margin: float = 0.5
 
 
 @dataclass
@@ -132,6 +136,7 @@ class RetrievalLayer(AttentionLayer):
         self.carried = None  # [H, 2 * CARRY] entry points from the previous step
         self.token_seeds = token_seeds  # a TokenSeeds shared by the cache's layers: entry points from the text
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
+        self.exact = False  # attend to every key (ContextCache.exactly: a forward redone exactly)
 
     # -- storage ---------------------------------------------------------------------------------
     @property
@@ -190,6 +195,8 @@ class RetrievalLayer(AttentionLayer):
     def attend(self, query, scaling, sliding_window=None, softcap=None):
         q_len = query.shape[2]
         q_offset = self.length - q_len
+        if self.exact:
+            return self._attend_exact(query, q_offset, scaling, softcap).to(query.dtype)
         if self.observer is not None:
             self.observer(self.layer_idx, query, self.keys[:, :, : self.static], q_offset, 0, scaling)
         began = time.perf_counter()
@@ -254,16 +261,19 @@ class RetrievalLayer(AttentionLayer):
             self.auditor(self, host_query, q_offset, ids, scaling)
         return torch.from_numpy(out)[None]
 
-    def static_attention(self, query: torch.Tensor, q_offset: int, scaling: float, softcap=None):
-        """(output, log-sum-exp) of attention over the static set alone, causally masked."""
+    def static_attention(self, query: torch.Tensor, q_offset: int, scaling: float, softcap=None, widen: bool = False):
+        """(output, log-sum-exp) of attention over the static set alone, causally masked; `widen`:
+        in float32 (query and keys), not the keys' dtype."""
         mask = None
         if query.shape[2] > 1:
             positions = torch.cat([torch.arange(self.lo, device=self.device),
                                    torch.arange(self.window_start, self.length, device=self.device)])
             query_positions = torch.arange(q_offset, self.length, device=self.device)
             mask = positions[None, :] <= query_positions[:, None]
-        return attention_with_lse(query, self.keys[:, :, : self.static], self.values[:, :, : self.static], scaling,
-                                  mask, softcap)
+        keys, values = self.keys[:, :, : self.static], self.values[:, :, : self.static]
+        if widen:
+            query, keys, values = query.float(), keys.float(), values.float()
+        return attention_with_lse(query, keys, values, scaling, mask, softcap)
 
     def _attend_split(self, query, host_query, q_offset, scaling, softcap):
         """Accelerator path: the static set's attention on the device, the retrieved keys' on the
@@ -289,6 +299,27 @@ class RetrievalLayer(AttentionLayer):
                                       [static_lse, torch.from_numpy(retrieved_lse)[None].to(self.device)])
         if self.mass is not None and q_len == 1:
             self._collect_split_mass(query, total[0, :, 0], ids[:, 0], scores[:, 0], scaling)
+        return merged
+
+    def _attend_exact(self, query, q_offset, scaling, softcap):
+        """Full attention: the static set's, and every indexed key's in one pass over host memory
+        (every indexed key precedes every query), merged by log-sum-exp."""
+        static_out, static_lse = self.static_attention(query, q_offset, scaling, softcap, widen=True)
+        if self.n_indexed == 0:
+            return static_out
+        keys, values = self.host.keys, self.host.values
+        _, heads, q_len, dim = query.shape
+        kv_heads = keys.shape[0]
+        if softcap is None and keys.shape == values.shape and keys.flags.c_contiguous and values.flags.c_contiguous:
+            rows = np.ascontiguousarray(query[0].detach().float().cpu().numpy()).reshape(kv_heads, -1, dim)
+            out, lse = host_attention_with_lse(rows, keys, values, self.n_indexed, scaling)
+            indexed_out = torch.from_numpy(out).reshape(1, heads, q_len, -1).to(self.device)
+            indexed_lse = torch.from_numpy(lse).reshape(1, heads, q_len).to(self.device)
+        else:  # a softcap (or unusual layout): torch over the widened keys
+            indexed_k = torch.from_numpy(widened(keys[:, : self.n_indexed]))[None].to(self.device)
+            indexed_v = torch.from_numpy(widened(values[:, : self.n_indexed]))[None].to(self.device)
+            indexed_out, indexed_lse = attention_with_lse(query.float(), indexed_k, indexed_v, scaling, None, softcap)
+        merged, _ = merge_partial([static_out, indexed_out], [static_lse, indexed_lse])
         return merged
 
     def _collect_split_mass(self, query, total_lse, ids, scores, scaling) -> None:

@@ -30,7 +30,7 @@ CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation a
 
 def settings_for(store: ContextStore, top_k: int | None = None, ef: int | None = None, window: int | None = None,
                  coverage: float = 0.97, dense_below: float = 0.8, sinks: int | None = None,
-                 dense_when_cheaper: bool = True) -> RetrievalSettings:
+                 dense_when_cheaper: bool = True, exact_margin: float | None = None) -> RetrievalSettings:
     """Retrieval settings for a stored context: the recent window defaults to what ingest kept on
     the device; sinks are fixed by ingest (the indexed range starts after them)."""
     stored = store.manifest.get("index", {}).get("params", {})
@@ -38,7 +38,8 @@ def settings_for(store: ContextStore, top_k: int | None = None, ef: int | None =
         raise RaError(f"{store.path} was ingested with --sinks {stored['sinks']}; sinks are fixed at ingest — "
                       "ingest again to change them")
     return RetrievalSettings(top_k=top_k, ef=ef, window=stored.get("window", 512) if window is None else window,
-                             coverage=coverage, dense_below=dense_below, dense_when_cheaper=dense_when_cheaper)
+                             coverage=coverage, dense_below=dense_below, dense_when_cheaper=dense_when_cheaper,
+                             exact_margin=RetrievalSettings.exact_margin if exact_margin is None else exact_margin)
 
 
 def open_cache(loaded, store: ContextStore, mode: AttentionMode | str = AttentionMode.retrieval,
@@ -154,6 +155,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         retrieval_layers[0].counts_steps = True
     cache = ContextCache(layers)
     cache.retrieval_stats = stats
+    cache.exact_margin = settings.exact_margin
     cache.token_seeds = seeds
     return cache
 
