@@ -28,7 +28,7 @@ for path in args:
     store = ContextStore.open(path)
     row = {"context": path, "context_tokens": store.n_tokens}
     for mode in ("full", "retrieval"):
-        cache = open_cache(loaded, store, mode, RetrievalSettings(dense_when_cheaper=False))
+        cache = open_cache(loaded, store, mode, RetrievalSettings(dense_when_cheaper=False, exact_margin=0))
         for token in tokens[:4]:
             prefill(loaded.model, cache, [token])
         stats = getattr(cache, "retrieval_stats", None)

@@ -79,7 +79,8 @@ def needles(loaded, name: str, text: str, context: int, depths: list[float]) -> 
             answers[f"{mode} prefill, full attention"] = start_chat(loaded, store, "full").ask(
                 cue, 10, Sampling(), raw=True).text
             if mode == "full":
-                searched = settings_for(store, dense_when_cheaper=False)  # the index, not a dense fallback
+                # the index, not a dense fallback (no layer dense, no step run again exactly)
+                searched = settings_for(store, dense_when_cheaper=False, exact_margin=0)
                 answers["full prefill, retrieval"] = start_chat(loaded, store, "retrieval", searched).ask(
                     cue, 10, Sampling(), raw=True).text
         reference = answers["full prefill, full attention"]

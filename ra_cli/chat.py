@@ -30,6 +30,7 @@ class Answer:
     stop_reason: str
     sources: list[Source] = field(default_factory=list)
     decode_steps: int = 0  # forward passes after the prompt's (its logits give the first token)
+    exact_steps: int = 0  # of those, how many ran again with exact attention (a close call between two tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -43,7 +44,8 @@ class Answer:
             "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 2),
             "prompt_tokens": self.prompt_tokens, "prompt_seconds": round(self.prompt_seconds, 3),
             "prompt_tokens_per_second": round(self.prompt_tokens_per_second, 1),
-            "stop_reason": self.stop_reason, "sources": [source.as_json() for source in self.sources],
+            "stop_reason": self.stop_reason, "steps_run_again_exactly": self.exact_steps,
+            "sources": [source.as_json() for source in self.sources],
         }
 
     @property
@@ -160,7 +162,7 @@ class ChatSession:
         prompt = self.unfed + asked
         length = self.cache.length
         try:
-            logits = prefill(self.loaded.model, self.cache, prompt)
+            logits = prefill(self.loaded.model, self.cache, prompt, greedy=sampling.temperature <= 0)
         except KeyboardInterrupt:
             self.cache.truncate(length)  # as if the question had not been asked
             return Answer(question, "", 0, time.perf_counter() - started, 0, 0.0, "interrupted")
@@ -181,6 +183,7 @@ class ChatSession:
             return False
 
         mass = AttentionMass(self.store.manifest["model_shape"]["heads"], self.document_tokens, SINKS, FLOOR) if self.cite else None
+        redone = self.cache.exact_steps
         with self.cache.collecting(mass):
             decoded = decode(self.loaded.model, self.cache, logits, max_new_tokens, self.stop_ids, sampling, on_token)
         self.prefilled_tokens += decoded.fed
@@ -202,7 +205,7 @@ class ChatSession:
         self.turns += 1
         sources = self.citer.sources(mass.by_position()) if mass is not None and not raw else []
         answer = Answer(question, text, len(decoded.tokens), time.perf_counter() - started, len(prompt),
-                        prompt_seconds, decoded.stop_reason, sources, decoded.fed)
+                        prompt_seconds, decoded.stop_reason, sources, decoded.fed, self.cache.exact_steps - redone)
         self.history.append(answer)
         return answer
 

@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from ra_cli.choices import EXACT_MARGIN
 from ra_cli.cli import app, parse_tokens
 
 runner = CliRunner()
@@ -53,7 +54,7 @@ def test_eval_json(tmp_path, lighthouse_txt, reuse_loaded_model):
                   "exact_step_fraction"):
         assert field in report
     assert 0.5 <= report["token_agreement"] <= 1 and report["kl_mean"] >= 0
-    assert report["exact_margin"] == 0.5 and 0 <= report["exact_step_fraction"] <= 1
+    assert report["exact_margin"] == EXACT_MARGIN and 0 <= report["exact_step_fraction"] <= 1
     assert 0.5 < report["mass_coverage"] <= 1.0001 and 0 < report["scanned_fraction"] <= 1.2
     # with every key retrieved the approximation is exact
     exact = json.loads(runner.invoke(app, ["eval", str(context), "--tokens", "6", "--json", "--top-k", "4096",

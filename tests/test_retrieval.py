@@ -120,10 +120,10 @@ def test_default_budget_tracks_full_attention(small_context, loaded):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_uncertain_steps_run_again_with_exact_attention(small_context, small_context_fast, loaded, loaded_fast, fast):
-    """A step whose two likeliest tokens are closer than the exact margin is run again with exact
-    attention: its logits (and the KV it leaves for later steps) are full attention's, in float32
-    and with the CPU default's bf16 KV and int4 weights; a step outside the margin keeps
-    retrieval's own logits."""
+    """With an exact margin the question is read with exact attention, and a step whose two
+    likeliest tokens are closer than the margin is run again exactly: its logits (and the KV it
+    leaves for later steps) are full attention's, in float32 and with the CPU default's bf16 KV
+    and int4 weights; a step outside the margin keeps retrieval's own logits."""
     loaded, store = (loaded_fast, small_context_fast) if fast else (loaded, small_context)
     tokens, steps = question_tokens(loaded, store), (100, 200, 300)
 
@@ -137,7 +137,7 @@ def test_uncertain_steps_run_again_with_exact_attention(small_context, small_con
     assert plain.exact_steps == 0
     assert max(float((a - b).abs().max()) for a, b in zip(approximate, reference)) > 0.05
     always, cache = logits("retrieval", RetrievalSettings(**small, exact_margin=1e9))
-    assert cache.exact_steps == 4 and cache.exact_seconds > 0
+    assert cache.exact_steps == 3 and cache.exact_seconds > 0  # the question's forward was exact from the start
     assert cache.retrieval_stats.searches > 0  # each step searched first, then ran again
     # whatever the search returned, the exact forward is the same: bit for bit what it gives
     # after a search that returned every key
@@ -152,13 +152,21 @@ def test_uncertain_steps_run_again_with_exact_attention(small_context, small_con
             assert float((p.exp() * (p - q)).sum()) < 0.01
         else:
             torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
-    # the margin decides per step: just above the first step's own gap redoes it, just below does not
-    top = torch.topk(approximate[0], 2).values
+    # the margin decides per step: just above a step's own gap redoes it, just below does not
+    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(**small, exact_margin=1e-9))
+    prefill(loaded.model, cache, tokens)
+    top = torch.topk(prefill(loaded.model, cache, [steps[0]]), 2).values
     gap = float(top[0] - top[1])
+    assert cache.exact_steps == 0 and gap > 1e-3
     for margin, redone in ((gap + 1e-3, 1), (gap - 1e-3, 0)):
         cache = open_cache(loaded, store, "retrieval", RetrievalSettings(**small, exact_margin=margin))
         prefill(loaded.model, cache, tokens)
+        prefill(loaded.model, cache, [steps[0]])
         assert cache.exact_steps == redone, margin
+    # sampling picks no argmax: a close call is not a wrong one, and nothing runs again
+    cache = open_cache(loaded, store, "retrieval", RetrievalSettings(**small, exact_margin=1e9))
+    prefill(loaded.model, cache, tokens, greedy=False)
+    assert cache.exact_steps == 0
 
 
 def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
@@ -292,3 +300,18 @@ def test_attention_over_retrieved_keys_is_exact_with_its_log_sum_exp():
             weights = np.exp(scores - scores.max())
             np.testing.assert_allclose(out[h, i], weights @ values[h // 3, chosen] / weights.sum(), atol=1e-6)
             np.testing.assert_allclose(lse[h, i], scores.max() + np.log(weights.sum()), rtol=1e-6)
+
+
+def test_chat_runs_uncertain_steps_again_only_when_greedy(small_context, loaded):
+    from ra_cli.chat import start_chat
+    from ra_cli.engine.generate import Sampling
+
+    always = RetrievalSettings(top_k=8, ef=16, dense_when_cheaper=False, exact_margin=1e9)
+    chat = start_chat(loaded, small_context, "retrieval", always)
+    answer = chat.ask(QUESTION, 6, Sampling(temperature=0.8, seed=3))
+    assert answer.tokens > 1 and chat.cache.exact_steps == 0
+    chat = start_chat(loaded, small_context, "retrieval", always)
+    answer = chat.ask(QUESTION, 6, Sampling())
+    assert chat.cache.exact_steps == answer.decode_steps  # every token fed back (the question was read exactly)
+    reference = start_chat(loaded, small_context, "full").ask(QUESTION, 6, Sampling())
+    assert answer.text == reference.text

@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ra_cli.choices import EXACT_MARGIN
 from ra_cli.errors import RaError
 
 MODES = ("retrieval", "full", "flat", "offload", "search-all")  # search-all: retrieval, --search-every-layer
@@ -45,7 +46,7 @@ class ContextBenchConfig:
     synthetic: str | None = None  # a model shape with random weights (timing only)
     gpu_mem_gb: float | None = None
     quantize: str | None = None
-    exact_margin: float = 0.5  # retrieval modes: steps this uncertain are run again exactly (RetrievalSettings)
+    exact_margin: float = EXACT_MARGIN  # retrieval modes: steps this uncertain are run again exactly (RetrievalSettings)
     extra: dict = field(default_factory=dict)
 
 

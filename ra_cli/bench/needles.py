@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ra_cli.bench.corpus import CORPUS, SAMPLE
 from ra_cli.chat import start_chat
+from ra_cli.choices import EXACT_MARGIN
 from ra_cli.document import Document, load_document
 from ra_cli.engine.generate import Sampling
 from ra_cli.ingest import IngestOptions, ingest
@@ -38,7 +39,7 @@ class NeedleBenchConfig:
     tokens: int = 6144  # each document cut (or repeated) to about this many tokens
     depths: tuple[float, ...] = DEPTHS
     max_new_tokens: int = 10
-    exact_margin: float = 0.5  # 0: retrieval's answers with no step run again exactly (the index alone)
+    exact_margin: float = EXACT_MARGIN  # 0: retrieval's answers with no step run again exactly (the index alone)
 
 
 def document_of(loaded, path: Path, tokens: int) -> list[str]:

@@ -7,7 +7,7 @@ import re
 
 import typer
 
-from ra_cli.choices import ComputeDtype, IndexKind, KvDtype, WeightFormat
+from ra_cli.choices import EXACT_MARGIN, ComputeDtype, IndexKind, KvDtype, WeightFormat
 
 
 def _device(value: str) -> str:
@@ -75,9 +75,10 @@ DenseWhenCheaper = typer.Option(True, "--dense-when-cheaper/--search-every-layer
 DenseWhenCheaperEval = typer.Option(False, "--dense-when-cheaper/--search-every-layer",
                                     help="Evaluate chat's CPU default, where layers that are faster dense attend densely "
                                          "(default here: every retrievable layer searched, to measure retrieval).")
-ExactMargin = typer.Option(0.5, "--exact-margin", min=0.0,
+ExactMargin = typer.Option(EXACT_MARGIN, "--exact-margin", min=0.0,
                           help="Run a step again with exact attention when its two likeliest next tokens are closer "
-                               "than this many nats, where retrieval's small error could swap them (0 = never).")
+                               "than this many nats, where retrieval's small error could swap them; questions are read "
+                               "exactly too. 0 = retrieval alone.")
 Index = typer.Option(IndexKind.graph, "--index",
                      help="Search index: graph (attention-aware, ours), hnsw (hnswlib on centred keys, a baseline), flat (exact).")
 TopK = typer.Option(None, "--top-k", min=1, help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest).")

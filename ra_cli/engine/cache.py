@@ -176,7 +176,7 @@ class ContextCache(Cache):
 
     token_seeds = None  # retrieval caches: reads each forward's tokens (retrieval/token_seeds.py)
     # Retrieval caches: a forward whose two likeliest next tokens are closer than this many nats is
-    # run again with exact attention (engine/generate.py); 0 = never.
+    # run again with exact attention, and questions are read exactly (engine/generate.py); 0 = never.
     exact_margin = 0.0
 
     def __init__(self, layers: list[CacheLayerMixin]):

@@ -31,27 +31,40 @@ def base_model(model):
     return getattr(model, model.base_model_prefix, model)
 
 
+# A question (a forward of several tokens) up to this long is read with exact attention, as the
+# paper prefills its whole prompt; longer pasted text would cost what a full prefill does.
+EXACT_QUESTION_TOKENS = 256
+
+
 @torch.inference_mode()
-def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool = True) -> torch.Tensor | None:
+def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool = True,
+            greedy: bool = True) -> torch.Tensor | None:
     """Run tokens through the model, appending their KV to `cache`. Returns last-position logits
     [vocab] (float32) or None; without logits the LM head is skipped entirely.
 
-    Retrieval is exact where it matters most and approximate elsewhere: when the two likeliest
-    next tokens are closer than the cache's `exact_margin`, the small error of attending to the
-    top-k keys only can swap them (measured: every greedy token retrieval chose differently from
-    full attention had a margin under 0.55 nats), so the forward is run again with exact attention
-    and its logits are returned."""
+    A retrieval cache with an exact margin (RetrievalSettings.exact_margin) is exact where its
+    approximation would show: a question is read with exact attention, since every token of the
+    answer attends to its keys (measured: a needle answer lost when the cue's own forward was
+    approximate, and kept when it was exact); and a one-token step whose two likeliest next
+    tokens are closer than the margin is run again exactly, since the small error of attending
+    to the top-k keys can swap them (measured: every greedy token retrieval chose differently
+    from full attention had a gap under 0.55 nats; benchmarks/exact_margin.py). Only for a
+    greedy choice (`greedy`): a sampled token is no argmax, and a close call is not a wrong one."""
     ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
     cache.feed(ids)
-    length = cache.length
-    logits = _forward(model, cache, ids, want_logits)
-    if logits is not None and cache.uncertain(logits):
-        began = time.perf_counter()
-        cache.truncate(length)  # before settle(): the forward's tokens are all still in the window
+    if cache.exact_margin > 0 and 1 < ids.numel() <= EXACT_QUESTION_TOKENS:
         with cache.exactly():
             logits = _forward(model, cache, ids, want_logits)
-        cache.exact_steps += 1
-        cache.exact_seconds += time.perf_counter() - began
+    else:
+        length = cache.length
+        logits = _forward(model, cache, ids, want_logits)
+        if logits is not None and greedy and cache.uncertain(logits):
+            began = time.perf_counter()
+            cache.truncate(length)  # before settle(): the forward's tokens are all still in the window
+            with cache.exactly():
+                logits = _forward(model, cache, ids, want_logits)
+            cache.exact_steps += 1
+            cache.exact_seconds += time.perf_counter() - began
     cache.settle()
     return logits
 
@@ -121,7 +134,7 @@ def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids: se
                 break
             length = cache.length
             try:
-                logits = prefill(model, cache, [token])
+                logits = prefill(model, cache, [token], greedy=sampling.temperature <= 0)
             except KeyboardInterrupt:
                 cache.truncate(length)
                 raise

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ra_cli.buffers import with_room
+from ra_cli.choices import EXACT_MARGIN
 from ra_cli.engine.attention import attention_with_lse, grouped_scores, merge_partial
 from ra_cli.engine.cache import AttentionLayer
 from ra_cli.engine.dense_decode import host_attention_with_lse
@@ -48,8 +49,8 @@ class RetrievalSettings:
     # densely too (retrieval/cost.py); False searches every retrievable layer.
     dense_when_cheaper: bool = True
     # A forward whose two likeliest next tokens are closer than this many nats is run again with
-    # exact attention (engine/generate.py prefill); 0 never does.
-    exact_margin: float = 0.5
+    # exact attention, and questions are read exactly (engine/generate.py prefill); 0: retrieval alone.
+    exact_margin: float = EXACT_MARGIN
 
 
 @dataclass
