@@ -158,8 +158,13 @@ def test_uncertain_steps_run_again_with_exact_attention(small_context, small_con
     top = torch.topk(prefill(loaded.model, cache, [steps[0]]), 2).values
     gap = float(top[0] - top[1])
     assert cache.exact_steps == 0 and gap > 1e-3
+    # the margin applies in proportion to the layers that search (a dense layer makes no error)
+    searching = sum(isinstance(layer, RetrievalLayer) for layer in cache.layers)
+    share = searching / len(cache.layers)
+    assert 0 < searching and cache.exact_margin == pytest.approx(1e-9 * share)
     for margin, redone in ((gap + 1e-3, 1), (gap - 1e-3, 0)):
-        cache = open_cache(loaded, store, "retrieval", RetrievalSettings(**small, exact_margin=margin))
+        settings = RetrievalSettings(**small, exact_margin=margin / share)
+        cache = open_cache(loaded, store, "retrieval", settings)
         prefill(loaded.model, cache, tokens)
         prefill(loaded.model, cache, [steps[0]])
         assert cache.exact_steps == redone, margin
@@ -236,6 +241,9 @@ def test_a_cpu_attends_densely_where_reading_every_key_is_faster(small_context, 
     cache = open_cache(loaded, store, "retrieval")
     assert cache.retrieval_stats.cheaper_dense_layers == cheaper
     assert all(isinstance(cache.layers[i], DeviceKVLayer) for i in cheaper)
+    searching = sum(isinstance(layer, RetrievalLayer) for layer in cache.layers)
+    # a close call is run again in proportion to the layers that search: never, when none does
+    assert cache.exact_margin == pytest.approx(RetrievalSettings().exact_margin * searching / len(cache.layers))
     searched = open_cache(loaded, store, "retrieval", RetrievalSettings(dense_when_cheaper=False))
     assert searched.retrieval_stats.cheaper_dense_layers == []
     assert all(isinstance(searched.layers[i], RetrievalLayer) for i in cheaper)

@@ -127,7 +127,7 @@ def print_table(report: dict) -> None:
                       number(run.get("disk_bytes") and run["disk_bytes"] / 2**30, "{:.2f}G"),
                       number(run.get("keys_scanned"), "{:,.0f}"),
                       "-" if run.get("dense_layers") is None else str(len(run["dense_layers"])))
-    stderr.print(table)
+    stderr.print(table, width=None if stderr.is_terminal else 160)  # a log or a pipe: no squeezed columns
 
 
 def plot(report: dict, path: Path) -> None:

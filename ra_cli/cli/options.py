@@ -77,8 +77,9 @@ DenseWhenCheaperEval = typer.Option(False, "--dense-when-cheaper/--search-every-
                                          "(default here: every retrievable layer searched, to measure retrieval).")
 ExactMargin = typer.Option(EXACT_MARGIN, "--exact-margin", min=0.0,
                           help="Run a step again with exact attention when its two likeliest next tokens are closer "
-                               "than this many nats, where retrieval's small error could swap them; questions are read "
-                               "exactly too. 0 = retrieval alone.")
+                               "than this many nats (with every layer searched; in proportion to the layers that "
+                               "search), where retrieval's small error could swap them; questions are read exactly "
+                               "too. 0 = retrieval alone.")
 Index = typer.Option(IndexKind.graph, "--index",
                      help="Search index: graph (attention-aware, ours), hnsw (hnswlib on centred keys, a baseline), flat (exact).")
 TopK = typer.Option(None, "--top-k", min=1, help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest).")

@@ -48,8 +48,9 @@ class RetrievalSettings:
     # On a CPU, layers whose search would read so many keys that dense attention is faster attend
     # densely too (retrieval/cost.py); False searches every retrievable layer.
     dense_when_cheaper: bool = True
-    # A forward whose two likeliest next tokens are closer than this many nats is run again with
-    # exact attention, and questions are read exactly (engine/generate.py prefill); 0: retrieval alone.
+    # A forward whose two likeliest next tokens are closer than this many nats (when every layer
+    # searches; in proportion to the layers that do) is run again with exact attention, and
+    # questions are read exactly (engine/generate.py prefill); 0: retrieval alone.
     exact_margin: float = EXACT_MARGIN
 
 

@@ -155,7 +155,10 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         retrieval_layers[0].counts_steps = True
     cache = ContextCache(layers)
     cache.retrieval_stats = stats
-    cache.exact_margin = settings.exact_margin
+    # The error retrieval can make grows with the layers that search (each adds its own; a dense
+    # layer is exact): the margin is for a model whose every layer searches, applied in proportion.
+    # With no layer searching every forward is exact already, and nothing runs again.
+    cache.exact_margin = settings.exact_margin * len(retrieval_layers) / len(layers)
     cache.token_seeds = seeds
     return cache
 
