@@ -53,6 +53,21 @@ def test_conversation_tokens_are_seeded_once_indexed_and_forgotten_when_rolled_b
     assert seeds.feed(np.asarray([77]), n + 1)[0].tolist() == []
 
 
+def test_a_forwards_seeds_stay_behind_newer_ones_until_pushed_out():
+    """An answer reads what its question pointed at: a forward that matches nothing keeps the
+    question's seeds; newer matches come first, and LIMIT bounds them all."""
+    document = [0] * LO + list(range(100, 200))  # every token once
+    seeds = TokenSeeds(np.asarray(document), LO, len(document))
+    n = len(document)
+    question = seeds.feed(np.asarray([150, 151]), n)[0].tolist()
+    assert question == [51, 52, 50]  # 151's place and successor, then 150's
+    assert seeds.feed(np.asarray([7]), n + 2)[0].tolist() == question  # 7 occurs nowhere
+    assert seeds.feed(np.asarray([120]), n + 3)[0].tolist() == [20, 21] + question
+    pushed = seeds.feed(np.asarray(list(range(155, 200))), n + 4)[0].tolist()  # 46 new seeds
+    assert len(pushed) == LIMIT and pushed[-2:] == [20, 21]  # the question's seeds pushed out first...
+    assert set(pushed[:-2]).isdisjoint(question)  # ...behind every newer one
+
+
 def test_seeds_are_bounded_and_the_last_positions_come_first():
     document = [0] * LO + list(range(100, 200))  # every token once
     fed = list(range(100, 200))

@@ -11,9 +11,12 @@ calibrated ef found none of it, and the answer was lost.
 
 So each forward's tokens are looked up in an inverted index of the document's tokens, and the
 indexed positions where they (or, for common tokens, their last two or three tokens) occurred are
-added, with their successors, to every search's entry points. They only seed the beam: every key
-is still scored exactly and kept only if it ranks in the top-k, so a seed that does not matter
-costs one evaluation and changes nothing.
+added, with their successors, to every search's entry points. A forward's seeds stay after it,
+behind newer ones, until LIMIT newer ones push them out: an answer reads what its question pointed
+at (measured: the needle sweep's python 75% placement, where a duplicate-token head spelling out
+the needle's " amber" as '"am' found it only from the question's seeds, at the needle's " is").
+They only seed the beam: every key is still scored exactly and kept only if it ranks in the
+top-k, so a seed that does not matter costs one evaluation and changes nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ra_cli.buffers import with_room
 
 RARE = 8  # a token (or n-gram) occurring at most this often in the indexed range seeds its places
 LONGEST = 3  # common tokens are narrowed by up to this many preceding tokens
-LIMIT = 48  # seeds per forward at most (the last query positions' first)
+LIMIT = 48  # seeds at most (this forward's last query positions first, then earlier forwards')
 NO_SEEDS = np.full((1, 0), -1, np.int32)
 
 
@@ -48,7 +51,8 @@ class TokenSeeds:
 
     def feed(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Tokens `ids` about to be run at positions start.. (an earlier, rolled-back forward's
-        tokens at those positions are forgotten); returns and keeps this forward's seeds."""
+        tokens at those positions are forgotten); returns and keeps this forward's seeds, followed
+        by the earlier forwards' that still fit."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.tokens = with_room(self.tokens, start, start + len(ids), axis=0, minimum=1024)
         self.tokens[start:start + len(ids)] = ids
@@ -62,6 +66,12 @@ class TokenSeeds:
                         chosen.append(seed)
             if len(chosen) >= LIMIT:
                 break
+        for seed in self.seeds[0].tolist():
+            if len(chosen) >= LIMIT:
+                break
+            if seed not in seen and seed + self.lo < start:  # not a place being rewritten (rolled back)
+                seen.add(seed)
+                chosen.append(seed)
         self.seeds = np.asarray(chosen[:LIMIT], np.int32)[None] if chosen else NO_SEEDS
         return self.seeds
 
