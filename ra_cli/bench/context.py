@@ -102,6 +102,7 @@ def run_context_bench(config: ContextBenchConfig, status=print) -> dict:
 
 
 def print_table(report: dict) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     from ra_cli.ui import stderr
@@ -127,7 +128,9 @@ def print_table(report: dict) -> None:
                       number(run.get("disk_bytes") and run["disk_bytes"] / 2**30, "{:.2f}G"),
                       number(run.get("keys_scanned"), "{:,.0f}"),
                       "-" if run.get("dense_layers") is None else str(len(run["dense_layers"])))
-    stderr.print(table, width=None if stderr.is_terminal else 160)  # a log or a pipe: no squeezed columns
+    # into a log or a pipe (80 columns by default) the 14 columns would be squeezed to "1…"
+    console = stderr if stderr.is_terminal else Console(stderr=True, highlight=False, width=160)
+    console.print(table)
 
 
 def plot(report: dict, path: Path) -> None:
