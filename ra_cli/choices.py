@@ -41,6 +41,7 @@ class AttentionMode(str, Enum):
 
 
 # A greedy step whose two likeliest next tokens are closer than this many nats is run again with
-# exact attention (engine/generate.py prefill): 0.25 caught most of what 0.5 did on `ra eval`
-# (agreement 0.979 at both on the 8K document) at 10% of steps instead of 18%.
+# exact attention (engine/generate.py prefill): on `ra eval` 0.25 did nearly what 0.5 did (agreement
+# 0.977 vs 0.979 on the 8K document, 0.969 at both on Qwen at 32K) running 8-10% of steps again
+# instead of 18% (docs/benchmarks.md, "Exact where it shows").
 EXACT_MARGIN = 0.25
