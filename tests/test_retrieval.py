@@ -310,6 +310,24 @@ def test_attention_over_retrieved_keys_is_exact_with_its_log_sum_exp():
             np.testing.assert_allclose(lse[h, i], scores.max() + np.log(weights.sum()), rtol=1e-6)
 
 
+def test_a_question_is_read_exactly_while_small_enough(small_context, loaded, monkeypatch):
+    """With an exact margin, a forward of several tokens attends to every key (no search): full
+    attention's logits; past the work bound (question x context tokens) it is searched."""
+    from ra_cli.engine import generate
+
+    settings = RetrievalSettings(top_k=8, ef=16, dense_when_cheaper=False)  # the default margin
+    tokens = question_tokens(loaded, small_context)
+    cache = open_cache(loaded, small_context, "retrieval", settings)
+    got = prefill(loaded.model, cache, tokens)
+    assert cache.retrieval_stats.searches == 0 and cache.exact_steps == 0
+    torch.testing.assert_close(got, prefill(loaded.model, open_cache(loaded, small_context, "full"), tokens),
+                               atol=2e-3, rtol=1e-4)
+    monkeypatch.setattr(generate, "EXACT_QUESTION_WORK", len(tokens) * small_context.n_tokens)  # just short
+    cache = open_cache(loaded, small_context, "retrieval", settings)
+    prefill(loaded.model, cache, tokens)
+    assert cache.retrieval_stats.searches > 0
+
+
 def test_chat_runs_uncertain_steps_again_only_when_greedy(small_context, loaded):
     from ra_cli.chat import start_chat
     from ra_cli.engine.generate import Sampling
