@@ -135,7 +135,7 @@ def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
         evaluations += stats.evaluations
         searches += stats.searches
         redone += cache.exact_steps
-        forwards += len(continuation)
+        forwards += len(continuation) - 1  # one-token steps (the prompt's forward is read exactly)
         per_prompt.append({"style": style, "prompt": text, "token_agreement": round(agree, 4), "kl_mean": round(kl, 5),
                            "continuation": loaded.tokenizer.decode(continuation)})
     coverage = np.concatenate(auditor.coverage) if auditor.coverage else np.array([1.0])

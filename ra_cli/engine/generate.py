@@ -50,7 +50,7 @@ def prefill(model, cache, token_ids: list[int] | torch.Tensor, want_logits: bool
     approximate, and kept when it was exact); and a one-token step whose two likeliest next
     tokens are closer than the margin is run again exactly, since the small error of attending
     to the top-k keys can swap them (measured: every greedy token retrieval chose differently
-    from full attention had a gap under 0.55 nats; benchmarks/exact_margin.py). Only for a
+    from full attention had a gap of at most 0.55 nats; benchmarks/exact_margin.py). Only for a
     greedy choice (`greedy`): a sampled token is no argmax, and a close call is not a wrong one."""
     ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
     cache.feed(ids)
