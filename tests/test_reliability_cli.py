@@ -89,11 +89,11 @@ def test_ctrl_c_during_a_scripted_answer_exits_130_and_stops(tmp_path, lighthous
     real = generate.prefill
     steps = []
 
-    def interrupted(model, cache, tokens, want_logits=True):
+    def interrupted(model, cache, tokens, want_logits=True, **options):
         steps.append(len(tokens))
         if len(steps) == 3:
             raise KeyboardInterrupt
-        return real(model, cache, tokens, want_logits)
+        return real(model, cache, tokens, want_logits, **options)
 
     monkeypatch.setattr(generate, "prefill", interrupted)
     result = run("chat", lighthouse_txt, "--ask", "Who built it?", "--ask", "When?", "-n", 20)
