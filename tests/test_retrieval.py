@@ -341,3 +341,14 @@ def test_chat_runs_uncertain_steps_again_only_when_greedy(small_context, loaded)
     assert chat.cache.exact_steps == answer.decode_steps  # every token fed back (the question was read exactly)
     reference = start_chat(loaded, small_context, "full").ask(QUESTION, 6, Sampling())
     assert answer.text == reference.text
+
+
+def test_chat_says_how_many_close_calls_ran_again(small_context, reuse_loaded_model):
+    args = ["chat", str(small_context.path), "--ask", QUESTION, "-n", "5", "--search-every-layer", "--top-k", "8"]
+    always = runner.invoke(app, [*args, "--exact-margin", "1000"])
+    assert always.exit_code == 0, always.output
+    assert "(4 close calls run again exactly)" in always.stderr  # 5 tokens: 4 fed back, each run again
+    answer = json.loads(runner.invoke(app, [*args, "--exact-margin", "1000", "--json"]).stdout)
+    assert answer["steps_run_again_exactly"] == 4 and answer["tokens"] == 5
+    alone = json.loads(runner.invoke(app, [*args, "--exact-margin", "0", "--json"]).stdout)
+    assert alone["steps_run_again_exactly"] == 0

@@ -146,7 +146,8 @@ def stream_answer(session, question: str, settings, as_json: bool, spinner: bool
 def footer(result) -> str:
     speed = f"{result.tokens_per_second:.1f} tok/s" if result.decode_steps else "-"
     if result.exact_steps:
-        speed += f" ({result.exact_steps} close calls run again exactly)"
+        calls = "close call" if result.exact_steps == 1 else "close calls"
+        speed += f" ({result.exact_steps} {calls} run again exactly)"
     note = " (stopped)" if result.stop_reason == "interrupted" else ""
     return (f"{result.tokens} tokens{note} · prompt {result.prompt_tokens} tokens at "
             f"{result.prompt_tokens_per_second:,.0f} tok/s · generation {speed} · {result.seconds:.2f} s")
