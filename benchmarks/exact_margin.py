@@ -48,7 +48,7 @@ for style, text in DEFAULT_PROMPTS:
     agree += (full.argmax(-1) == approx.argmax(-1)).tolist()
 gaps, agree = np.array(gaps), np.array(agree)
 print(json.dumps({
-    "context": args[0], "context_tokens": store.n_tokens, "model": loaded.fingerprint.source, "positions": len(gaps),
+    "context": Path(args[0]).name, "context_tokens": store.n_tokens, "model": loaded.fingerprint.source, "positions": len(gaps),
     "token_agreement": round(float(agree.mean()), 4),
     "gaps_where_tokens_differ": sorted(round(float(g), 3) for g in gaps[~agree]),
     "by_margin": [{"margin": m, "steps_run_again": round(float((gaps < m).mean()), 4),

@@ -223,19 +223,13 @@ class ContextCache(Cache):
         layers = [layer for layer in self.layers if hasattr(layer, "exact")]
         for layer in layers:
             layer.exact = True
-        self.attention_timer, paused = AttentionTimer(), self.attention_timer
-        for layer in self.layers:
-            if getattr(layer, "timer", None) is paused:
-                layer.timer = self.attention_timer
+        timed = self.attention_timer.seconds
         try:
             yield
         finally:
             for layer in layers:
                 layer.exact = False
-            for layer in self.layers:
-                if getattr(layer, "timer", None) is self.attention_timer:
-                    layer.timer = paused
-            self.attention_timer = paused
+            self.attention_timer.seconds = timed
 
     @contextlib.contextmanager
     def collecting(self, mass):

@@ -207,10 +207,7 @@ def cpu_decode_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.T
             or flat_keys[1] != flat_values[1] or keys.shape[2] != values.shape[2]:
         return None
     queries = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
-    out = np.empty_like(queries)
-    lse = np.empty(queries.shape[:2], np.float32)
-    weights = np.empty((*queries.shape[:2], n if want_weights else 0), np.float32)
-    dense_decode_attention(queries, flat_keys[0], flat_values[0], flat_keys[1], n, np.float32(scaling), out, lse, weights)
+    out, _, weights = _attend(queries, flat_keys[0], flat_values[0], flat_keys[1], n, scaling, want_weights)
     return torch.from_numpy(out), (torch.from_numpy(weights) if want_weights else None)
 
 
@@ -218,8 +215,14 @@ def host_attention_with_lse(rows: np.ndarray, keys: np.ndarray, values: np.ndarr
     """Attention of rows [KVH, R, D] float32 over the first n rows of host arrays keys/values
     [KVH, capacity, D] (float32 or bf16 bits as uint16, C-contiguous) with this module's kernel:
     (out [KVH, R, D], log-sum-exp [KVH, R]), to merge with attention over other keys."""
-    out = np.empty_like(rows)
-    lse = np.empty(rows.shape[:2], np.float32)
-    dense_decode_attention(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n,
-                           np.float32(scaling), out, lse, np.empty((*rows.shape[:2], 0), np.float32))
+    out, lse, _ = _attend(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n, scaling, False)
     return out, lse
+
+
+def _attend(queries, flat_keys, flat_values, head_stride: int, n: int, scaling: float, want_weights: bool):
+    """dense_decode_attention's outputs allocated and filled: (out, lse, weights or an empty array)."""
+    out = np.empty_like(queries)
+    lse = np.empty(queries.shape[:2], np.float32)
+    weights = np.empty((*queries.shape[:2], n if want_weights else 0), np.float32)
+    dense_decode_attention(queries, flat_keys, flat_values, head_stride, n, np.float32(scaling), out, lse, weights)
+    return out, lse, weights
