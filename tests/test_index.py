@@ -308,6 +308,44 @@ def test_cluster_entries_are_each_clusters_most_named_keys():
     np.testing.assert_array_equal(entries, [[2, 5], [3, 4], [7, -1]])
 
 
+def test_co_selection_links_each_rank_to_the_next_span_ranks():
+    from ra_cli.index.build_kernels import absorb_lists
+
+    lists = np.array([[[0, 1, 2, 3, -1], [2, 3, -1, -1, -1]]], np.int32)  # one head, two queries
+    ids = np.full((1, 4, 8), -1, np.int32)
+    counts = np.zeros((1, 4, 8), np.int32)
+    absorb_lists(lists, 2, ids, counts)
+    linked = {(a, int(ids[0, a, s])): int(counts[0, a, s]) for a in range(4) for s in range(8) if ids[0, a, s] >= 0}
+    # ranks at most 2 apart, both ways; 2-3 sit together in both lists
+    assert linked == {(0, 1): 1, (0, 2): 1, (1, 0): 1, (1, 2): 1, (1, 3): 1, (2, 0): 1, (2, 1): 1, (2, 3): 2,
+                      (3, 1): 1, (3, 2): 2}
+
+
+def test_adjacency_drops_a_candidate_that_a_nearer_neighbour_already_leads_to():
+    from ra_cli.index.build_kernels import assemble_adjacency
+
+    # key 0 at the origin; co-selected with 1 (at 1), 2 (at 2, behind 1) and 3 (at -1.5, the other way)
+    keys = np.zeros((1, 5, 2), np.float32)
+    keys[0, :4, 0] = [0.0, 1.0, 2.0, -1.5]
+    keys[0, 4] = [0.0, 9.0]
+    ids = np.full((1, 5, 4), -1, np.int32)
+    counts = np.zeros((1, 5, 4), np.int32)
+    ids[0, 0, :3], counts[0, 0, :3] = [2, 3, 1], [9, 5, 1]  # most co-selected first: not the order kept
+    knn = np.full((1, 5, 1), -1, np.int32)
+    knn[0, 0, 0] = 4
+
+    def row(occlusion):
+        adjacency = np.full((1, 5, 6), -1, np.int32)
+        assemble_adjacency(ids, counts, knn, keys, 5, 4, occlusion, adjacency)
+        return adjacency[0, 0].tolist()
+
+    # nearest first; |1 - 2|^2 = 1 < 0.83 x |0 - 2|^2: the way to 2 goes through 1, so 2 is dropped;
+    # 3 lies the other way (|1 - 3|^2 = 6.25 > 0.83 x 2.25). Then the L2 neighbour 4; the successor
+    # (1) is there already
+    assert row(0.83) == [1, 3, 4, -1, -1, -1]
+    assert row(0.0) == [1, 3, 2, 4, -1, -1]  # no pruning: every candidate, nearest first
+
+
 @pytest.mark.parametrize("start", [None, 96, 256, 512])
 def test_calibrate_ef_finds_the_smallest_sufficient_beam_from_any_start(start):
     from ra_cli.index.base import SearchResult

@@ -1,12 +1,14 @@
 """numba kernels that turn prefill queries' exact top-k lists into an attention-aware graph.
 
-Edges come from co-selection: two keys that sit next to each other in some prefill query's ranked
-top-k list are likely to be retrieved together by a decode query. Each key keeps a bounded table of
-candidate neighbours with co-selection counts (the Space-Saving heavy-hitters algorithm, so memory
-is O(n · slots) however long the prefill runs); the graph keeps each key's most frequent ones,
-plus a few nearest keys by L2 from its own neighbourhood and its positional successor, so that
-every key is reachable. Keys that arrive after the build (a long chat's evicted window) are linked
-in by search (`insert_nodes`).
+Edges come from co-selection: keys that sit close together in some prefill query's ranked top-k
+list (within `span` ranks) are likely to be retrieved together by a decode query. Each key keeps a
+bounded table of candidate neighbours with co-selection counts (the Space-Saving heavy-hitters
+algorithm, so memory is O(n · slots) however long the prefill runs). The graph keeps the candidates
+that are not redundant — nearest first, a candidate is dropped when a neighbour already kept lies
+clearly closer to it (the relative-neighbourhood rule of HNSW / DiskANN) — plus a few nearest
+keys by L2 from its own neighbourhood and its positional successor, so that every key is
+reachable. Keys that arrive after the build (a long chat's evicted window) are linked in by search
+(`insert_nodes`).
 """
 
 from __future__ import annotations
@@ -38,48 +40,86 @@ def _bump(table_ids, table_counts, row, node, weight):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def absorb_lists(lists, table_ids, table_counts):
+def absorb_lists(lists, span, table_ids, table_counts):
     """lists [H, q, L] int32 (best first, -1 padded) -> co-selection counts per query head.
 
-    Consecutive ranks of a list are linked both ways: a chain through the keys one query wanted.
-    """
+    Each rank of a list is linked both ways to the next `span` ranks: a band through the keys one
+    query wanted (span 1, a plain chain, needed 1.2x the evaluations of span 3 at equal recall on
+    the 16K recall bench)."""
     heads = lists.shape[0]
+    width = lists.shape[2]
     for h in prange(heads):
         for i in range(lists.shape[1]):
-            for r in range(lists.shape[2] - 1):
+            for r in range(width - 1):
                 a = lists[h, i, r]
-                b = lists[h, i, r + 1]
-                if a < 0 or b < 0:
+                if a < 0:
                     break
-                _bump(table_ids[h], table_counts[h], a, b, 1)
-                _bump(table_ids[h], table_counts[h], b, a, 1)
+                for b_rank in range(r + 1, min(width, r + 1 + span)):
+                    b = lists[h, i, b_rank]
+                    if b < 0:
+                        break
+                    _bump(table_ids[h], table_counts[h], a, b, 1)
+                    _bump(table_ids[h], table_counts[h], b, a, 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _squared_distance(a, b):
+    total = np.float32(0.0)
+    for d in range(a.shape[0]):
+        t = a[d] - b[d]
+        total += t * t
+    return total
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def assemble_adjacency(table_ids, table_counts, knn_all, kv_of_head, n, learned, adjacency):
-    """adjacency [G, n, M] (int32, -1 = empty): per key its `learned` most co-selected neighbours,
-    then its L2 nearest keys (knn_all [KVH, n, NK]), then its positional successor i + 1 in the
-    last slot it can take. The successor edges make every key reachable from key 0 (an entry of
-    every search) whatever the learned edges are — keys no prefill query selected included — and
-    they are the direction a copied phrase is read in."""
+def assemble_adjacency(table_ids, table_counts, knn_all, keys, n, learned, occlusion, adjacency):
+    """adjacency [G, n, M] (int32, -1 = empty) of graph g over keys [g] (float32 [G, n, D]): per
+    key i up to `learned` co-selected neighbours, then its L2 nearest keys (knn_all [G, n, NK]),
+    then its positional successor i + 1 in the last slot it can take.
+
+    Co-selected candidates (seen at least once) are taken nearest first, and one is dropped when
+    a neighbour m already taken is closer to it than `occlusion` x its own squared distance to i
+    (|m - j|^2 < occlusion |i - j|^2): an edge to j would only repeat the way through m. Rows
+    then spend their slots on directions a search has not got yet — on the 16K recall bench
+    (SmolLM2, licenses.txt) 15% fewer evaluations for Recall@100 0.95 with this rule.
+
+    The successor edges make every key reachable from key 0 (an entry of every search) whatever
+    the learned edges are — keys no prefill query selected included — and they are the direction
+    a copied phrase is read in."""
     graphs = table_ids.shape[0]
     width = adjacency.shape[2]
     slots = table_ids.shape[2]
     for h in prange(graphs):
-        knn = knn_all[kv_of_head[h]]
+        knn = knn_all[h]
+        key_set = keys[h]
+        candidates = np.empty(slots, np.int64)
+        distances = np.empty(slots, np.float32)
         for i in range(n):
             row = adjacency[h, i]
             row[:] = -1
-            order = np.argsort(-table_counts[h, i])
-            filled = 0
+            count = 0
             for s in range(slots):
-                j = table_ids[h, i, order[s]]
-                if j < 0 or j >= n or j == i:
+                j = table_ids[h, i, s]
+                if j < 0 or j >= n or j == i or table_counts[h, i, s] <= 0:
                     continue
-                row[filled] = j
-                filled += 1
+                candidates[count] = j
+                distances[count] = _squared_distance(key_set[i], key_set[j])
+                count += 1
+            order = np.argsort(distances[:count], kind="mergesort")
+            filled = 0
+            for s in range(count):
                 if filled == learned:
                     break
+                j = candidates[order[s]]
+                limit = occlusion * distances[order[s]]
+                occluded = False
+                for t in range(filled):
+                    if _squared_distance(key_set[row[t]], key_set[j]) < limit:
+                        occluded = True
+                        break
+                if not occluded:
+                    row[filled] = j
+                    filled += 1
             for s in range(knn.shape[1]):
                 j = knn[i, s]
                 if j < 0 or j >= n or j == i or filled == width - 1:

@@ -1,9 +1,10 @@
 """`graph`: the attention-aware index (ours). One graph per KV head, built from the prefill queries of its query heads.
 
 Build (per layer, once prefill is done, from PrefillCollector's work files):
-1. co-selection counts: keys adjacent in a prefill query's exact top-k list are linked (numba);
-2. adjacency: each key's most co-selected keys + its nearest preceding keys by L2, every key
-   reachable;
+1. co-selection counts: keys a few ranks apart in a prefill query's exact top-k list are linked
+   (numba);
+2. adjacency: each key's co-selected keys, nearest first, redundant ones pruned, + its nearest
+   preceding keys by L2 + its successor, every key reachable;
 3. router: k-means of the normalised prefill queries; each cluster's most selected keys are the
    entry points for decode queries that fall in it;
 4. ef: the smallest beam width whose recall on held-out prefill queries (those in the final
@@ -119,10 +120,11 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     group_queries = np.asarray(queries[:, train]).reshape(kv_heads, -1, queries.shape[2])
     table_ids = np.full((kv_heads, n, params.slots), -1, np.int32)
     table_counts = np.zeros((kv_heads, n, params.slots), np.int32)
-    absorb_lists(group_lists, table_ids, table_counts)
+    absorb_lists(group_lists, params.link_span, table_ids, table_counts)
     adjacency = np.full((kv_heads, n, params.degree), -1, np.int32)
-    assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]), np.arange(kv_heads, dtype=np.int64),
-                       n, params.degree - params.knn, adjacency)
+    assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]),
+                       np.ascontiguousarray(keys[:, :n], dtype=np.float32), n, params.degree - params.knn,
+                       params.occlusion, adjacency)
     del table_ids, table_counts
     if adjacency_dtype(n) == np.uint16:
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
