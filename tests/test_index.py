@@ -309,16 +309,20 @@ def test_cluster_entries_are_each_clusters_most_named_keys():
 
 
 def test_co_selection_links_each_rank_to_the_next_span_ranks():
-    from ra_cli.index.build_kernels import absorb_lists
+    from ra_cli.index.build_kernels import co_selection
 
-    lists = np.array([[[0, 1, 2, 3, -1], [2, 3, -1, -1, -1]]], np.int32)  # one head, two queries
-    ids = np.full((1, 4, 8), -1, np.int32)
-    counts = np.zeros((1, 4, 8), np.int32)
-    absorb_lists(lists, 2, ids, counts)
-    linked = {(a, int(ids[0, a, s])): int(counts[0, a, s]) for a in range(4) for s in range(8) if ids[0, a, s] >= 0}
-    # ranks at most 2 apart, both ways; 2-3 sit together in both lists
-    assert linked == {(0, 1): 1, (0, 2): 1, (1, 0): 1, (1, 2): 1, (1, 3): 1, (2, 0): 1, (2, 1): 1, (2, 3): 2,
-                      (3, 1): 1, (3, 2): 2}
+    lists = np.array([[[0, 1, 2, 3, -1], [2, 3, -1, -1, -1]]], np.int32)  # one graph, two queries
+    for parts in (1, 2, 3):  # how the work is split must not change the counts
+        ids = np.full((1, 4, 8), -1, np.int32)
+        counts = np.zeros((1, 4, 8), np.int32)
+        co_selection(lists, 4, 2, parts, ids, counts)
+        # ranks at most 2 apart, both ways; 2-3 sit together in both lists; most first, then by id
+        np.testing.assert_array_equal(ids[0, :, :3], [[1, 2, -1], [0, 2, 3], [3, 0, 1], [2, 1, -1]])
+        np.testing.assert_array_equal(counts[0, :, :3], [[1, 1, 0], [1, 1, 1], [2, 1, 1], [2, 1, 0]])
+    ids = np.full((1, 4, 1), -1, np.int32)
+    counts = np.zeros((1, 4, 1), np.int32)
+    co_selection(lists, 4, 2, 2, ids, counts)  # one slot: each key's most co-selected
+    np.testing.assert_array_equal(ids[0, :, 0], [1, 0, 3, 2])
 
 
 def test_adjacency_drops_a_candidate_that_a_nearer_neighbour_already_leads_to():

@@ -26,7 +26,7 @@ class IndexParams:
     list_size: int = 64  # exact top-k keys per sampled prefill query
     query_stride: int = 16  # every stride-th prefill query is sampled...
     final_stride: int = 2  # ...and every 2nd of the final window (they see every indexed key)
-    slots: int = 128  # co-selection candidates tracked per key while building
+    slots: int = 128  # most co-selected keys per key that the build weighs as neighbours
     link_span: int = 3  # a prefill query's list links each key to the next this many of its ranks
     # a co-selected candidate is dropped when a kept neighbour is nearer to it than this share of
     # its squared distance to the key (build_kernels.assemble_adjacency)

@@ -23,7 +23,7 @@ import torch
 from ra_cli.buffers import with_room
 from ra_cli.engine.attention import grouped_scores, static_and_top_mass
 from ra_cli.index.base import IndexParams, LayerIndex, SearchBuffers, SearchResult
-from ra_cli.index.build_kernels import absorb_lists, assemble_adjacency, insert_nodes, reachable
+from ra_cli.index.build_kernels import assemble_adjacency, co_selection, insert_nodes, reachable
 from ra_cli.index.group_search import search_groups_routed
 
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -120,7 +120,7 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     group_queries = np.asarray(queries[:, train]).reshape(kv_heads, -1, queries.shape[2])
     table_ids = np.full((kv_heads, n, params.slots), -1, np.int32)
     table_counts = np.zeros((kv_heads, n, params.slots), np.int32)
-    absorb_lists(group_lists, params.link_span, table_ids, table_counts)
+    co_selection(group_lists, n, params.link_span, numba.get_num_threads(), table_ids, table_counts)
     adjacency = np.full((kv_heads, n, params.degree), -1, np.int32)
     assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]),
                        np.ascontiguousarray(keys[:, :n], dtype=np.float32), n, params.degree - params.knn,
