@@ -21,6 +21,31 @@ from ra_cli.index.search_kernels import beam_search
 ASSEMBLE_BLOCK = 1024  # adjacency rows per parallel task
 
 
+@njit(cache=True, nogil=True)
+def _walk_links(lists, span, parts, part, slot_of, links, fill):
+    """One pass over a graph's lists [q, L]: every link (a, b) of ranks at most `span` apart, both
+    ways, whose key falls in this `part`. Counting (fill False): slot_of[key + 1] += 1 per link
+    (bucket sizes); filling: the link's partner goes to links[slot_of[key]] (the bucket's cursor)."""
+    shift = 0 if fill else 1
+    for i in range(lists.shape[0]):
+        for r in range(lists.shape[1] - 1):
+            a = lists[i, r]
+            if a < 0:
+                break
+            for rank in range(r + 1, min(lists.shape[1], r + 1 + span)):
+                b = lists[i, rank]
+                if b < 0:
+                    break
+                if a % parts == part:
+                    if fill:
+                        links[slot_of[a]] = b
+                    slot_of[a + shift] += 1
+                if b % parts == part:
+                    if fill:
+                        links[slot_of[b]] = a
+                    slot_of[b + shift] += 1
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def co_selection(lists, n, span, parts, table_ids, table_counts):
     """lists [G, q, L] int32 (a graph's prefill queries' top lists, best first, -1 padded) ->
@@ -33,45 +58,17 @@ def co_selection(lists, n, span, parts, table_ids, table_counts):
     by a first pass), each bucket sorted and counted — O(links) memory, which grows with the
     document like the lists themselves. The work is split into `parts` per graph by key (id %
     parts) so that 3 graphs keep 2 threads busy; the result does not depend on `parts`."""
-    graphs, samples, width = lists.shape
+    graphs = lists.shape[0]
     slots = table_ids.shape[2]
     for task in prange(graphs * parts):
         g, part = task // parts, task % parts
-        sizes = np.zeros(n + 1, np.int64)
-        for i in range(samples):
-            for r in range(width - 1):
-                a = lists[g, i, r]
-                if a < 0:
-                    break
-                for rank in range(r + 1, min(width, r + 1 + span)):
-                    b = lists[g, i, rank]
-                    if b < 0:
-                        break
-                    if a % parts == part:
-                        sizes[a + 1] += 1
-                    if b % parts == part:
-                        sizes[b + 1] += 1
-        starts = np.cumsum(sizes)
-        cursor = starts[:n].copy()
+        starts = np.zeros(n + 1, np.int64)
+        _walk_links(lists[g], span, parts, part, starts, starts[:0].astype(np.int32), False)  # bucket sizes
+        starts = np.cumsum(starts)
         links = np.empty(starts[n], np.int32)
-        for i in range(samples):
-            for r in range(width - 1):
-                a = lists[g, i, r]
-                if a < 0:
-                    break
-                for rank in range(r + 1, min(width, r + 1 + span)):
-                    b = lists[g, i, rank]
-                    if b < 0:
-                        break
-                    if a % parts == part:
-                        links[cursor[a]] = b
-                        cursor[a] += 1
-                    if b % parts == part:
-                        links[cursor[b]] = a
-                        cursor[b] += 1
-        largest = 0
-        for key in range(n):
-            largest = max(largest, sizes[key + 1])
+        _walk_links(lists[g], span, parts, part, starts[:n].copy(), links, True)
+        sizes = starts[1:] - starts[:n]
+        largest = sizes.max() if n else 0
         distinct = np.empty(largest, np.int32)
         counts = np.empty(largest, np.int32)
         for key in range(part, n, parts):
