@@ -8,9 +8,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import ra_cli.index as index_package
 import ra_cli.index.collect as collect
 import ra_cli.index.graph as graph
+import ra_cli.index.stored as stored
 from ra_cli.bench.corpus import bench_text, context_tokens
 from ra_cli.document import Document
 from ra_cli.index import IndexParams
@@ -34,8 +34,8 @@ def timed(owner, name):
 
 
 for owner, name in ((collect.PrefillCollector, "_record_lists"), (collect.PrefillCollector, "_record_neighbours"),
-                    (collect.PrefillCollector, "flush"), (graph, "absorb_lists"), (graph, "assemble_adjacency"),
-                    (graph, "kmeans_router"), (graph, "calibrate_ef"), (index_package, "attention_coverage")):
+                    (collect.PrefillCollector, "flush"), (graph, "co_selection"), (graph, "assemble_adjacency"),
+                    (graph, "kmeans_router"), (graph, "calibrate_ef"), (stored, "attention_coverage")):
     timed(owner, name)
 
 total = int(sys.argv[1])

@@ -333,14 +333,13 @@ def test_adjacency_drops_a_candidate_that_a_nearer_neighbour_already_leads_to():
     keys[0, :4, 0] = [0.0, 1.0, 2.0, -1.5]
     keys[0, 4] = [0.0, 9.0]
     ids = np.full((1, 5, 4), -1, np.int32)
-    counts = np.zeros((1, 5, 4), np.int32)
-    ids[0, 0, :3], counts[0, 0, :3] = [2, 3, 1], [9, 5, 1]  # most co-selected first: not the order kept
+    ids[0, 0, :3] = [2, 3, 1]  # most co-selected first (co_selection's order): not the order kept
     knn = np.full((1, 5, 1), -1, np.int32)
     knn[0, 0, 0] = 4
 
     def row(occlusion):
         adjacency = np.full((1, 5, 6), -1, np.int32)
-        assemble_adjacency(ids, counts, knn, keys, 5, 4, occlusion, adjacency)
+        assemble_adjacency(ids, knn, keys, 5, 4, occlusion, adjacency)
         return adjacency[0, 0].tolist()
 
     # nearest first; |1 - 2|^2 = 1 < 0.83 x |0 - 2|^2: the way to 2 goes through 1, so 2 is dropped;

@@ -99,12 +99,12 @@ def _squared_distance(a, b):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def assemble_adjacency(table_ids, table_counts, knn_all, keys, n, learned, occlusion, adjacency):
+def assemble_adjacency(table_ids, knn_all, keys, n, learned, occlusion, adjacency):
     """adjacency [G, n, M] (int32, -1 = empty) of graph g over keys [g] (float32 [G, n, D]): per
-    key i up to `learned` co-selected neighbours, then its L2 nearest keys (knn_all [G, n, NK]),
+    key i up to `learned` of its co-selected keys (table_ids [G, n, slots], -1 padded; co_selection), then its L2 nearest keys (knn_all [G, n, NK]),
     then its positional successor i + 1 in the last slot it can take.
 
-    Co-selected candidates (seen at least once) are taken nearest first, and one is dropped when
+    Co-selected candidates are taken nearest first, and one is dropped when
     a neighbour m already taken is closer to it than `occlusion` x its own squared distance to i
     (|m - j|^2 < occlusion |i - j|^2): an edge to j would only repeat the way through m. Rows
     then spend their slots on directions a search has not got yet — on the 16K recall bench
@@ -130,7 +130,7 @@ def assemble_adjacency(table_ids, table_counts, knn_all, keys, n, learned, occlu
             count = 0
             for s in range(slots):
                 j = table_ids[h, i, s]
-                if j < 0 or j >= n or j == i or table_counts[h, i, s] <= 0:
+                if j < 0 or j >= n or j == i:
                     continue
                 candidates[count] = j
                 distances[count] = _squared_distance(key_set[i], key_set[j])

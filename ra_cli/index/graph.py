@@ -122,9 +122,8 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     table_counts = np.zeros((kv_heads, n, params.slots), np.int32)
     co_selection(group_lists, n, params.link_span, numba.get_num_threads(), table_ids, table_counts)
     adjacency = np.full((kv_heads, n, params.degree), -1, np.int32)
-    assemble_adjacency(table_ids, table_counts, np.ascontiguousarray(knn[:, :n]),
-                       np.ascontiguousarray(keys[:, :n], dtype=np.float32), n, params.degree - params.knn,
-                       params.occlusion, adjacency)
+    assemble_adjacency(table_ids, np.ascontiguousarray(knn[:, :n]), np.ascontiguousarray(keys, dtype=np.float32), n,
+                       params.degree - params.knn, params.occlusion, adjacency)
     del table_ids, table_counts
     if adjacency_dtype(n) == np.uint16:
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
