@@ -1,4 +1,4 @@
-"""LLVM instructions numba does not expose: a software prefetch, the bfloat16 -> float32 bit
+"""LLVM instructions numba does not expose: a software prefetch, the CPU's cycle counter, the bfloat16 -> float32 bit
 conversion (so kernels can read bf16 arrays, stored as uint16, without a float32 copy), and an
 int32 -> float32 bit cast (a vectorizable exp builds its power of two from the exponent bits);
 and `widen`, a stored KV element as float32, for kernels over float32 or bf16 arrays alike; on the
@@ -26,6 +26,19 @@ def prefetch(typingctx, array, index):
         function = builder.module.declare_intrinsic("llvm.prefetch", fnty=function_type)
         builder.call(function, [address, ir.Constant(int32, 0), ir.Constant(int32, 3), ir.Constant(int32, 1)])
         return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's time-stamp counter (int64): how a parallel kernel's worker splits its own time
+    between two kinds of work, where no Python clock can look."""
+    signature = types.int64()
+
+    def codegen(context, builder, sig, args):
+        function = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
+        return builder.call(function, [])
 
     return signature, codegen
 

@@ -12,7 +12,8 @@ from ra_cli.errors import RaError
 from ra_cli.index import IndexParams, open_layer_index
 from ra_cli.index.base import indexed_range
 from ra_cli.index.flat import FlatLayerIndex
-from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer, recall, worker_plan
+from ra_cli.index.graph import GraphLayer, GraphLayerIndex, build_graph_layer, recall
+from ra_cli.index.group_search import worker_plan
 from ra_cli.index.pools import MIN_ENTRY, keep_best, select_top
 from ra_cli.index.hnsw import HnswLayerIndex, build_hnsw_file, parse_hnsw_file
 from ra_cli.ingest import IngestOptions, ingest
@@ -88,10 +89,10 @@ def test_candidate_buffer_cuts_to_the_k_best():
 def test_worker_plan_balances_kv_heads_over_threads():
     """3 KV heads on 2 threads: the head that read most last time searches alone."""
     heads = lambda plan: [[int(g) for g in row if g >= 0] for row in plan]  # noqa: E731
-    assert heads(worker_plan([966.0, 1193.0, 764.0], 2)) == [[1], [0, 2]]
-    assert heads(worker_plan([1.0, 1.0], 2)) == [[0], [1]] and heads(worker_plan([1.0] * 3, 1)) == [[0, 1, 2]]
+    assert heads(worker_plan(np.array([966.0, 1193.0, 764.0]), 2)) == [[1], [0, 2]]
+    assert heads(worker_plan(np.ones(2), 2)) == [[0], [1]] and heads(worker_plan(np.ones(3), 1)) == [[0, 1, 2]]
     reads = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
-    plan = heads(worker_plan(reads.tolist(), 2))
+    plan = heads(worker_plan(reads, 2))
     assert sorted(g for row in plan for g in row) == [0, 1, 2, 3, 4]
     assert sorted(reads[row].sum() for row in plan) == [7.0, 8.0]
 

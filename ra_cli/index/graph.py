@@ -203,26 +203,6 @@ def calibrate_ef(index, probe: np.ndarray, truth: np.ndarray, target: float, sta
     return trial(position)
 
 
-def worker_plan(reads: list[float], threads: int) -> np.ndarray:
-    """KV heads per parallel worker [W, P] (-1 padded) for search_groups_routed: with more KV heads
-    than threads, the heads that read most go first, each to the worker with the least work so far
-    (longest processing time first), by `reads` per KV head (the previous search's: consecutive
-    decode steps read alike). 3 KV heads on 2 threads read e.g. 966 / 1,193 / 764 keys: the fixed
-    split {0, 1} | {2} waits for 2,159 reads, this one {1} | {0, 2} for 1,730. Plain Python on a
-    handful of heads: it runs before every search of every layer."""
-    workers = max(1, min(threads, len(reads)))
-    rows: list[list[int]] = [[] for _ in range(workers)]
-    load = [0.0] * workers
-    for g in sorted(range(len(reads)), key=lambda g: -reads[g]):
-        w = load.index(min(load))
-        rows[w].append(g)
-        load[w] += reads[g]
-    plan = np.full((workers, max(map(len, rows))), -1, np.int64)
-    for w, row in enumerate(rows):
-        plan[w, : len(row)] = row
-    return plan
-
-
 class GraphLayerIndex(LayerIndex):
     """Search over one layer's graphs, one per KV head; keys [KVH, n, D] float32 or bf16 bits."""
 
@@ -235,7 +215,7 @@ class GraphLayerIndex(LayerIndex):
         self.kv_heads = layer.adjacency.shape[0]
         self.n = keys.shape[1] if n is None else n
         self.buffers = SearchBuffers(self.kv_heads, self.n)
-        self.last_reads = [1.0] * self.kv_heads  # keys each KV head's last search read: balances the next
+        self.last_reads = np.ones(self.kv_heads)  # keys each KV head's last search read: balances the next
 
     @property
     def default_ef(self) -> int:
@@ -269,16 +249,22 @@ class GraphLayerIndex(LayerIndex):
 
     def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
         """`extra` [KVH, X] or [H, X] int32 (regrouped per KV head): more entry points."""
+        search_groups_routed(*self.lockstep_arguments(queries, k, ef, extra, result, ordered))
+
+    def lockstep_arguments(self, queries, k: int, ef: int, extra, result: SearchResult, ordered: int,
+                           costs: np.ndarray | None = None) -> tuple:
+        """search_groups_routed's arguments for queries [H, q, D] float32 (contiguous) writing into
+        `result`; retrieval's fused kernel (retrieval/kernels.search_and_attend) takes them too, with
+        its own task costs (default: each KV head's reads in the last search, which it updates)."""
         kept, todo, best = self.buffers.pools(queries.shape[0] // self.kv_heads, ef, k,
                                               self.layer.adjacency.shape[2])
         extra = NO_EXTRA if extra is None else extra.reshape(self.kv_heads, -1) if extra.shape[0] != 1 else extra
-        # a fresh writable array whatever came in: numba compiles the search once per argument type,
-        # and a broadcast view is read-only, another type
-        extra = np.array(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32, order="C")
-        groups = queries.shape[0] // self.kv_heads
-        plan = worker_plan(self.last_reads, numba.get_num_threads())
-        search_groups_routed(queries, self.keys, self.layer.adjacency, self.n, self.layer.centroids,
-                             self.layer.entries, min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES,
-                             extra, ef, k, ordered, plan, self.buffers.visited, kept, todo, best, result.ids,
-                             result.scores, result.evaluations)
-        self.last_reads = result.evaluations[::groups].sum(axis=1).tolist()
+        if extra.shape[0] != self.kv_heads or extra.dtype != np.int32 or not (extra.flags.c_contiguous
+                                                                               and extra.flags.writeable):
+            # a fresh writable array: numba compiles the search once per argument type, and a
+            # broadcast view is read-only, another type
+            extra = np.array(np.broadcast_to(extra, (self.kv_heads, extra.shape[1])), dtype=np.int32, order="C")
+        return (queries, self.keys, self.layer.adjacency, self.n, self.layer.centroids, self.layer.entries,
+                min(self.params.route, self.layer.centroids.shape[1]), RECENT_ENTRIES, extra, ef, k, ordered,
+                self.last_reads if costs is None else costs, numba.get_num_threads(), self.buffers.visited, kept, todo,
+                best, result.ids, result.scores, result.evaluations)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ra_cli.engine.dense_decode import exp_nonpositive
+from ra_cli.engine.dense_decode import AHEAD, HEAD_DIM, UNROLL, _chunk_scores, _chunk_values, exp_nonpositive
+from ra_cli.index.group_search import search_kv_head, worker_plan
 from ra_cli.index.search_kernels import dot
-from ra_cli.intrinsics import prefetch, widen
+from ra_cli.intrinsics import cycles, prefetch, widen
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
@@ -53,66 +54,188 @@ def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
 def attend_static_and_retrieved(queries, static_keys, static_values, static_visible, values, ids, scores, scaling, out,
                                 mass, floor, first, lo, window_start):
     """Attention of queries [H, q, D] over their static keys and their retrieved keys in one softmax
-    (the CPU path: both halves live in host memory, so no log-sum-exp merge is needed).
+    (the CPU path: both halves live in host memory; they meet by their maxima, not a second pass).
 
     static_keys/static_values [KVH, S, D]: query i sees the first static_visible[i] of them (sinks,
     then the window up to its own position); ids/scores [H, q, k]: retrieved ids into values [KVH,
-    N, D] (float32 or bf16 bits) with their raw q·k from the search (-1 = none), reused rather than recomputed. Query head
-    h reads KV head h // (H / KVH). Writes out [H, q, D].
+    N, D] (float32 or bf16 bits) with their raw q·k from the search (-1 = none), reused rather than
+    recomputed. Query head h reads KV head h // (H / KVH). Writes out [H, q, D].
 
-    mass [H, M] (M = 0: off) collects each key's softmax weight at its absolute position when that
-    is in [first, M) and the weight is at least `floor` (static keys [0, lo) are positions [0, lo),
-    static key lo + j is position window_start + j, retrieved node n is position lo + n): chat's
-    citations. Row h belongs to query head h alone, so the parallel heads never write the same cell."""
+    mass [H, M] (M = 0: off; only for one position) collects each key's softmax weight at its
+    absolute position when that is in [first, M) and the weight is at least `floor` (static keys
+    [0, lo) are positions [0, lo), static key lo + j is position window_start + j, retrieved node n
+    is position lo + n): chat's citations. Row h belongs to query head h alone."""
+    kv_heads, heads = static_keys.shape[0], queries.shape[0]
+    static = _static_buffers(queries, static_keys)
+    for g in prange(kv_heads):
+        static_part(g, queries, static_keys, static_values, static_visible, scaling, *static)
+    for h in prange(heads):
+        retrieved_part(h, h // (heads // kv_heads), values, ids, scores, scaling, static_visible, *static, out, mass, floor,
+                       first, lo, window_start)
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, route, recent, extra, ef, k, lead, costs,
+                      threads, visited, kept, todo, best, out_ids, out_scores, out_evals, static_keys, static_values,
+                      static_visible, values, scaling, out, mass, floor, first, lo, window_start, carried):
+    """search_groups_routed (index/group_search.py; its arguments first, as GraphLayerIndex.
+    lockstep_arguments gives them) and attend_static_and_retrieved (the rest), in one call: one
+    call from Python per layer, and the workers balanced over both kinds of work.
+
+    Tasks: task g < KVH searches KV head g, task KVH + g scores its query heads' static keys
+    (which needs no search); then the query heads merge in their retrieved keys, in parallel. With
+    3 KV heads on 2 threads one worker searches twice; the other takes the static halves
+    meanwhile. costs [2 KVH + H] float64: the cycles each task, then each query head's retrieved
+    half, took the step before; worker_plan balances the tasks by them, and this step's are
+    written back. carried [H, 2 C]: the last position's best C keys of each head and their
+    successors (-1: none), the next step's extra entry points. Returns the keys scored, summed
+    over query heads and positions."""
+    kv_heads, heads = keys.shape[0], queries.shape[0]
+    groups = heads // kv_heads
+    fixed = groups * route * entries.shape[2]
+    static = _static_buffers(queries, static_keys)
+    plan = worker_plan(costs[: 2 * kv_heads], threads)
+    for worker in prange(plan.shape[0]):
+        for turn in range(plan.shape[1]):
+            task = plan[worker, turn]
+            if task < 0:
+                break
+            began = cycles()
+            if task < kv_heads:
+                search_kv_head(queries, keys, adjacency, n_valid, centroids, entries, route, recent, extra, ef, k, lead,
+                               visited, kept, todo, best, out_ids, out_scores, out_evals, task, groups, fixed)
+            else:
+                static_part(task - kv_heads, queries, static_keys, static_values, static_visible, scaling, *static)
+            costs[task] = cycles() - began
+    for h in prange(heads):
+        began = cycles()
+        retrieved_part(h, h // groups, values, out_ids, out_scores, scaling, static_visible, *static, out, mass, floor,
+                       first, lo, window_start)
+        costs[2 * kv_heads + h] = cycles() - began
+    half = carried.shape[1] // 2
+    last = out_ids.shape[1] - 1
+    for h in range(heads):
+        for j in range(half):
+            node = out_ids[h, last, j] if j < out_ids.shape[2] else -1
+            carried[h, j] = node
+            carried[h, half + j] = node + 1 if 0 <= node and node + 1 < n_valid else -1
+    return out_evals.sum()
+
+
+@njit(cache=True, nogil=True)
+def _static_buffers(queries, static_keys):
+    """static_part's outputs: weights [H, S + UNROLL], maxima and totals [H, q], partial [H, q, D]."""
+    heads, count, dim = queries.shape
+    return (np.empty((heads, static_keys.shape[1] + UNROLL), np.float32), np.empty((heads, count), np.float32),
+            np.empty((heads, count), np.float32), np.empty((heads, count, dim), np.float32))
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def static_part(g, queries, static_keys, static_values, static_visible, scaling, weights, maxima, totals, partial):
+    """KV head g's query heads over their visible static keys, unnormalised: per head h and
+    position i the largest score maxima[h, i], totals[h, i] = sum of e^(score - maximum) and
+    partial[h, i] the values weighted by those; weights[h] keeps the last position's (then zeros
+    up to the next multiple of 4). The G heads are scored and summed together, 4 rows at a time
+    (dense_decode's loops: one pass over the rows serves every head and the sums stay in
+    registers; a row at a time, waiting on its own stores, took 3-4x as long, measured)."""
     heads, count, dim = queries.shape
     groups = heads // static_keys.shape[0]
-    width = ids.shape[2]
-    for h in prange(heads):
-        g = h // groups
-        weights = np.empty(static_keys.shape[1], np.float32)
-        found = np.empty(width, np.float32)
-        acc = np.empty(dim, np.float32)
-        for i in range(count):
-            visible = static_visible[i]
+    capacity = static_keys.shape[1]
+    flat_keys, flat_values = static_keys.reshape(-1), static_values.reshape(-1)
+    rows = np.empty((UNROLL, dim), np.float32)
+    group_queries = np.empty((groups, dim), np.float32)
+    group_weights = np.empty((groups, capacity + UNROLL), np.float32)
+    acc = np.empty((groups, dim), np.float32)
+    head = g * groups
+    for i in range(count):
+        visible = static_visible[i]
+        for r in range(groups):
+            group_queries[r] = queries[head + r, i]
+        _chunk_scores(group_queries, flat_keys, g * capacity, visible, rows, group_weights, scaling)
+        for r in range(groups):
             best = -np.inf
             for j in range(visible):
-                weights[j] = dot(queries[h, i], static_keys[g, j]) * scaling
-                best = max(best, weights[j])
-            answered = 0
-            while answered < width and ids[h, i, answered] >= 0:
-                prefetch(values[g, ids[h, i, answered]], 0)  # the value rows' misses overlap the static half
-                found[answered] = scores[h, i, answered] * scaling
-                best = max(best, found[answered])
-                answered += 1
-            # weights first, in loops of their own: exp_nonpositive vectorizes there (np.exp is a
-            # libm call per key)
+                best = max(best, group_weights[r, j])
             total = np.float32(0.0)
-            for j in range(visible):
-                weights[j] = exp_nonpositive(weights[j] - best)
-                total += weights[j]
+            for j in range(visible):  # a loop of its own: exp_nonpositive vectorizes here
+                group_weights[r, j] = exp_nonpositive(group_weights[r, j] - best)
+                total += group_weights[r, j]
+            for j in range(visible, visible + UNROLL):  # the 4-row loop's padding weighs nothing
+                group_weights[r, j] = 0.0
+            maxima[head + r, i] = best
+            totals[head + r, i] = total
+        acc[:] = 0.0
+        _chunk_values(group_weights, flat_values, g * capacity, visible, rows, acc)
+        partial[head:head + groups, i] = acc
+    weights[head:head + groups] = group_weights
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def retrieved_part(h, g, values, ids, scores, scaling, static_visible, weights, maxima, totals, partial, out, mass, floor,
+                   first, lo, window_start):
+    """Query head h's retrieved keys (ids/scores [H, q, k] into values[g]) merged with its static
+    part (static_part's outputs): the softmax over both, written to out[h]; with mass on, every
+    key's weight as in attend_static_and_retrieved."""
+    count, width, dim = ids.shape[1], ids.shape[2], out.shape[2]
+    found = np.empty(width + UNROLL, np.float32)
+    acc = np.empty(dim, np.float32)
+    for i in range(count):
+        answered = 0
+        best = maxima[h, i]
+        while answered < width and ids[h, i, answered] >= 0:
+            found[answered] = scores[h, i, answered] * scaling
+            best = max(best, found[answered])
+            answered += 1
+        total = np.float32(0.0)
+        for j in range(answered):  # a loop of its own: exp_nonpositive vectorizes here
+            found[j] = exp_nonpositive(found[j] - best)
+            total += found[j]
+        for j in range(answered, answered + UNROLL):
+            found[j] = 0.0
+        rescale = exp_nonpositive(maxima[h, i] - best) if totals[h, i] > 0 else np.float32(0.0)
+        total += totals[h, i] * rescale
+        for d in range(dim):
+            acc[d] = partial[h, i, d] * rescale
+        _gathered_values(found, values[g], ids[h, i], answered, acc)
+        for d in range(dim):
+            out[h, i, d] = acc[d] / total if total > 0 else 0.0
+        if mass.shape[1] > 0 and total > 0:  # one position: weights[h] are its static weights
+            for j in range(static_visible[i]):
+                position = j if j < lo else window_start + j - lo
+                w = weights[h, j] * rescale / total
+                if first <= position < mass.shape[1] and w >= floor:
+                    mass[h, position] += w
             for j in range(answered):
-                found[j] = exp_nonpositive(found[j] - best)
-                total += found[j]
-            acc[:] = 0.0  # a local accumulator: writes through `out` would not stay in registers
-            for j in range(visible):
-                w = weights[j]
-                row = static_values[g, j]
-                for d in range(dim):
-                    acc[d] += w * row[d]
-            for j in range(answered):
-                w = found[j]
-                row = values[g, ids[h, i, j]]
-                for d in range(dim):
-                    acc[d] += w * widen(row[d])
-            for d in range(dim):
-                out[h, i, d] = acc[d] / total if total > 0 else 0.0
-            if mass.shape[1] > 0 and total > 0:
-                for j in range(visible):
-                    position = j if j < lo else window_start + j - lo
-                    w = weights[j] / total
-                    if first <= position < mass.shape[1] and w >= floor:
-                        mass[h, position] += w
-                for j in range(answered):
-                    w = found[j] / total
-                    if first <= lo + ids[h, i, j] < mass.shape[1] and w >= floor:
-                        mass[h, lo + ids[h, i, j]] += w
+                w = found[j] / total
+                if first <= lo + ids[h, i, j] < mass.shape[1] and w >= floor:
+                    mass[h, lo + ids[h, i, j]] += w
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _gathered_values(weights, values, ids, count, acc):
+    """acc += sum_j weights[j] * values[ids[j]] for j < count, 4 rows at a time (weights padded
+    with zeros past count; a padding row repeats row ids[0]), each row's cache lines requested
+    AHEAD rows before they are read."""
+    if acc.shape[0] == HEAD_DIM:
+        _gather(weights, values, ids, count, acc, HEAD_DIM)
+    else:
+        _gather(weights, values, ids, count, acc, acc.shape[0])
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _gather(weights, values, ids, count, acc, dim):
+    line = 64 // values.itemsize  # row elements per cache line
+    for j in range(min(count, AHEAD)):
+        for offset in range(0, dim, line):
+            prefetch(values[ids[j]], offset)
+    for j in range(0, count, UNROLL):
+        for u in range(j + AHEAD, min(j + AHEAD + UNROLL, count)):
+            for offset in range(0, dim, line):
+                prefetch(values[ids[u]], offset)
+        r0 = values[ids[j]]
+        r1 = values[ids[j + 1 if j + 1 < count else 0]]
+        r2 = values[ids[j + 2 if j + 2 < count else 0]]
+        r3 = values[ids[j + 3 if j + 3 < count else 0]]
+        w0, w1, w2, w3 = weights[j], weights[j + 1], weights[j + 2], weights[j + 3]
+        for d in range(dim):
+            acc[d] += w0 * widen(r0[d]) + w1 * widen(r1[d]) + w2 * widen(r2[d]) + w3 * widen(r3[d])

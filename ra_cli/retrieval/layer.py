@@ -23,8 +23,8 @@ from ra_cli.choices import EXACT_MARGIN
 from ra_cli.engine.attention import attention_with_lse, grouped_scores, merge_partial
 from ra_cli.engine.cache import AttentionLayer
 from ra_cli.engine.dense_decode import host_attention_with_lse
-from ra_cli.index.base import kv_head_of
-from ra_cli.retrieval.kernels import attend_retrieved, attend_static_and_retrieved
+from ra_cli.index.base import SearchResult, kv_head_of
+from ra_cli.retrieval.kernels import attend_retrieved, attend_static_and_retrieved, search_and_attend
 from ra_cli.store import as_host_dtype, widened
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
@@ -32,7 +32,8 @@ EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 # decode queries look at the same places, and copying a phrase walks forward through it (the key
 # after the one just attended is often the next one wanted).
 CARRY = 8
-NO_MASS = np.zeros((1, 0), np.float32)  # the kernel's "collect no attention weights"
+NO_MASS = np.zeros((1, 0), np.float32)
+SEARCH_COST = 5.0  # the kernel's "collect no attention weights"
 
 
 @dataclass
@@ -139,6 +140,8 @@ class RetrievalLayer(AttentionLayer):
         self.token_seeds = token_seeds  # a TokenSeeds shared by the cache's layers: entry points from the text
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
         self.exact = False  # attend to every key (ContextCache.exactly: a forward redone exactly)
+        self.task_cycles = None  # what search_and_attend's tasks cost the step before (see _task_cycles)
+        self._static_views = None
 
     # -- storage ---------------------------------------------------------------------------------
     @property
@@ -221,12 +224,14 @@ class RetrievalLayer(AttentionLayer):
         last = result.ids[:, -1, :CARRY]
         successors = np.where((last >= 0) & (last + 1 < self.n_indexed), last + 1, -1)
         self.carried = np.ascontiguousarray(np.concatenate([last, successors], axis=1), dtype=np.int32)
-        evaluations = int(result.evaluations.sum())
-        self.stats.evaluations += evaluations
-        self.stats.searches += result.evaluations.size
-        self.stats.per_layer_evaluations[self.layer_idx] = self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations
+        self._count(int(result.evaluations.sum()), result.evaluations.size)
         self.stats.search_seconds += time.perf_counter() - began
         return result
+
+    def _count(self, evaluations: int, searches: int) -> None:
+        self.stats.evaluations += evaluations
+        self.stats.searches += searches
+        self.stats.per_layer_evaluations[self.layer_idx] = self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations
 
     def _entry_points(self, heads: int) -> np.ndarray | None:
         """Extra entry points [H, X]: the previous step's carried keys and this forward's token seeds."""
@@ -245,23 +250,58 @@ class RetrievalLayer(AttentionLayer):
 
     def _attend_in_host_memory(self, host_query: np.ndarray, q_offset: int, scaling: float) -> torch.Tensor:
         heads, q_len, _ = host_query.shape
-        if self._searching():
-            result = self._search(host_query)
-            ids, scores = result.ids, result.scores
-        else:
-            ids, scores = np.full((heads, q_len, 1), -1, np.int32), np.zeros((heads, q_len, 1), np.float32)
-        began = time.perf_counter()
         out = np.empty((heads, q_len, self.values.shape[3]), np.float32)
         # whole C-contiguous buffers (the visible counts bound what is read): numba vectorizes those
         mass = self.mass.rows if self.mass is not None and q_len == 1 else NO_MASS
-        attend_static_and_retrieved(host_query, self.keys[0].numpy(), self.values[0].numpy(),
-                                    self.static_visible(q_len, q_offset), self.host.values, ids, scores,
-                                    np.float32(scaling), out, mass, np.float32(self.mass.floor if self.mass else 0.0),
-                                    self.mass.sinks if self.mass else 0, self.lo, self.window_start)
-        self.stats.attention_seconds += time.perf_counter() - began
+        attention = (*self._static_arrays(), self.static_visible(q_len, q_offset), self.host.values)
+        weighing = (np.float32(scaling), out, mass, np.float32(self.mass.floor if self.mass else 0.0),
+                    self.mass.sinks if self.mass else 0, self.lo, self.window_start)
+        if self._searching() and hasattr(self.index, "lockstep_arguments"):
+            # the graph's search and the attention in one call (kernels.search_and_attend)
+            began = time.perf_counter()
+            k = min(self.top_k, self.n_indexed)
+            result = SearchResult(np.empty((heads, q_len, k), np.int32), np.empty((heads, q_len, k), np.float32),
+                                  np.empty((heads, q_len), np.int64))
+            carried = np.empty((heads, 2 * CARRY), np.int32)
+            evaluations = search_and_attend(
+                *self.index.lockstep_arguments(host_query, k, self.index.beam(self.settings.ef, k),
+                                               self._entry_points(heads), result, CARRY, self._task_cycles(heads)),
+                *attention, *weighing, carried)
+            self.carried = carried
+            self._count(evaluations, heads * q_len)
+            seconds = time.perf_counter() - began
+            kv_heads = self.host.values.shape[0]
+            share = self.task_cycles[:kv_heads].sum() / max(1.0, self.task_cycles.sum())  # of the cycles, searching
+            self.stats.search_seconds += seconds * share
+            self.stats.attention_seconds += seconds * (1 - share)
+            ids = result.ids
+        else:
+            if self._searching():
+                result = self._search(host_query)
+                ids, scores = result.ids, result.scores
+            else:
+                ids, scores = np.full((heads, q_len, 1), -1, np.int32), np.zeros((heads, q_len, 1), np.float32)
+            began = time.perf_counter()
+            attend_static_and_retrieved(host_query, *attention, ids, scores, *weighing)
+            self.stats.attention_seconds += time.perf_counter() - began
         if self.auditor is not None:
             self.auditor(self, host_query, q_offset, ids, scaling)
         return torch.from_numpy(out)[None]
+
+    def _task_cycles(self, heads: int) -> np.ndarray:
+        """Cycles each task of search_and_attend took the step before (the KV heads' searches, their
+        static halves, then each query head's retrieved half), by which it balances the next;
+        before any step, a search counts as SEARCH_COST static halves."""
+        kv_heads = self.host.values.shape[0]
+        if self.task_cycles is None or self.task_cycles.shape[0] != 2 * kv_heads + heads:
+            self.task_cycles = np.array([SEARCH_COST] * kv_heads + [1.0] * (kv_heads + heads))
+        return self.task_cycles
+
+    def _static_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The static buffers' [KVH, capacity, D] numpy views, made again only when a buffer grows."""
+        if self._static_views is None or self._static_views[0] is not self.keys or self._static_views[1] is not self.values:
+            self._static_views = (self.keys, self.values, self.keys[0].numpy(), self.values[0].numpy())
+        return self._static_views[2:]
 
     def static_attention(self, query: torch.Tensor, q_offset: int, scaling: float, softcap=None, widen: bool = False):
         """(output, log-sum-exp) of attention over the static set alone, causally masked; `widen`:
