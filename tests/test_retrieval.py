@@ -352,3 +352,68 @@ def test_chat_says_how_many_close_calls_ran_again(small_context, reuse_loaded_mo
     assert answer["steps_run_again_exactly"] == 4 and answer["tokens"] == 5
     alone = json.loads(runner.invoke(app, [*args, "--exact-margin", "0", "--json"]).stdout)
     assert alone["steps_run_again_exactly"] == 0
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bf16"])
+@pytest.mark.parametrize("k,ef", [(700, 700), (200, 16), (20, 24)])
+def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef):
+    """Decode's one call per layer gives what the search and the attention kernels give one after
+    the other: the same keys, scores and evaluations, the same output, and the next step's entry
+    points (each head's best CARRY keys, then their successors); with every key answered, the
+    output is full attention over the static and indexed keys (float64 reference)."""
+    from test_index import synthetic_layer
+
+    from ra_cli.index.graph import GraphLayerIndex
+    from ra_cli.intrinsics import bf16_bits
+    from ra_cli.retrieval.kernels import CARRY, attend_static_and_retrieved, search_and_attend
+    from ra_cli.retrieval.layer import NO_MASS
+    from ra_cli.store import widened
+
+    keys, queries, layer, params = synthetic_layer(seed=4)
+    rng = np.random.default_rng(4)
+    heads, (kv_heads, n, dim) = queries.shape[0], keys.shape
+    values = rng.standard_normal((kv_heads, n, dim)).astype(np.float32)
+    if kv_dtype == "bf16":
+        keys, values = bf16_bits(torch.from_numpy(keys).bfloat16()), bf16_bits(torch.from_numpy(values).bfloat16())
+    static_keys = rng.standard_normal((kv_heads, 16, dim)).astype(np.float32)
+    static_values = rng.standard_normal((kv_heads, 16, dim)).astype(np.float32)
+    visible, lo, scaling = np.array([9, 10]), 3, np.float32(0.25)
+    query = np.ascontiguousarray(queries[:, :2])
+    extra = np.full((heads, 2 * CARRY + 4), -1, np.int32)
+    extra[:, 2 * CARRY:] = [5, 6, 400, 401]  # token seeds
+
+    index = GraphLayerIndex(layer, keys, params)
+    expected = index.search(query, k, ef, extra, ordered=CARRY)
+    expected_out = np.empty((heads, 2, dim), np.float32)
+    attend_static_and_retrieved(query, static_keys, static_values, visible, values, expected.ids, expected.scores,
+                                scaling, expected_out, NO_MASS, np.float32(0), 0, lo, lo + n)
+
+    fused = GraphLayerIndex(layer, keys, params)
+    result = type(expected)(np.empty_like(expected.ids), np.empty_like(expected.scores),
+                            np.empty_like(expected.evaluations))
+    out = np.empty((heads, 2, dim), np.float32)
+    costs = np.ones(2 * kv_heads + heads)
+    evaluations, searching = search_and_attend(
+        *fused.lockstep_arguments(query, k, fused.beam(ef, k), extra, result, CARRY, costs),
+        static_keys, static_values, visible, values, scaling, out, NO_MASS, np.float32(0), 0, lo, lo + n, extra)
+
+    np.testing.assert_array_equal(result.ids[..., :CARRY], expected.ids[..., :CARRY])
+    np.testing.assert_array_equal(np.sort(result.ids, -1), np.sort(expected.ids, -1))
+    np.testing.assert_array_equal(result.evaluations, expected.evaluations)
+    assert evaluations == expected.evaluations.sum() and 0 < searching < 1 and (costs > 1).all()
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
+    best = expected.ids[:, -1, :CARRY]
+    np.testing.assert_array_equal(extra[:, :CARRY], best)
+    np.testing.assert_array_equal(extra[:, CARRY:2 * CARRY], np.where((best >= 0) & (best + 1 < n), best + 1, -1))
+    np.testing.assert_array_equal(extra[:, 2 * CARRY:], np.broadcast_to([5, 6, 400, 401], (heads, 4)))
+    all_keys, all_values = widened(keys).astype(np.float64), widened(values).astype(np.float64)
+    for h in range(heads):  # float64 softmax over the static keys and the answered ones
+        g = h // (heads // kv_heads)
+        for i in range(2):
+            answered = result.ids[h, i][result.ids[h, i] >= 0]
+            if k >= n:  # every key answered: full attention
+                assert sorted(answered) == list(range(n))
+            scores = np.concatenate([static_keys[g, :visible[i]] @ query[h, i], all_keys[g, answered] @ query[h, i]])
+            weights = np.exp((scores - scores.max()) * scaling)
+            rows = np.concatenate([static_values[g, :visible[i]], all_values[g, answered]])
+            np.testing.assert_allclose(out[h, i], weights @ rows / weights.sum(), rtol=1e-4, atol=1e-5)

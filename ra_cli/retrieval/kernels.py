@@ -10,6 +10,11 @@ from ra_cli.index.group_search import search_kv_head, worker_plan
 from ra_cli.index.search_kernels import dot
 from ra_cli.intrinsics import cycles, prefetch, widen
 
+# Each search is also seeded with the previous step's best keys and their successors: consecutive
+# decode queries look at the same places, and copying a phrase walks forward through it (the key
+# after the one just attended is often the next one wanted).
+CARRY = 8
+
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
 def attend_retrieved(queries, keys, values, kv_of_head, ids, scaling, out, lse):
@@ -87,9 +92,11 @@ def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, rou
     3 KV heads on 2 threads one worker searches twice; the other takes the static halves
     meanwhile. costs [2 KVH + H] float64: the cycles each task, then each query head's retrieved
     half, took the step before; worker_plan balances the tasks by them, and this step's are
-    written back. carried [H, 2 C]: the last position's best C keys of each head and their
-    successors (-1: none), the next step's extra entry points. Returns the keys scored, summed
-    over query heads and positions."""
+    written back. carried [H, >= 2 C]: its first 2 C columns get the last position's best C keys
+    of each head and their successors (-1: none), the next step's extra entry points (it may be
+    the memory `extra` views: it is written after every search has read its entries). Returns
+    the keys scored (summed over query heads and positions) and the share of the workers' cycles
+    spent searching."""
     kv_heads, heads = keys.shape[0], queries.shape[0]
     groups = heads // kv_heads
     fixed = groups * route * entries.shape[2]
@@ -112,14 +119,14 @@ def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, rou
         retrieved_part(h, h // groups, values, out_ids, out_scores, scaling, static_visible, *static, out, mass, floor,
                        first, lo, window_start)
         costs[2 * kv_heads + h] = cycles() - began
-    half = carried.shape[1] // 2
     last = out_ids.shape[1] - 1
     for h in range(heads):
-        for j in range(half):
+        for j in range(CARRY):
             node = out_ids[h, last, j] if j < out_ids.shape[2] else -1
             carried[h, j] = node
-            carried[h, half + j] = node + 1 if 0 <= node and node + 1 < n_valid else -1
-    return out_evals.sum()
+            carried[h, CARRY + j] = node + 1 if 0 <= node and node + 1 < n_valid else -1
+    searching = costs[:kv_heads].sum()
+    return out_evals.sum(), searching / max(1.0, searching + costs[kv_heads:].sum())
 
 
 @njit(cache=True, nogil=True)
