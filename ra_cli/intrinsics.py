@@ -1,4 +1,5 @@
-"""LLVM instructions numba does not expose: a software prefetch, the CPU's cycle counter, the bfloat16 -> float32 bit
+"""LLVM instructions numba does not expose: a software prefetch, the CPU's cycle counter, atomic
+int64 array operations (workers of one parallel kernel taking tasks from a shared queue), the bfloat16 -> float32 bit
 conversion (so kernels can read bf16 arrays, stored as uint16, without a float32 copy), and an
 int32 -> float32 bit cast (a vectorizable exp builds its power of two from the exponent bits);
 and `widen`, a stored KV element as float32, for kernels over float32 or bf16 arrays alike; on the
@@ -39,6 +40,46 @@ def cycles(typingctx):
     def codegen(context, builder, sig, args):
         function = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
         return builder.call(function, [])
+
+    return signature, codegen
+
+
+def _int64_cell(context, builder, array_type, array, index):
+    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+
+
+@intrinsic
+def atomic_add(typingctx, array, index, value):
+    """array[index] += value as one indivisible step between threads; returns the value before."""
+    signature = types.int64(array, index, value)
+
+    def codegen(context, builder, sig, args):
+        cell = _int64_cell(context, builder, sig.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", cell, args[2], "seq_cst")
+
+    return signature, codegen
+
+
+@intrinsic
+def atomic_load(typingctx, array, index):
+    """array[index], read afresh every time (never hoisted out of a wait loop), and every write
+    the other thread made before its atomic_store of it visible after."""
+    signature = types.int64(array, index)
+
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_int64_cell(context, builder, sig.args[0], args[0], args[1]), "acquire", 8)
+
+    return signature, codegen
+
+
+@intrinsic
+def atomic_store(typingctx, array, index, value):
+    """array[index] = value, after every write this thread made before it (see atomic_load)."""
+    signature = types.void(array, index, value)
+
+    def codegen(context, builder, sig, args):
+        builder.store_atomic(args[2], _int64_cell(context, builder, sig.args[0], args[0], args[1]), "release", 8)
+        return context.get_dummy_value()
 
     return signature, codegen
 

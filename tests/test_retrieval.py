@@ -354,13 +354,29 @@ def test_chat_says_how_many_close_calls_ran_again(small_context, reuse_loaded_mo
     assert alone["steps_run_again_exactly"] == 0
 
 
+def test_search_and_attend_queues_searches_then_static_halves_then_heads_by_readiness():
+    """Searches costliest first, static halves costliest first, then each head's merge by when
+    its KV head's two tasks end if 2 workers take the queue in turn with last step's costs."""
+    from ra_cli.retrieval.kernels import task_order
+
+    costs = np.array([400.0, 500.0, 300.0, 70.0, 80.0, 60.0] + [1.0] * 9)
+    order, taken, done = task_order(costs, 3, 2)
+    # KV head 1: searched by itself (500), static at 580; KV head 0: 400, static at 650; KV head 2: 700, 710
+    assert order.tolist() == [1, 0, 2, 4, 3, 5, 9, 10, 11, 6, 7, 8, 12, 13, 14]
+    assert taken.tolist() == [0] and done.tolist() == [0] * 15
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kv_dtype", ["float32", "bf16"])
 @pytest.mark.parametrize("k,ef", [(700, 700), (200, 16), (20, 24)])
-def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef):
+def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef, threads, monkeypatch):
     """Decode's one call per layer gives what the search and the attention kernels give one after
     the other: the same keys, scores and evaluations, the same output, and the next step's entry
     points (each head's best CARRY keys, then their successors); with every key answered, the
-    output is full attention over the static and indexed keys (float64 reference)."""
+    output is full attention over the static and indexed keys (float64 reference). One worker
+    takes the whole queue itself (nothing to wait for)."""
+    import numba
+
     from test_index import synthetic_layer
 
     from ra_cli.index.graph import GraphLayerIndex
@@ -389,6 +405,7 @@ def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef):
                                 scaling, expected_out, NO_MASS, np.float32(0), 0, lo, lo + n)
 
     fused = GraphLayerIndex(layer, keys, params)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: threads)
     result = type(expected)(np.empty_like(expected.ids), np.empty_like(expected.scores),
                             np.empty_like(expected.evaluations))
     out = np.empty((heads, 2, dim), np.float32)

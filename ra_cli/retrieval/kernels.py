@@ -6,9 +6,9 @@ import numpy as np
 from numba import njit, prange
 
 from ra_cli.engine.dense_decode import AHEAD, HEAD_DIM, UNROLL, _chunk_scores, _chunk_values, exp_nonpositive
-from ra_cli.index.group_search import search_kv_head, worker_plan
+from ra_cli.index.group_search import search_kv_head
 from ra_cli.index.search_kernels import dot
-from ra_cli.intrinsics import cycles, prefetch, widen
+from ra_cli.intrinsics import atomic_add, atomic_load, atomic_store, cycles, prefetch, widen
 
 # Each search is also seeded with the previous step's best keys and their successors: consecutive
 # decode queries look at the same places, and copying a phrase walks forward through it (the key
@@ -85,40 +85,49 @@ def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, rou
                       static_visible, values, scaling, out, mass, floor, first, lo, window_start, carried):
     """search_groups_routed (index/group_search.py; its arguments first, as GraphLayerIndex.
     lockstep_arguments gives them) and attend_static_and_retrieved (the rest), in one call: one
-    call from Python per layer, and the workers balanced over both kinds of work.
+    call from Python per layer, and the workers kept busy across both kinds of work.
 
-    Tasks: task g < KVH searches KV head g, task KVH + g scores its query heads' static keys
-    (which needs no search); then the query heads merge in their retrieved keys, in parallel. With
-    3 KV heads on 2 threads one worker searches twice; the other takes the static halves
-    meanwhile. costs [2 KVH + H] float64: the cycles each task, then each query head's retrieved
-    half, took the step before; worker_plan balances the tasks by them, and this step's are
-    written back. carried [H, >= 2 C]: its first 2 C columns get the last position's best C keys
-    of each head and their successors (-1: none), the next step's extra entry points (it may be
-    the memory `extra` views: it is written after every search has read its entries). Returns
-    the keys scored (summed over query heads and positions) and the share of the workers' cycles
-    spent searching."""
+    Tasks: g < KVH searches KV head g; KVH + g scores its query heads' static keys (no search
+    needed); 2 KVH + h merges query head h's retrieved keys into its static part (after both of
+    its KV head's tasks). `threads` workers take them in turn from one queue (task_order): the
+    searches, costliest first, then the static halves, then the heads in the order their KV heads
+    should be done. A head's task waits for its KV head's two only if another worker is still on
+    them, and every task it waits for was taken before it, by a running worker: a worker that
+    finds the queue empty has nothing left to wait for. So with 3 KV heads on 2 threads, the
+    worker that searched once scores the static halves and merges the heads whose search is done
+    while the other is still searching. costs [2 KVH + H] float64: the cycles each task took the
+    step before (the order comes from them); this step's are written back. carried [H, >= 2 C]:
+    its first 2 C columns get the last position's best C keys of each head and their successors
+    (-1: none), the next step's extra entry points (it may be the memory `extra` views: it is
+    written after every search has read its entries). Returns the keys scored (summed over query
+    heads and positions) and the share of the workers' cycles spent searching."""
     kv_heads, heads = keys.shape[0], queries.shape[0]
     groups = heads // kv_heads
     fixed = groups * route * entries.shape[2]
     static = _static_buffers(queries, static_keys)
-    plan = worker_plan(costs[: 2 * kv_heads], threads)
-    for worker in prange(plan.shape[0]):
-        for turn in range(plan.shape[1]):
-            task = plan[worker, turn]
-            if task < 0:
+    order, taken, done = task_order(costs, kv_heads, threads)
+    for worker in prange(min(threads, order.shape[0])):
+        while True:
+            turn = atomic_add(taken, 0, 1)
+            if turn >= order.shape[0]:
                 break
+            task = order[turn]
+            if task >= 2 * kv_heads:  # a head's merge: its KV head's search and static half first
+                g = (task - 2 * kv_heads) // groups
+                while atomic_load(done, g) == 0 or atomic_load(done, kv_heads + g) == 0:
+                    pass
             began = cycles()
             if task < kv_heads:
                 search_kv_head(queries, keys, adjacency, n_valid, centroids, entries, route, recent, extra, ef, k, lead,
                                visited, kept, todo, best, out_ids, out_scores, out_evals, task, groups, fixed)
-            else:
+            elif task < 2 * kv_heads:
                 static_part(task - kv_heads, queries, static_keys, static_values, static_visible, scaling, *static)
+            else:
+                h = task - 2 * kv_heads
+                retrieved_part(h, h // groups, values, out_ids, out_scores, scaling, static_visible, *static, out, mass,
+                               floor, first, lo, window_start)
             costs[task] = cycles() - began
-    for h in prange(heads):
-        began = cycles()
-        retrieved_part(h, h // groups, values, out_ids, out_scores, scaling, static_visible, *static, out, mass, floor,
-                       first, lo, window_start)
-        costs[2 * kv_heads + h] = cycles() - began
+            atomic_store(done, task, 1)
     last = out_ids.shape[1] - 1
     for h in range(heads):
         for j in range(CARRY):
@@ -127,6 +136,32 @@ def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, rou
             carried[h, CARRY + j] = node + 1 if 0 <= node and node + 1 < n_valid else -1
     searching = costs[:kv_heads].sum()
     return out_evals.sum(), searching / max(1.0, searching + costs[kv_heads:].sum())
+
+
+@njit(cache=True, nogil=True)
+def task_order(costs, kv_heads, threads):
+    """search_and_attend's queue: the order of its tasks, a counter of those taken and their done
+    flags (zeros). Searches costliest first, then static halves costliest first; then each head's
+    merge, by when its KV head's two tasks should be done if `threads` workers take the queue in
+    turn with the costs of the step before (consecutive decode steps are alike)."""
+    tasks = costs.shape[0]
+    order = np.empty(tasks, np.int64)
+    order[:kv_heads] = np.argsort(-costs[:kv_heads], kind="mergesort")
+    order[kv_heads: 2 * kv_heads] = kv_heads + np.argsort(-costs[kv_heads: 2 * kv_heads], kind="mergesort")
+    load = np.zeros(max(1, threads), np.float64)
+    finish = np.zeros(kv_heads, np.float64)
+    for turn in range(2 * kv_heads):
+        task = order[turn]
+        w = np.argmin(load)
+        load[w] += costs[task]
+        g = task % kv_heads
+        finish[g] = max(finish[g], load[w])
+    groups = (tasks - 2 * kv_heads) // kv_heads
+    ready = np.empty(tasks - 2 * kv_heads, np.float64)
+    for h in range(ready.shape[0]):
+        ready[h] = finish[h // groups]
+    order[2 * kv_heads:] = 2 * kv_heads + np.argsort(ready, kind="mergesort")
+    return order, np.zeros(1, np.int64), np.zeros(tasks, np.int64)
 
 
 @njit(cache=True, nogil=True)
