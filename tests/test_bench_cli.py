@@ -129,6 +129,10 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
         parts = ("body_ms", "search_ms", "attention_ms", "other_ms", "exact_ms")
         assert abs(sum(run[part] for part in parts) - run["decode_mean_ms"]) < 0.01
         assert min(run["search_ms"], run["other_ms"], run["exact_ms"]) >= 0
+        # the retrieval part is the searched layers' share: attention of the layers read whole apart
+        assert abs(run["retrieval_ms"] + run["dense_attention_ms"]
+                   - (run["search_ms"] + run["attention_ms"] + run["other_ms"])) < 0.01
+        assert (run["dense_attention_ms"] > 0) == bool(run["dense_layers"]) or mode == "full"
         assert (run["exact_steps"] is None) == (mode == "full") and (run["exact_steps"] or 0) <= 3
     # at 1K tokens a CPU reads some layers whole rather than search them; search-all searches every one
     assert runs["retrieval"]["cheaper_dense_layers"] and set(runs["retrieval"]["cheaper_dense_layers"]) <= set(
@@ -137,6 +141,8 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
         runs["retrieval"]["dense_layers"])
     assert runs["search-all"]["search_ms"] > 0 and runs["search-all"]["keys_scanned"] > 0
     assert runs["full"]["search_ms"] == 0 and runs["full"]["keys_scanned"] is None
+    assert runs["full"]["retrieval_ms"] == 0 and runs["full"]["dense_attention_ms"] == runs["full"]["attention_ms"] > 0
+    assert runs["search-all"]["retrieval_ms"] > 0
     assert runs["full"]["ingest_cached"]  # the second mode reused the first run's ingest
     assert (tmp_path / "p.png").stat().st_size > 10_000
 

@@ -109,8 +109,8 @@ def print_table(report: dict) -> None:
 
     table = Table(title=f"decode ms/token (median of {report['steps']} steps); model {report['model']}"
                         + (" — synthetic weights: timing only" if report["synthetic"] else ""))
-    columns = ("tokens", "mode", "ms/tok", "mean", "body", "search", "attn", "other", "exact", "ingest/s", "RSS", "disk",
-               "keys", "dense")
+    columns = ("tokens", "mode", "ms/tok", "mean", "body", "search", "attn", "other", "retr", "exact", "ingest/s", "RSS",
+               "disk", "keys", "dense")
     for column in columns:
         table.add_column(column, justify="right")
 
@@ -121,15 +121,15 @@ def print_table(report: dict) -> None:
         redone = run.get("exact_steps")
         table.add_row(f"{run['context_tokens']:,}", run["mode"], number(run["decode_ms_per_token"]),
                       number(run.get("decode_mean_ms")), number(run.get("body_ms")), number(run.get("search_ms")),
-                      number(run.get("attention_ms")), number(run.get("other_ms")),
+                      number(run.get("attention_ms")), number(run.get("other_ms")), number(run.get("retrieval_ms")),
                       "-" if redone is None else f"{number(run.get('exact_ms'))} ({redone}/{run['steps']})",
                       number(run.get("ingest_tokens_per_s"), "{:,.0f}"),
                       number(run["peak_rss_bytes"] and run["peak_rss_bytes"] / 2**30, "{:.1f}G"),
                       number(run.get("disk_bytes") and run["disk_bytes"] / 2**30, "{:.2f}G"),
                       number(run.get("keys_scanned"), "{:,.0f}"),
                       "-" if run.get("dense_layers") is None else str(len(run["dense_layers"])))
-    # into a log or a pipe (80 columns by default) the 14 columns would be squeezed to "1…"
-    console = stderr if stderr.is_terminal else Console(stderr=True, highlight=False, width=160)
+    # into a log or a pipe (80 columns by default) the 15 columns would be squeezed to "1…"
+    console = stderr if stderr.is_terminal else Console(stderr=True, highlight=False, width=170)
     console.print(table)
 
 
