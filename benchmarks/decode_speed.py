@@ -1,6 +1,8 @@
 """Whole-model decode ms/token with full and retrieval attention (every retrievable layer searched)
 on saved contexts, 20 steps after 4 warm-up, and where a retrieval step's time goes: search and
-attention over the answered + static keys, per token over all layers.
+attention over the answered + static keys, per token over all layers (on a CPU one call does
+both: its time is split by the cycles its workers spent on each), and the retrieval part with
+its Python glue.
 
     python benchmarks/decode_speed.py [--model NAME] CTX.idx …
 """
