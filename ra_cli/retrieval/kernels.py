@@ -75,8 +75,8 @@ def attend_static_and_retrieved(queries, static_keys, static_values, static_visi
     for g in prange(kv_heads):
         static_part(g, queries, static_keys, static_values, static_visible, scaling, *static)
     for h in prange(heads):
-        retrieved_part(h, h // (heads // kv_heads), values, ids, scores, scaling, static_visible, *static, out, mass, floor,
-                       first, lo, window_start)
+        retrieved_part(h, h // (heads // kv_heads), values, ids, scores, scaling, static_visible, *static, out, mass,
+                       floor, first, lo, window_start)
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
@@ -178,8 +178,9 @@ def static_part(g, queries, static_keys, static_values, static_visible, scaling,
     position i the largest score maxima[h, i], totals[h, i] = sum of e^(score - maximum) and
     partial[h, i] the values weighted by those; weights[h] keeps the last position's (then zeros
     up to the next multiple of 4). The G heads are scored and summed together, 4 rows at a time
-    (dense_decode's loops: one pass over the rows serves every head and the sums stay in
-    registers; a row at a time, waiting on its own stores, took 3-4x as long, measured)."""
+    (dense_decode's loops: one pass over the rows serves every head, and the sums stay in
+    registers where a row at a time waited on its own stores: 38 us a layer at 16K for the
+    static halves alone before, docs/benchmarks.md "Search and attention in one call")."""
     heads, count, dim = queries.shape
     groups = heads // static_keys.shape[0]
     capacity = static_keys.shape[1]
@@ -213,8 +214,8 @@ def static_part(g, queries, static_keys, static_values, static_visible, scaling,
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def retrieved_part(h, g, values, ids, scores, scaling, static_visible, weights, maxima, totals, partial, out, mass, floor,
-                   first, lo, window_start):
+def retrieved_part(h, g, values, ids, scores, scaling, static_visible, weights, maxima, totals, partial, out, mass,
+                   floor, first, lo, window_start):
     """Query head h's retrieved keys (ids/scores [H, q, k] into values[g]) merged with its static
     part (static_part's outputs): the softmax over both, written to out[h]; with mass on, every
     key's weight as in attend_static_and_retrieved."""

@@ -232,7 +232,8 @@ class RetrievalLayer(AttentionLayer):
     def _count(self, evaluations: int, searches: int) -> None:
         self.stats.evaluations += evaluations
         self.stats.searches += searches
-        self.stats.per_layer_evaluations[self.layer_idx] = self.stats.per_layer_evaluations.get(self.layer_idx, 0) + evaluations
+        per_layer = self.stats.per_layer_evaluations
+        per_layer[self.layer_idx] = per_layer.get(self.layer_idx, 0) + evaluations
 
     def _entry_points(self, heads: int) -> np.ndarray | None:
         """Extra entry points [H, X]: the previous step's carried keys and this forward's token seeds."""
@@ -317,7 +318,8 @@ class RetrievalLayer(AttentionLayer):
 
     def _static_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The static buffers' [KVH, capacity, D] numpy views, made again only when a buffer grows."""
-        if self._static_views is None or self._static_views[0] is not self.keys or self._static_views[1] is not self.values:
+        views = self._static_views
+        if views is None or views[0] is not self.keys or views[1] is not self.values:
             self._static_views = (self.keys, self.values, self.keys[0].numpy(), self.values[0].numpy())
         return self._static_views[2:]
 
