@@ -375,8 +375,8 @@ def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef, thr
     """Decode's one call per layer gives what the search and the attention kernels give one after
     the other: the same keys, scores and evaluations, the same output, and the next step's entry
     points (each head's best CARRY keys, then their successors); with every key answered, the
-    output is full attention over the static and indexed keys (float64 reference). One worker
-    takes the whole queue itself (nothing to wait for)."""
+    output is full attention over the static and indexed keys (float64 reference), with one
+    worker taking the whole queue or two sharing it."""
     import numba
 
     from test_index import synthetic_layer

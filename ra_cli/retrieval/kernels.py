@@ -91,31 +91,33 @@ def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, rou
     needed); 2 KVH + h merges query head h's retrieved keys into its static part (after both of
     its KV head's tasks). `threads` workers take them in turn from one queue (task_order): the
     searches, costliest first, then the static halves, then the heads in the order their KV heads
-    should be done. A head's task waits for its KV head's two only if another worker is still on
-    them, and every task it waits for was taken before it, by a running worker: a worker that
-    finds the queue empty has nothing left to wait for. So with 3 KV heads on 2 threads, the
-    worker that searched once scores the static halves and merges the heads whose search is done
-    while the other is still searching. costs [2 KVH + H] float64: the cycles each task took the
-    step before (the order comes from them); this step's are written back. carried [H, >= 2 C]:
-    its first 2 C columns get the last position's best C keys of each head and their successors
-    (-1: none), the next step's extra entry points (it may be the memory `extra` views: it is
-    written after every search has read its entries). Returns the keys scored (summed over query
-    heads and positions) and the share of the workers' cycles spent searching."""
+    should be done. A worker that takes a head whose KV head is not done yet leaves it for after
+    the queue (a second parallel loop) instead of waiting: nobody spins on a thread the OS may
+    have put aside. So with 3 KV heads on 2 threads, the worker that searched once scores the
+    static halves and merges the heads already searched while the other is still searching.
+    costs [2 KVH + H] float64: the cycles each task took the step before (the order comes from
+    them); this step's are written back. carried [H, >= 2 C]: its first 2 C columns get the last
+    position's best C keys of each head and their successors (-1: none), the next step's extra
+    entry points (it may be the memory `extra` views: it is written after every search has read
+    its entries). Returns the keys scored (summed over query heads and positions) and the share
+    of the workers' cycles spent searching."""
     kv_heads, heads = keys.shape[0], queries.shape[0]
     groups = heads // kv_heads
     fixed = groups * route * entries.shape[2]
     static = _static_buffers(queries, static_keys)
     order, taken, done = task_order(costs, kv_heads, threads)
+    left = np.zeros(heads, np.bool_)  # merges whose KV head was not done when taken
     for worker in prange(min(threads, order.shape[0])):
         while True:
             turn = atomic_add(taken, 0, 1)
             if turn >= order.shape[0]:
                 break
             task = order[turn]
-            if task >= 2 * kv_heads:  # a head's merge: its KV head's search and static half first
-                g = (task - 2 * kv_heads) // groups
-                while atomic_load(done, g) == 0 or atomic_load(done, kv_heads + g) == 0:
-                    pass
+            if task >= 2 * kv_heads:  # a head's merge: only once its KV head's search and static half are done
+                h = task - 2 * kv_heads
+                if atomic_load(done, h // groups) == 0 or atomic_load(done, kv_heads + h // groups) == 0:
+                    left[h] = True
+                    continue
             began = cycles()
             if task < kv_heads:
                 search_kv_head(queries, keys, adjacency, n_valid, centroids, entries, route, recent, extra, ef, k, lead,
@@ -123,11 +125,16 @@ def search_and_attend(queries, keys, adjacency, n_valid, centroids, entries, rou
             elif task < 2 * kv_heads:
                 static_part(task - kv_heads, queries, static_keys, static_values, static_visible, scaling, *static)
             else:
-                h = task - 2 * kv_heads
                 retrieved_part(h, h // groups, values, out_ids, out_scores, scaling, static_visible, *static, out, mass,
                                floor, first, lo, window_start)
             costs[task] = cycles() - began
             atomic_store(done, task, 1)
+    for h in prange(heads):
+        if left[h]:
+            began = cycles()
+            retrieved_part(h, h // groups, values, out_ids, out_scores, scaling, static_visible, *static, out, mass,
+                           floor, first, lo, window_start)
+            costs[2 * kv_heads + h] = cycles() - began
     last = out_ids.shape[1] - 1
     for h in range(heads):
         for j in range(CARRY):
