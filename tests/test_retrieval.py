@@ -384,7 +384,7 @@ def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef, thr
     from ra_cli.index.graph import GraphLayerIndex
     from ra_cli.intrinsics import bf16_bits
     from ra_cli.retrieval.kernels import CARRY, attend_static_and_retrieved, search_and_attend
-    from ra_cli.retrieval.layer import NO_MASS
+    from ra_cli.retrieval.host_path import NO_MASS
     from ra_cli.store import widened
 
     keys, queries, layer, params = synthetic_layer(seed=4)
