@@ -23,7 +23,10 @@ SEARCH_COST = 5.0
 
 
 class HostMemoryAttention:
+    """RetrievalLayer's attention over host-memory KV (see the module's docstring)."""
+
     def host_path_state(self) -> None:
+        """The state this path keeps between decode steps (set once, in RetrievalLayer.__init__)."""
         self.task_cycles = None  # what search_and_attend's tasks cost the step before (see _task_cycles)
         self._static_views = None
         self._entry_buffer = None  # carried keys and token seeds for search_and_attend (_carried_and_seeds)
