@@ -1,5 +1,6 @@
 """LLVM instructions numba does not expose: a software prefetch, the CPU's cycle counter, atomic
-int64 array operations (workers of one parallel kernel taking tasks from a shared queue), the bfloat16 -> float32 bit
+operations on int64 arrays (workers of one parallel kernel taking tasks from a shared queue), the
+bfloat16 -> float32 bit
 conversion (so kernels can read bf16 arrays, stored as uint16, without a float32 copy), and an
 int32 -> float32 bit cast (a vectorizable exp builds its power of two from the exponent bits);
 and `widen`, a stored KV element as float32, for kernels over float32 or bf16 arrays alike; on the
@@ -44,18 +45,27 @@ def cycles(typingctx):
     return signature, codegen
 
 
-def _int64_cell(context, builder, array_type, array, index):
-    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+def _int64_cell(context, builder, sig, args):
+    """The address of int64 array args[0] at index args[1] (any integer type)."""
+    index = context.cast(builder, args[1], sig.args[1], types.int64)
+    return builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [index])
+
+
+def _int64_array(array, *integers):
+    return isinstance(array, types.Array) and array.dtype == types.int64 and all(
+        isinstance(value, types.Integer) for value in integers)
 
 
 @intrinsic
 def atomic_add(typingctx, array, index, value):
     """array[index] += value as one indivisible step between threads; returns the value before."""
+    if not _int64_array(array, index, value):
+        return None
     signature = types.int64(array, index, value)
 
     def codegen(context, builder, sig, args):
-        cell = _int64_cell(context, builder, sig.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", cell, args[2], "seq_cst")
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", _int64_cell(context, builder, sig, args), value, "seq_cst")
 
     return signature, codegen
 
@@ -64,10 +74,12 @@ def atomic_add(typingctx, array, index, value):
 def atomic_load(typingctx, array, index):
     """array[index], read afresh every time (never hoisted out of a wait loop), and every write
     the other thread made before its atomic_store of it visible after."""
+    if not _int64_array(array, index):
+        return None
     signature = types.int64(array, index)
 
     def codegen(context, builder, sig, args):
-        return builder.load_atomic(_int64_cell(context, builder, sig.args[0], args[0], args[1]), "acquire", 8)
+        return builder.load_atomic(_int64_cell(context, builder, sig, args), "acquire", 8)
 
     return signature, codegen
 
@@ -75,10 +87,13 @@ def atomic_load(typingctx, array, index):
 @intrinsic
 def atomic_store(typingctx, array, index, value):
     """array[index] = value, after every write this thread made before it (see atomic_load)."""
+    if not _int64_array(array, index, value):
+        return None
     signature = types.void(array, index, value)
 
     def codegen(context, builder, sig, args):
-        builder.store_atomic(args[2], _int64_cell(context, builder, sig.args[0], args[0], args[1]), "release", 8)
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(value, _int64_cell(context, builder, sig, args), "release", 8)
         return context.get_dummy_value()
 
     return signature, codegen

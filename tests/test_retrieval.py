@@ -356,6 +356,32 @@ def test_chat_says_how_many_close_calls_ran_again(small_context, reuse_loaded_mo
     assert alone["steps_run_again_exactly"] == 0
 
 
+def test_workers_take_each_task_of_a_shared_queue_exactly_once():
+    """The atomic intrinsics search_and_attend's queue stands on: two workers drawing turns from
+    one counter take every task once, and a flag stored after a write shows the write."""
+    from numba import njit, prange
+
+    from ra_cli.intrinsics import atomic_add, atomic_load, atomic_store
+
+    @njit(parallel=True)
+    def drain(tasks, taken, done, seen, order_ok):
+        for worker in prange(2):
+            while True:
+                turn = atomic_add(taken, 0, 1)
+                if turn >= tasks:
+                    break
+                seen[turn] += 1
+                if turn > 0 and atomic_load(done, turn - 1) == 1 and seen[turn - 1] != 1:
+                    order_ok[0] = 0  # a done flag without the write before it
+                atomic_store(done, turn, np.int32(1))
+
+    tasks = 20000
+    taken, order_ok = np.zeros(1, np.int64), np.ones(1, np.int64)
+    done, seen = np.zeros(tasks, np.int64), np.zeros(tasks, np.int64)
+    drain(tasks, taken, done, seen, order_ok)
+    assert (seen == 1).all() and done.all() and taken[0] == tasks + 2 and order_ok[0] == 1
+
+
 def test_search_and_attend_queues_searches_then_static_halves_then_heads_by_readiness():
     """Searches costliest first, static halves costliest first, then each head's merge by when
     its KV head's two tasks end if 2 workers take the queue in turn with last step's costs."""
