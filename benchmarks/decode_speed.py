@@ -11,9 +11,11 @@ import json
 import sys
 import time
 
+import numpy as np
+
 from ra_cli.retrieval.modes import open_cache
 from ra_cli.engine.generate import prefill
-from ra_cli.retrieval.layer import RetrievalSettings
+from ra_cli.retrieval.layer import RetrievalLayer, RetrievalSettings
 from ra_cli.model import load_model
 from ra_cli.store import ContextStore
 
@@ -46,5 +48,14 @@ for path in args:
             row["retrieved_attention_ms_per_token"] = round(stats.attention_seconds / steps * 1000, 2)
             row["retrieval_ms_per_token"] = round(stats.retrieval_seconds / steps * 1000, 2)  # with the glue
             row["retrieval_stats"] = stats.as_dict()
+            # search_and_attend's tasks at the last step: mean cycles per KV head's search and static
+            # half, per query head's merge (the cost model's per-key figures come from these)
+            tasks = [(layer.host.values.shape[0], layer.task_cycles) for layer in cache.layers
+                     if isinstance(layer, RetrievalLayer) and layer.task_cycles is not None]
+            if tasks:
+                row["task_cycles"] = {
+                    name: round(float(np.mean([cycles[part(g)] for g, cycles in tasks])))
+                    for name, part in (("search", lambda g: slice(0, g)), ("static", lambda g: slice(g, 2 * g)),
+                                       ("merge", lambda g: slice(2 * g, None)))}
         del cache
     print(json.dumps(row), flush=True)

@@ -12,9 +12,10 @@ the dev box with the current kernels, per thread:
 - dense: 18.5 ns per key and KV head with G = 3 (SmolLM2, 16K: 13.6 ms over 30 layers), 28.9 with
   G = 7 (Qwen2.5, 32K: 22.7 ms over 24 layers) (`benchmarks/dense_decode.py`; docs/benchmarks.md,
   "Dense attention as one float32 pass"), as a constant plus a part per query head;
-- search: 166 ns per key scanned with G = 3 (SmolLM2 at 16K, every layer searched: ~404K cycles
-  at 2.6 GHz for a KV head's ~940 keys, the kernel's own count), plus 5 ns per query head (the
-  slope between G = 3 and G = 7 measured before: 192 and 213 ns);
+- search: 166 ns per key scanned with G = 3 (SmolLM2 at 16K, every layer searched: ~400K cycles
+  at 2.6 GHz for a KV head's ~940 keys, the kernel's own count: `benchmarks/decode_speed.py
+  CTX.idx` prints it as task_cycles), plus 5 ns per query head (the slope between G = 3 and G = 7
+  measured before: 192 and 213 ns);
 - attention to the answered and static keys: ~12 ns per query head and key (the static halves'
   ~70K cycles per KV head over 3 x 640 keys, the merges' ~16K per head over ~700);
 - and a searched layer's own cost beyond those, ~20 us: the Python around the call (~12 us) and
