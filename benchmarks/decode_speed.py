@@ -50,12 +50,11 @@ for path in args:
             row["retrieval_stats"] = stats.as_dict()
             # search_and_attend's tasks at the last step: mean cycles per KV head's search and static
             # half, per query head's merge (the cost model's per-key figures come from these)
-            tasks = [(layer.host.values.shape[0], layer.task_cycles) for layer in cache.layers
-                     if isinstance(layer, RetrievalLayer) and layer.task_cycles is not None]
-            if tasks:
-                row["task_cycles"] = {
-                    name: round(float(np.mean([cycles[part(g)] for g, cycles in tasks])))
-                    for name, part in (("search", lambda g: slice(0, g)), ("static", lambda g: slice(g, 2 * g)),
-                                       ("merge", lambda g: slice(2 * g, None)))}
+            cycles = np.array([layer.task_cycles for layer in cache.layers
+                               if isinstance(layer, RetrievalLayer) and layer.task_cycles is not None])
+            g = store.manifest["model_shape"]["kv_heads"]
+            if cycles.size:
+                row["task_cycles"] = {"search": round(cycles[:, :g].mean()), "static": round(cycles[:, g:2 * g].mean()),
+                                      "merge": round(cycles[:, 2 * g:].mean())}
         del cache
     print(json.dumps(row), flush=True)

@@ -358,7 +358,8 @@ def test_chat_says_how_many_close_calls_ran_again(small_context, reuse_loaded_mo
 
 def test_workers_take_each_task_of_a_shared_queue_exactly_once():
     """The atomic intrinsics search_and_attend's queue stands on: two workers drawing turns from
-    one counter take every task once, and a flag stored after a write shows the write."""
+    one counter take every task once, and a flag stored after a write shows the write (x86 keeps
+    stores in order anyway: there that check guards against the compiler moving them)."""
     from numba import njit, prange
 
     from ra_cli.intrinsics import atomic_add, atomic_load, atomic_store

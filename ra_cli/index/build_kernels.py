@@ -49,13 +49,14 @@ def _walk_links(lists, span, parts, part, slot_of, links, fill):
 def co_selection(lists, n, span, parts, table_ids, table_counts):
     """lists [G, q, L] int32 (a graph's prefill queries' top lists, best first, -1 padded) ->
     per key its `slots` most co-selected keys and their counts, table_ids / table_counts
-    [G, n, slots] (most first, ties: the smaller id; -1 / 0 padded).
+    [G, n, slots] (most first, ties: the smaller id; -1 / 0 padded). table_counts [G, n, 0]: not
+    wanted (the build needs only the order; at 128K keys the counts would be 200 MB more).
 
     Each rank of a list is linked both ways to the next `span` ranks: a band through the keys one
-    query wanted (a plain chain, span 1, needed 5% more evaluations than span 3 for Recall@100 0.95
-    on the 16K recall bench: 1,391 against 1,326, benchmarks/graph_variants.py). Counts are exact: every link is written into its key's bucket (sized
-    by a first pass), each bucket sorted and counted — O(links) memory, which grows with the
-    document like the lists themselves. The work is split into `parts` per graph by key (id %
+    query wanted (a plain chain, span 1, needed 5% more evaluations than span 3 for Recall@100
+    0.95 on the 16K recall bench: 1,391 against 1,326, benchmarks/graph_variants.py). Counts are
+    exact: every link is written into its key's bucket (sized by a first pass), each bucket sorted
+    and counted — O(links) memory, which grows with the document like the lists themselves. The work is split into `parts` per graph by key (id %
     parts) so that 3 graphs keep 2 threads busy; the result does not depend on `parts`."""
     graphs = lists.shape[0]
     slots = table_ids.shape[2]
@@ -86,6 +87,7 @@ def co_selection(lists, n, span, parts, table_ids, table_counts):
             order = np.argsort(-counts[:found], kind="mergesort")
             for t in range(min(slots, found)):
                 table_ids[g, key, t] = distinct[order[t]]
+            for t in range(min(table_counts.shape[2], found)):
                 table_counts[g, key, t] = counts[order[t]]
 
 

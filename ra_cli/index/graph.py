@@ -119,12 +119,12 @@ def build_graph_layer(lists: np.ndarray, queries: np.ndarray, knn: np.ndarray, h
     group_lists = np.ascontiguousarray(lists[:, train]).reshape(kv_heads, -1, lists.shape[2])
     group_queries = np.asarray(queries[:, train]).reshape(kv_heads, -1, queries.shape[2])
     table_ids = np.full((kv_heads, n, params.slots), -1, np.int32)
-    table_counts = np.zeros((kv_heads, n, params.slots), np.int32)
-    co_selection(group_lists, n, params.link_span, numba.get_num_threads(), table_ids, table_counts)
+    no_counts = np.zeros((kv_heads, n, 0), np.int32)  # the build reads only the order
+    co_selection(group_lists, n, params.link_span, numba.get_num_threads(), table_ids, no_counts)
     adjacency = np.full((kv_heads, n, params.degree), -1, np.int32)
     assemble_adjacency(table_ids, np.ascontiguousarray(knn[:, :n]), np.ascontiguousarray(keys, dtype=np.float32), n,
                        params.degree - params.knn, params.occlusion, adjacency)
-    del table_ids, table_counts
+    del table_ids
     if adjacency_dtype(n) == np.uint16:
         adjacency = np.where(adjacency < 0, NO_NEIGHBOR_16, adjacency).astype(np.uint16)
     centroids, entries = kmeans_router(group_queries, group_lists, params)

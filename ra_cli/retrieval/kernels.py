@@ -194,9 +194,9 @@ def static_part(g, queries, static_keys, static_values, static_visible, scaling,
     flat_keys, flat_values = static_keys.reshape(-1), static_values.reshape(-1)
     rows = np.empty((UNROLL, dim), np.float32)
     group_queries = np.empty((groups, dim), np.float32)
-    group_weights = np.empty((groups, capacity + UNROLL), np.float32)
-    acc = np.empty((groups, dim), np.float32)
     head = g * groups
+    group_weights = weights[head:head + groups]  # this KV head's rows: scored in place
+    acc = np.empty((groups, dim), np.float32)
     for i in range(count):
         visible = static_visible[i]
         for r in range(groups):
@@ -217,7 +217,6 @@ def static_part(g, queries, static_keys, static_values, static_visible, scaling,
         acc[:] = 0.0
         _chunk_values(group_weights, flat_values, g * capacity, visible, rows, acc)
         partial[head:head + groups, i] = acc
-    weights[head:head + groups] = group_weights
 
 
 @njit(cache=True, nogil=True, fastmath=True)
