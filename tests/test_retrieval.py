@@ -463,3 +463,91 @@ def test_search_and_attend_is_the_search_then_the_attention(kv_dtype, k, ef, thr
             weights = np.exp((scores - scores.max()) * scaling)
             rows = np.concatenate([static_values[g, :visible[i]], all_values[g, answered]])
             np.testing.assert_allclose(out[h, i], weights @ rows / weights.sum(), rtol=1e-4, atol=1e-5)
+
+
+def _reference_budget(queries, keys, lo, hi, scaling, budgets, coverage, probes=8):
+    """float64: the smallest budget whose static keys (positions < lo or >= hi) plus exact top-k
+    indexed keys hold `coverage` of the mean softmax mass of the last `probes` queries, causally
+    (query i of q sits at position n - q + i of keys [KVH, n, D]); the largest if none does."""
+    heads, count, _ = queries.shape
+    kv_heads, n, _ = keys.shape
+    q = queries[:, -probes:].astype(np.float64)
+    k = np.repeat(keys.astype(np.float64), heads // kv_heads, axis=0)
+    scores = np.einsum("hqd,hnd->hqn", q, k) * scaling
+    positions = np.arange(n)
+    for i in range(q.shape[1]):
+        scores[:, i, positions > n - probes + i] = -np.inf
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    static = weights[..., :lo].sum(-1) + weights[..., hi:].sum(-1)
+    ranked = np.cumsum(-np.sort(-weights[..., lo:hi], axis=-1), axis=-1)
+    masses = {b: float((static + ranked[..., min(b, hi - lo) - 1]).mean()) for b in budgets}
+    return next((b for b in budgets if masses[b] >= coverage), budgets[-1]), masses
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_question_budget_is_the_smallest_whose_exact_mass_reaches_the_coverage(bf16):
+    """question_budget against a float64 softmax: the question's last 8 queries, the static set
+    causally masked (the window holds the question itself), indexed keys in float32 or bf16 bits."""
+    from ra_cli.retrieval.budget import question_budget
+    from ra_cli.store import as_host_dtype, widened
+
+    rng = np.random.default_rng(7)
+    heads, kv_heads, dim, lo, n_indexed, window = 6, 2, 16, 4, 900, 20
+    n = lo + n_indexed + window
+    keys = rng.standard_normal((kv_heads, n, dim)).astype(np.float32)
+    topic = rng.standard_normal(dim).astype(np.float32)
+    keys[:, lo + 5: lo + 60] += topic  # a stretch the queries lean towards: mass 0.81 at 50 keys, 0.998 at 800
+    query = (rng.standard_normal((heads, 12, dim)) + topic).astype(np.float32)
+    host = as_host_dtype(keys[:, lo:lo + n_indexed], np.uint16 if bf16 else np.float32)
+    keys[:, lo:lo + n_indexed] = widened(host)  # the reference sees the keys as stored
+    static_keys = torch.from_numpy(np.concatenate([keys[:, :lo], keys[:, lo + n_indexed:]], axis=1))[None]
+    static_positions = torch.cat([torch.arange(lo), torch.arange(lo + n_indexed, n)])
+    budgets = (50, 100, 200, 400, 800)
+    _, masses = _reference_budget(query, keys, lo, lo + n_indexed, 0.25, budgets, 1.0)
+    assert masses[50] < masses[800] - 0.05  # the budgets really differ here
+    levels = sorted(masses.values())
+    for coverage in [levels[0] / 2] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [1.0]:
+        want, _ = _reference_budget(query, keys, lo, lo + n_indexed, 0.25, budgets, coverage)
+        got = question_budget(torch.from_numpy(query)[None], static_keys, static_positions, n - 12, host, n_indexed,
+                              0.25, budgets, coverage)
+        assert got == want, coverage
+
+
+def test_a_question_sets_each_layers_answer_budget_from_its_own_attention(small_context, loaded):
+    """A question read exactly measures, per retrieval layer, the budget its last queries need
+    (against full attention's own queries and keys, in float64); the answer searches with it, never
+    with less than ingest chose; a fixed --top-k, or no exact read, leaves the budgets alone."""
+    store = small_context
+    section = store.manifest["index"]
+    lo, hi = section["lo"], section["hi"]
+    tokens = question_tokens(loaded, store)
+    captured = {}
+    full = open_cache(loaded, store, "full")
+    for layer in full.layers:
+        layer.observer = lambda i, query, keys, q_offset, kv_offset, scaling: captured.setdefault(
+            i, (query[0].float().numpy(), keys[0].float().numpy(), scaling))
+    prefill(loaded.model, full, tokens)
+    settings = RetrievalSettings(dense_when_cheaper=False)
+    cache = open_cache(loaded, store, "retrieval", settings)
+    layers = [layer for layer in cache.layers if isinstance(layer, RetrievalLayer)]
+    assert layers and all(layer.budgets == tuple(section["params"]["budgets"]) for layer in layers)
+    floors = {layer.layer_idx: layer.top_k for layer in layers}
+    layers[0].ingest_top_k = layers[0].top_k = 1  # one layer whose ingest budget is below any question's
+    prefill(loaded.model, cache, tokens)
+    raised = 0
+    for layer in layers:
+        query, keys, scaling = captured[layer.layer_idx]
+        want, _ = _reference_budget(query, keys, lo, hi, scaling, layer.budgets, settings.coverage)
+        floor = 1 if layer is layers[0] else floors[layer.layer_idx]
+        assert layer.top_k == max(floor, want), layer.layer_idx
+        assert cache.retrieval_stats.budgets[layer.layer_idx] == layer.top_k
+        raised += layer.top_k > floor
+    assert layers[0].top_k >= 100 and raised >= 1
+    prefill(loaded.model, cache, [100])  # the answer's step searches with the question's budget
+    for settings in (RetrievalSettings(top_k=37, dense_when_cheaper=False),
+                     RetrievalSettings(dense_when_cheaper=False, exact_margin=0)):
+        cache = open_cache(loaded, store, "retrieval", settings)
+        before = {layer.layer_idx: layer.top_k for layer in cache.layers if isinstance(layer, RetrievalLayer)}
+        prefill(loaded.model, cache, tokens)
+        assert before == {layer.layer_idx: layer.top_k for layer in cache.layers if isinstance(layer, RetrievalLayer)}

@@ -24,6 +24,7 @@ from ra_cli.engine.attention import attention_with_lse, grouped_scores, merge_pa
 from ra_cli.engine.cache import AttentionLayer
 from ra_cli.engine.dense_decode import host_attention_with_lse
 from ra_cli.index.base import kv_head_of
+from ra_cli.retrieval.budget import question_budget
 from ra_cli.retrieval.host_path import HostMemoryAttention
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved
 from ra_cli.store import as_host_dtype, widened
@@ -131,6 +132,8 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         self.kv_of_head = None
         self.auditor = None  # ra eval: checks each search against exact attention
         self.top_k = settings.top_k or 100
+        self.budgets: tuple[int, ...] = ()  # measured budgets a question may raise top_k to (retrieval/budget.py)
+        self.ingest_top_k = self.top_k
         self.carried = None  # [H, 2 * CARRY] entry points from the previous step
         self.token_seeds = token_seeds  # a TokenSeeds shared by the cache's layers: entry points from the text
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
@@ -239,13 +242,17 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
     def _searching(self) -> bool:
         return self.n_indexed > 0 and self.top_k > 0
 
+    def static_positions(self) -> torch.Tensor:
+        """Positions of the static set's keys: the sinks [0, lo), then the window from window_start."""
+        return torch.cat([torch.arange(self.lo, device=self.device),
+                          torch.arange(self.window_start, self.length, device=self.device)])
+
     def static_attention(self, query: torch.Tensor, q_offset: int, scaling: float, softcap=None, widen: bool = False):
         """(output, log-sum-exp) of attention over the static set alone, causally masked; `widen`:
         in float32 (query and keys), not the keys' dtype."""
         mask = None
         if query.shape[2] > 1:
-            positions = torch.cat([torch.arange(self.lo, device=self.device),
-                                   torch.arange(self.window_start, self.length, device=self.device)])
+            positions = self.static_positions()
             query_positions = torch.arange(q_offset, self.length, device=self.device)
             mask = positions[None, :] <= query_positions[:, None]
         keys, values = self.keys[:, :, : self.static], self.values[:, :, : self.static]
@@ -285,6 +292,11 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         static_out, static_lse = self.static_attention(query, q_offset, scaling, softcap, widen=True)
         if self.n_indexed == 0:
             return static_out
+        if self.budgets and query.shape[2] > 1:  # a question: its attention sets the answer's budget
+            self.top_k = max(self.ingest_top_k, question_budget(
+                query, self.keys[:, :, : self.static], self.static_positions(), q_offset, self.host.keys,
+                self.n_indexed, scaling, self.budgets, self.settings.coverage))
+            self.stats.budgets[self.layer_idx] = self.top_k
         keys, values = self.host.keys, self.host.values
         _, heads, q_len, dim = query.shape
         kv_heads = keys.shape[0]
@@ -311,11 +323,3 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
             self.mass.add(h, positions, static_weights[h])
             found = ids[h] >= 0
             self.mass.add(h, self.lo + ids[h][found], np.exp(scores[h][found] * scaling - lse[h]))
-
-
-def layer_budget(entry: dict, coverage: float, default: int = 100) -> int:
-    """Smallest measured top-k reaching `coverage` (the largest measured one if none does)."""
-    measured = {int(k): v for k, v in entry.get("coverage", {}).items()}
-    if not measured:
-        return default
-    return next((k for k in sorted(measured) if measured[k] >= coverage), max(measured))

@@ -20,7 +20,8 @@ from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.retrieval.cost import expected_reads, search_is_cheaper
-from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats, layer_budget
+from ra_cli.retrieval.budget import layer_budget, measured_budgets
+from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats
 from ra_cli.retrieval.token_seeds import TokenSeeds
 from ra_cli.store import ContextStore, host_kv, kv_to_tensor
 
@@ -147,7 +148,8 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
                                _device_kv(loaded, store, store.keys(i)[:, hi:n]),
                                _device_kv(loaded, store, store.values(i)[:, hi:n]), settings, stats, seeds)
         if settings.top_k is None:
-            layer.top_k = layer_budget(section["layers"][str(i)], settings.coverage)
+            layer.top_k = layer.ingest_top_k = layer_budget(section["layers"][str(i)], settings.coverage)
+            layer.budgets = measured_budgets(section["layers"][str(i)])
         layers.append(layer)
     retrieval_layers = [layer for layer in layers if isinstance(layer, RetrievalLayer)]
     stats.budgets = {layer.layer_idx: layer.top_k for layer in retrieval_layers}
