@@ -84,6 +84,34 @@ def test_decode_step_bench_times_a_correct_retrieval():
     np.testing.assert_allclose(exact_step(q, k, v, 0.125), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_step_bench_retrieval_is_attention_over_the_static_set_and_the_keys_it_found():
+    """The timed retrieval step (search and attention in one call) against a float64 softmax over
+    the sinks, the window and the keys its search returned."""
+    import numpy as np
+
+    from ra_cli.bench.decode import DecodeStepConfig, RetrievalStep, build_index, synthetic_layer
+    from ra_cli.index import IndexParams
+
+    config, params = DecodeStepConfig(keys=3000), IndexParams()
+    keys, values, queries_for, heads = synthetic_layer(config, 3000 + 40)
+    static_keys, static_values = (np.ascontiguousarray(np.concatenate([a[:, :8], a[:, 3008:]], axis=1)) for a in (keys, values))
+    indexed_keys, indexed_values = (np.ascontiguousarray(a[:, 8:3008]) for a in (keys, values))
+    step = RetrievalStep(build_index(indexed_keys, queries_for, heads, params), static_keys, static_values, indexed_values,
+                         heads, 50)
+    queries = queries_for(np.array([3039, 3039, 1500]))  # [H, 3, D]
+    for i in range(queries.shape[1]):
+        q = np.ascontiguousarray(queries[:, i:i + 1])
+        out = step(q, 0.125)
+        ids = step.result.ids[:, 0]
+        assert ((ids >= 0).sum(-1) == 50).all() and step.result.evaluations.min() > 50
+        for h in range(heads):
+            g = h // (heads // 3)
+            k = np.concatenate([static_keys[g], indexed_keys[g][ids[h]]]).astype(np.float64)
+            v = np.concatenate([static_values[g], indexed_values[g][ids[h]]]).astype(np.float64)
+            w = np.exp((k @ q[h, 0] - (k @ q[h, 0]).max()) * 0.125)
+            np.testing.assert_allclose(out[h, 0], (w / w.sum()) @ v, rtol=2e-5, atol=2e-6)
+
+
 def test_decode_step_bench_rejects_an_unknown_shape():
     result = runner.invoke(app, ["bench", "--decode-step", "--shape", "gpt5"])
     assert result.exit_code != 0 and "unknown --shape 'gpt5'; choose smollm2, llama3-8b" in result.output

@@ -1,6 +1,8 @@
 """`ra bench --decode-step`: the CPU cost of one decode step of one attention layer at a given
-number of indexed keys — retrieval (graph search + attention over the retrieved keys) against
-exact attention over every key as ra's dense layers compute it, measured in the same run.
+number of indexed keys plus ra's static set (128 sinks, a 512-token window) — retrieval as a CPU
+decode step runs it (the graph's search and the attention over the static set and the retrieved
+keys in one call) against exact attention over every key as ra's dense layers compute it,
+measured in the same run.
 
 A 128K-token prefill of the real model takes hours on a CPU, so this benchmark builds a layer of
 the model's shape from synthetic data with the structure measured on real keys and queries: a
@@ -23,7 +25,9 @@ from ra_cli.index.base import IndexParams, kv_head_of
 from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
-from ra_cli.retrieval.kernels import attend_retrieved
+from ra_cli.index.base import SearchResult
+from ra_cli.retrieval.host_path import NO_MASS, SEARCH_COST
+from ra_cli.retrieval.kernels import CARRY, attend_retrieved, search_and_attend
 
 COLD_BYTES = 1 << 30
 
@@ -43,11 +47,11 @@ class DecodeStepConfig:
     cold: bool = True  # evict caches between steps, as the rest of a decode step does
 
 
-def synthetic_layer(config: DecodeStepConfig):
-    """(keys, values [KVH, N, D], prefill queries [H, S, D] with positions, decode queries [H, Q, D])."""
+def synthetic_layer(config: DecodeStepConfig, n: int | None = None):
+    """(keys, values [KVH, n, D] (n: config.keys), queries_for(positions) -> [H, len, D], heads)."""
     shape = SHAPES[config.shape]
     heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
-    n = config.keys
+    n = n or config.keys
     rng = np.random.default_rng(config.seed)
     offset = rng.standard_normal(dim).astype(np.float32)
     offset *= 4.0 / np.linalg.norm(offset)
@@ -95,27 +99,57 @@ def exact_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sc
     return decode_attention(query[None], keys[None], values[None], scaling)[0]
 
 
+class RetrievalStep:
+    """One decode step of a retrieval layer as ra runs it on a CPU: the graph's search and the
+    attention over the static set (sinks and window) and the retrieved keys in one call
+    (retrieval/kernels.search_and_attend), no carried entry points (the bench's decode queries
+    are independent draws)."""
+
+    def __init__(self, index: GraphLayerIndex, static_keys: np.ndarray, static_values: np.ndarray,
+                 values: np.ndarray, heads: int, k: int):
+        self.index, self.values, self.k = index, values, k
+        self.static_keys, self.static_values = static_keys, static_values
+        self.visible = np.array([static_keys.shape[1]], np.int64)
+        kv_heads, self.dim = static_keys.shape[0], static_keys.shape[2]
+        self.costs = np.array([SEARCH_COST] * kv_heads + [1.0] * (kv_heads + heads))
+        self.entry_points = np.full((heads, 2 * CARRY), -1, np.int32)
+        self.result = SearchResult(np.empty((heads, 1, k), np.int32), np.empty((heads, 1, k), np.float32),
+                                   np.empty((heads, 1), np.int64))
+
+    def __call__(self, q: np.ndarray, scaling: float) -> np.ndarray:
+        """q [H, 1, D] float32 contiguous -> attention output [H, 1, D]; self.result: the search."""
+        out = np.empty((q.shape[0], 1, self.dim), np.float32)
+        self.entry_points[:] = -1
+        search_and_attend(*self.index.lockstep_arguments(q, self.k, self.index.beam(None, self.k), self.entry_points,
+                                                         self.result, CARRY, self.costs),
+                          self.static_keys, self.static_values, self.visible, self.values, np.float32(scaling), out,
+                          NO_MASS, np.float32(0.0), 0, 0, 0, self.entry_points)
+        return out
+
+
 def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
     params = IndexParams()
     status(f"building a synthetic {config.shape} layer with {config.keys:,} indexed keys per KV head")
-    keys, values, queries_for, heads = synthetic_layer(config)
+    sinks, window = params.sinks, params.window
+    n = config.keys
+    all_keys, all_values, queries_for, heads = synthetic_layer(config, sinks + n + window)
+    indexed = slice(sinks, sinks + n)  # positions [sinks, sinks + n) are indexed; the rest is the static set
+    keys, values = np.ascontiguousarray(all_keys[:, indexed]), np.ascontiguousarray(all_values[:, indexed])
     started = time.perf_counter()
     index = build_index(keys, queries_for, heads, params)
     build_seconds = time.perf_counter() - started
-    n = keys.shape[1]
-    decode = queries_for(np.full(config.queries, n - 1))
+    decode = queries_for(np.full(config.queries, sinks + n + window - 1))
     scaling = keys.shape[2] ** -0.5
     # contiguous copies, as a cache buffer holds them (the synthetic keys are a strided view)
-    key_t, value_t = torch.from_numpy(np.ascontiguousarray(keys)), torch.from_numpy(np.ascontiguousarray(values))
+    key_t, value_t = torch.from_numpy(np.ascontiguousarray(all_keys)), torch.from_numpy(np.ascontiguousarray(all_values))
+    static = [np.ascontiguousarray(np.concatenate([a[:, :sinks], a[:, sinks + n:]], axis=1)) for a in (all_keys, all_values)]
+    retrieval = RetrievalStep(index, *static, values, heads, config.top_k)
     kv_of_head = kv_head_of(heads, keys.shape[0])
     out = np.zeros((heads, 1, keys.shape[2]), np.float32)
     lse = np.zeros((heads, 1), np.float32)
 
     def retrieval_step(i):
-        q = np.ascontiguousarray(decode[:, i:i + 1])
-        result = index.search(q, config.top_k)
-        attend_retrieved(q, keys, values, kv_of_head, result.ids, np.float32(scaling), out, lse)
-        return result
+        return retrieval(np.ascontiguousarray(decode[:, i:i + 1]), scaling)
 
     def flat_step(i):
         q = np.ascontiguousarray(decode[:, i:i + 1])
@@ -143,7 +177,7 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
     found = index.search(decode, config.top_k)
     return {
         "shape": config.shape, "heads": heads, "kv_heads": keys.shape[0], "head_dim": keys.shape[2],
-        "indexed_keys": n, "top_k": config.top_k, "decode_steps": config.queries,
+        "indexed_keys": n, "static_keys": sinks + window, "top_k": config.top_k, "decode_steps": config.queries,
         "graph_build_seconds": round(build_seconds, 1), "ef": index.default_ef,
         "recall_at_k": round(recall(found.ids, truth), 4),
         "evaluations_per_query": round(float(found.evaluations.mean()), 1),
