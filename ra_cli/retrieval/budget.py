@@ -45,7 +45,7 @@ def question_budget(query: torch.Tensor, static_keys: torch.Tensor, static_posit
     bf16 bits), every one before the question."""
     probes = min(query.shape[2], QUESTION_PROBES)
     q = query[0, :, -probes:].float().cpu()  # [H, p, D]
-    keys = torch.from_numpy(widened(np.ascontiguousarray(indexed_keys[:, :n_indexed])))
+    keys = torch.from_numpy(widened(indexed_keys[:, :n_indexed]))  # bf16 widened into one new array; float32 a view
     indexed = grouped_scores(q, keys)  # [H, p, n]
     static = grouped_scores(q, static_keys[0].float().cpu())  # [H, p, s]
     positions = torch.arange(q_offset + query.shape[2] - probes, q_offset + query.shape[2])
