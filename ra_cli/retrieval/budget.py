@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ra_cli.engine.attention import grouped_scores, static_and_top_mass
+from ra_cli.engine.attention import grouped_scores
 from ra_cli.store import widened
 
 QUESTION_PROBES = 8  # the question's last positions whose attention sets the answer's budgets
@@ -50,7 +50,12 @@ def question_budget(query: torch.Tensor, static_keys: torch.Tensor, static_posit
     static = grouped_scores(q, static_keys[0].float().cpu())  # [H, p, s]
     positions = torch.arange(q_offset + query.shape[2] - probes, q_offset + query.shape[2])
     static.masked_fill_(static_positions.cpu()[None, None, :] > positions[None, :, None], float("-inf"))
-    # indexed keys first: static_and_top_mass counts positions >= hi (here n_indexed) as static
-    scores = torch.cat([indexed, static], dim=-1) * scaling
-    mass = static_and_top_mass(scores, 0, n_indexed, budgets)
-    return next((k for k in budgets if float(mass[k].mean()) >= coverage), budgets[-1])
+    probs = torch.softmax(torch.cat([indexed, static], dim=-1) * scaling, dim=-1).numpy()
+    static_mass = probs[..., n_indexed:].sum(-1)
+    # the largest budget's best keys unordered (a selection: torch.topk of 1,600 of 32K keys per row
+    # measured 10x slower), then only those ordered
+    top = min(budgets[-1], n_indexed)
+    best = np.partition(probs[..., :n_indexed], n_indexed - top, axis=-1)[..., n_indexed - top:]
+    ranked = np.cumsum(np.sort(best, axis=-1)[..., ::-1], axis=-1)
+    return next((k for k in budgets if float((static_mass + ranked[..., min(k, top) - 1]).mean()) >= coverage),
+                budgets[-1])

@@ -292,10 +292,10 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         static_out, static_lse = self.static_attention(query, q_offset, scaling, softcap, widen=True)
         if self.n_indexed == 0:
             return static_out
-        if self.budgets and query.shape[2] > 1:  # a question: its attention sets the answer's budget
-            self.top_k = max(self.ingest_top_k, question_budget(
-                query, self.keys[:, :, : self.static], self.static_positions(), q_offset, self.host.keys,
-                self.n_indexed, scaling, self.budgets, self.settings.coverage))
+        larger = tuple(k for k in self.budgets if k >= self.ingest_top_k)
+        if len(larger) > 1 and query.shape[2] > 1:  # a question: its attention sets the answer's budget
+            self.top_k = question_budget(query, self.keys[:, :, : self.static], self.static_positions(), q_offset,
+                                         self.host.keys, self.n_indexed, scaling, larger, self.settings.coverage)
             self.stats.budgets[self.layer_idx] = self.top_k
         keys, values = self.host.keys, self.host.values
         _, heads, q_len, dim = query.shape
