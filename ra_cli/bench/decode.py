@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from ra_cli.engine.attention import decode_attention, grouped_rows
-from ra_cli.index.base import IndexParams, kv_head_of
+from ra_cli.index.base import IndexParams, SearchResult, kv_head_of
 from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
-from ra_cli.index.base import SearchResult
 from ra_cli.retrieval.host_path import NO_MASS, SEARCH_COST
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved, search_and_attend
 
