@@ -51,6 +51,11 @@ def _int64_cell(context, builder, sig, args):
     return builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [index])
 
 
+def _cell_and_value(context, builder, sig, args):
+    """_int64_cell, and args[2] (any integer type) as the int64 to write there."""
+    return _int64_cell(context, builder, sig, args), context.cast(builder, args[2], sig.args[2], types.int64)
+
+
 def _int64_array(array, *integers):
     return isinstance(array, types.Array) and array.dtype == types.int64 and all(
         isinstance(value, types.Integer) for value in integers)
@@ -64,8 +69,7 @@ def atomic_add(typingctx, array, index, value):
     signature = types.int64(array, index, value)
 
     def codegen(context, builder, sig, args):
-        value = context.cast(builder, args[2], sig.args[2], types.int64)
-        return builder.atomic_rmw("add", _int64_cell(context, builder, sig, args), value, "seq_cst")
+        return builder.atomic_rmw("add", *_cell_and_value(context, builder, sig, args), "seq_cst")
 
     return signature, codegen
 
@@ -92,8 +96,8 @@ def atomic_store(typingctx, array, index, value):
     signature = types.void(array, index, value)
 
     def codegen(context, builder, sig, args):
-        value = context.cast(builder, args[2], sig.args[2], types.int64)
-        builder.store_atomic(value, _int64_cell(context, builder, sig, args), "release", 8)
+        cell, value = _cell_and_value(context, builder, sig, args)
+        builder.store_atomic(value, cell, "release", 8)
         return context.get_dummy_value()
 
     return signature, codegen

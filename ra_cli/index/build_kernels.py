@@ -56,8 +56,9 @@ def co_selection(lists, n, span, parts, table_ids, table_counts):
     query wanted (a plain chain, span 1, needed 5% more evaluations than span 3 for Recall@100
     0.95 on the 16K recall bench: 1,391 against 1,326, benchmarks/graph_variants.py). Counts are
     exact: every link is written into its key's bucket (sized by a first pass), each bucket sorted
-    and counted — O(links) memory, which grows with the document like the lists themselves. The work is split into `parts` per graph by key (id %
-    parts) so that 3 graphs keep 2 threads busy; the result does not depend on `parts`."""
+    and counted — O(links) memory, which grows with the document like the lists themselves. The
+    work is split into `parts` per graph by key (id % parts) so that 3 graphs keep 2 threads
+    busy; the result does not depend on `parts`."""
     graphs = lists.shape[0]
     slots = table_ids.shape[2]
     for task in prange(graphs * parts):
