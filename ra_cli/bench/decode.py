@@ -10,6 +10,10 @@ strong shared key offset that queries point against (the out-of-distribution eff
 recur in contiguous stretches of the document, and queries that seek one topic. The graph is built
 by the same code as ingest (the collector's exact top-k lists of sampled prefill queries and banded
 L2 neighbours, the graph builder's edges, router and calibrated ef); recall is reported next to the timings so a fast answer cannot hide a wrong one.
+
+Both sides read the KV in the dtype ra keeps it in on a CPU: bfloat16 (a store's dtype for the
+default bf16 model), the retrieval side as the store's bits in host memory, the exact side as a
+dense layer's bf16 cache buffer; the static set as the device half holds it (float32 on a CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ra_cli.index.base import IndexParams, SearchResult, kv_head_of
 from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
+from ra_cli.intrinsics import bf16_bits
 from ra_cli.retrieval.host_path import NO_MASS, SEARCH_COST
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved, search_and_attend
 
@@ -46,8 +51,14 @@ class DecodeStepConfig:
     cold: bool = True  # evict caches between steps, as the rest of a decode step does
 
 
+def bf16_values(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16, as float32 (what a bf16 store gives back, widened)."""
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).float().numpy()
+
+
 def synthetic_layer(config: DecodeStepConfig, n: int | None = None):
-    """(keys, values [KVH, n, D] (n: config.keys), queries_for(positions) -> [H, len, D], heads)."""
+    """(keys, values [KVH, n, D] (n: config.keys) float32 holding bf16 values, queries_for(positions)
+    -> [H, len, D], heads)."""
     shape = SHAPES[config.shape]
     heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
     n = n or config.keys
@@ -71,13 +82,14 @@ def synthetic_layer(config: DecodeStepConfig, n: int | None = None):
         q = -0.5 * offset + centers[:, sought] + 1.25 * rng.standard_normal((kv_heads, len(positions), dim))
         return np.repeat(q, groups, axis=0).astype(np.float32) + 0.3 * rng.standard_normal((heads, len(positions), dim)).astype(np.float32)
 
-    return keys.astype(np.float32), values, queries_for, heads
+    return bf16_values(keys), bf16_values(values), queries_for, heads
 
 
-def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
+def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams, search_keys: np.ndarray | None = None):
     """Everything ingest would collect, made by the collector's own functions over the whole
     layer at once: causal top-k lists of every query_stride-th prefill query and of the held-out
-    tail, banded L2 neighbours of every key."""
+    tail, banded L2 neighbours of every key. search_keys: the keys the index searches (default:
+    keys; e.g. their bf16 bits, as a store holds them)."""
     kv_heads, n, dim = keys.shape
     positions = np.concatenate([np.arange(0, n, params.query_stride), np.arange(n - 256, n)])
     queries = queries_for(positions)
@@ -89,7 +101,7 @@ def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams):
     held_out = np.zeros(len(positions), bool)
     held_out[-32:] = True
     layer = build_graph_layer(lists, queries.astype(np.float16), knn, held_out, keys, params)
-    return GraphLayerIndex(layer, keys, params)
+    return GraphLayerIndex(layer, keys if search_keys is None else search_keys, params)
 
 
 def exact_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -133,16 +145,18 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
     n = config.keys
     all_keys, all_values, queries_for, heads = synthetic_layer(config, sinks + n + window)
     indexed = slice(sinks, sinks + n)  # positions [sinks, sinks + n) are indexed; the rest is the static set
-    keys, values = np.ascontiguousarray(all_keys[:, indexed]), np.ascontiguousarray(all_values[:, indexed])
+    keys = np.ascontiguousarray(all_keys[:, indexed])
+    # the indexed KV in host memory as a store's bf16 bits (what retrieval layers search and read)
+    host_keys, host_values = (bf16_bits(torch.from_numpy(a[:, indexed]).to(torch.bfloat16)) for a in (all_keys, all_values))
     started = time.perf_counter()
-    index = build_index(keys, queries_for, heads, params)
+    index = build_index(keys, queries_for, heads, params, host_keys)
     build_seconds = time.perf_counter() - started
     decode = queries_for(np.full(config.queries, sinks + n + window - 1))
     scaling = keys.shape[2] ** -0.5
-    # contiguous copies, as a cache buffer holds them (the synthetic keys are a strided view)
-    key_t, value_t = torch.from_numpy(np.ascontiguousarray(all_keys)), torch.from_numpy(np.ascontiguousarray(all_values))
+    # a dense layer's bf16 cache buffer (contiguous rows per KV head)
+    key_t, value_t = (torch.from_numpy(a).to(torch.bfloat16).contiguous() for a in (all_keys, all_values))
     static = [np.ascontiguousarray(np.concatenate([a[:, :sinks], a[:, sinks + n:]], axis=1)) for a in (all_keys, all_values)]
-    retrieval = RetrievalStep(index, *static, values, heads, config.top_k)
+    retrieval = RetrievalStep(index, *static, host_values, heads, config.top_k)
     kv_of_head = kv_head_of(heads, keys.shape[0])
     out = np.zeros((heads, 1, keys.shape[2]), np.float32)
     lse = np.zeros((heads, 1), np.float32)
@@ -152,8 +166,8 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
 
     def flat_step(i):
         q = np.ascontiguousarray(decode[:, i:i + 1])
-        result = FlatLayerIndex(keys).search(q, config.top_k)
-        attend_retrieved(q, keys, values, kv_of_head, result.ids, np.float32(scaling), out, lse)
+        result = FlatLayerIndex(host_keys).search(q, config.top_k)
+        attend_retrieved(q, host_keys, host_values, kv_of_head, result.ids, np.float32(scaling), out, lse)
         return result
 
     # In a real decode step the other layers' KV and weights have streamed through the caches
@@ -184,6 +198,6 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
         "ms_retrieval": round(1000 * timings["retrieval"], 3),
         "ms_flat_topk": round(1000 * timings["flat_topk"], 3),
         "speedup_vs_exact": round(timings["exact"] / timings["retrieval"], 1),
-        "cold_caches": config.cold,
+        "cold_caches": config.cold, "kv_dtype": "bfloat16",
         "data": "synthetic keys/queries with a shared key offset, topical stretches and OOD queries",
     }
