@@ -1,7 +1,8 @@
 """Graph search cost per distance evaluation at several beam widths, on the decode-step bench's
-synthetic layer with KEYS indexed keys per KV head (caches left warm: no sweep between steps).
+synthetic layer with KEYS indexed keys per KV head (caches left warm: no sweep between steps),
+searched as a store holds them (bf16 bits; `--float32`: float32 keys).
 
-    python benchmarks/search_cost.py [KEYS]
+    python benchmarks/search_cost.py [--float32] [KEYS]
 
 Per thread: the searches run on one thread, and the cost is that thread's time over every query
 head's evaluations (a KV head's query heads search in lockstep: each scores every key the group
@@ -15,17 +16,22 @@ import time
 
 import numba
 import numpy as np
+import torch
 
 from ra_cli.bench.decode import DecodeStepConfig, build_index, synthetic_layer
 from ra_cli.index.base import IndexParams
+from ra_cli.intrinsics import bf16_bits
 
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+args = sys.argv[1:]
+float32 = "--float32" in args
+args = [a for a in args if a != "--float32"]
+n = int(args[0]) if args else 131072
 keys, values, queries_for, heads = synthetic_layer(DecodeStepConfig(keys=n))
-index = build_index(keys, queries_for, heads, IndexParams())
+index = build_index(keys, queries_for, heads, IndexParams(), None if float32 else bf16_bits(torch.from_numpy(keys).to(torch.bfloat16)))
 decode = queries_for(np.full(64, n - 1))
 threads = numba.get_num_threads()
 for ef in (128, 256, 512, 1024):
-    row = {"keys": n, "ef": ef}
+    row = {"keys": n, "ef": ef, "key_dtype": "float32" if float32 else "bfloat16"}
     for used in sorted({1, threads}):
         numba.set_num_threads(used)
         index.search(np.ascontiguousarray(decode[:, :1]), 100, ef)

@@ -37,6 +37,30 @@ def synthetic_layer(seed=0, heads=4, kv_heads=2, n=700, dim=16, samples=160):
     return keys, queries, layer, params
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flat_is_the_exact_top_k_of_the_first_n_keys(dtype):
+    """Against a float64 ranking of the keys as stored (bf16 bits widened exactly), with grouped
+    query heads, several query positions and keys past n that must not be read."""
+    import torch
+
+    from ra_cli.intrinsics import bf16_bits
+
+    rng = np.random.default_rng(3)
+    keys = torch.from_numpy(rng.standard_normal((2, 2600, 64)).astype(np.float32))
+    keys[:, 2500:] = 50 * keys[:, :100].abs()  # past n: read, they would take top slots
+    keys = keys.to(torch.bfloat16)
+    stored = bf16_bits(keys) if dtype == "bfloat16" else keys.float().numpy()
+    queries = rng.standard_normal((6, 3, 64)).astype(np.float32)
+    found = FlatLayerIndex(stored, 2500).search(queries, 40)
+    wide = keys.double().numpy()[:, :2500]
+    for h in range(6):
+        scores = queries[h].astype(np.float64) @ wide[h // 3].T  # [3, 2500]
+        for i in range(3):
+            assert sorted(found.ids[h, i]) == sorted(np.argsort(-scores[i])[:40])
+            np.testing.assert_allclose(found.scores[h, i], scores[i][found.ids[h, i]], rtol=1e-5, atol=1e-5)
+    assert (found.evaluations == 2500).all()
+
+
 def test_graph_is_exact_when_ef_covers_every_key():
     keys, queries, layer, params = synthetic_layer()
     index = GraphLayerIndex(layer, keys, params)

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import njit, prange
 
-from ra_cli.engine.attention import grouped_scores
-from ra_cli.index.base import LayerIndex, SearchResult
-from ra_cli.store import widened
+from ra_cli.index.base import LayerIndex, SearchResult, kv_head_of
+from ra_cli.index.search_kernels import dot
+
+BLOCK = 1024  # keys per work item: each row is read once for every query of its KV head
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=True)
+def all_scores(queries, keys, kv_of_head, n, out):
+    """out[h, i, j] = queries[h, i] · keys[kv_of_head[h], j] for every key j < n: queries [H, q, D]
+    float32, keys [KVH, >= n, D] float32 or bf16 bits (widened in registers: no float32 copy of
+    the keys is made, which for bf16 cost more than the scores themselves)."""
+    kv_heads, heads, count = keys.shape[0], queries.shape[0], queries.shape[1]
+    blocks = (n + BLOCK - 1) // BLOCK
+    for item in prange(kv_heads * blocks):
+        g, first = item // blocks, (item % blocks) * BLOCK
+        for j in range(first, min(n, first + BLOCK)):
+            row = keys[g, j]
+            for h in range(heads):
+                if kv_of_head[h] == g:
+                    for i in range(count):
+                        out[h, i, j] = dot(queries[h, i], row)
 
 
 class FlatLayerIndex(LayerIndex):
@@ -21,10 +40,11 @@ class FlatLayerIndex(LayerIndex):
         pass  # an exact scan needs no structure: search reads keys [0, n)
 
     def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
-        keys = np.ascontiguousarray(widened(self.keys[:, : self.n]))
-        scores = grouped_scores(torch.from_numpy(queries), torch.from_numpy(keys))
+        heads, count, _ = queries.shape
+        scores = np.empty((heads, count, self.n), np.float32)
+        all_scores(queries, self.keys, kv_head_of(heads, self.keys.shape[0]), self.n, scores)
         take = min(k, self.n)
-        top = torch.topk(scores, take, dim=-1)
+        top = torch.topk(torch.from_numpy(scores), take, dim=-1)
         result.ids[..., :take] = top.indices.numpy()
         result.scores[..., :take] = top.values.numpy()
         result.evaluations[:] = self.n
