@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ra_cli.engine.attention import grouped_scores
-from ra_cli.store import widened
+from ra_cli.index.base import kv_head_of
+from ra_cli.index.flat import all_scores
 
 QUESTION_PROBES = 8  # the question's last positions whose attention sets the answer's budgets
 
@@ -45,8 +46,10 @@ def question_budget(query: torch.Tensor, static_keys: torch.Tensor, static_posit
     bf16 bits), every one before the question."""
     probes = min(query.shape[2], QUESTION_PROBES)
     q = query[0, :, -probes:].float().cpu()  # [H, p, D]
-    keys = torch.from_numpy(widened(indexed_keys[:, :n_indexed]))  # bf16 widened into one new array; float32 a view
-    indexed = grouped_scores(q, keys)  # [H, p, n]
+    heads = q.shape[0]
+    scores = np.empty((heads, probes, n_indexed), np.float32)
+    all_scores(np.ascontiguousarray(q.numpy()), indexed_keys, kv_head_of(heads, indexed_keys.shape[0]), n_indexed, scores)
+    indexed = torch.from_numpy(scores)  # [H, p, n]
     static = grouped_scores(q, static_keys[0].float().cpu())  # [H, p, s]
     positions = torch.arange(q_offset + query.shape[2] - probes, q_offset + query.shape[2])
     static.masked_fill_(static_positions.cpu()[None, None, :] > positions[None, :, None], float("-inf"))
