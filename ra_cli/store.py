@@ -105,6 +105,16 @@ class LayerShape:
     sliding_window: int | None
 
 
+def recorded_model(path: Path) -> str | None:
+    """The model file a context's manifest says made it, peeked at without opening the context
+    (None when it cannot be read: opening the context says what is wrong)."""
+    try:
+        source = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["model"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 

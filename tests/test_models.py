@@ -106,6 +106,47 @@ def test_documents_longer_than_the_trained_context_are_said_out_loud(tmp_path, l
     assert "warning" not in runner.invoke(app, ["chat", str(context), "--ask", "hi", "-n", "1"]).stderr
 
 
+def test_a_saved_context_chats_with_the_model_that_made_it(tmp_path, monkeypatch):
+    """No --model: the named model recorded in the context's manifest is loaded (said on stderr),
+    or, when it is not fetched, one line says how to get it before anything loads. --model and
+    RA_MODEL still decide; the embedded model's contexts change nothing."""
+    import ra_cli.model
+    from ra_cli.model.resolve import embedded_gguf_path
+
+    asked = []
+
+    def load_model(name=None, **kwargs):
+        asked.append(name)
+        raise RaError("stopped after choosing the model")
+
+    monkeypatch.setattr(ra_cli.model, "load_model", load_model)
+    monkeypatch.delenv("RA_MODEL", raising=False)
+    monkeypatch.setenv("RA_MODELS_DIR", str(tmp_path / "models"))
+    context = tmp_path / "q.idx"
+    context.mkdir()
+    qwen = NAMED["qwen2.5-coder-0.5b"]
+    (context / "manifest.json").write_text(json.dumps({"model": {"source": qwen.file_name}}))
+    for command in (["chat", str(context), "--ask", "hi"], ["eval", str(context)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and not asked, result.output
+        assert result.stderr.strip() == (f"error: {context} was made with qwen2.5-coder-0.5b, which is not fetched "
+                                         "here; run `ra models fetch qwen2.5-coder-0.5b` (or pass --model)")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / qwen.file_name).write_bytes(b"GGUF")
+    result = runner.invoke(app, ["chat", str(context), "--ask", "hi"])
+    assert result.exit_code == 1 and asked == ["qwen2.5-coder-0.5b"], result.output
+    assert "using qwen2.5-coder-0.5b, the model that made q.idx" in result.stderr
+    runner.invoke(app, ["chat", str(context), "--ask", "hi", "--model", "smollm2"])
+    monkeypatch.setenv("RA_MODEL", "smollm2")
+    runner.invoke(app, ["chat", str(context), "--ask", "hi"])
+    monkeypatch.delenv("RA_MODEL")
+    (context / "manifest.json").write_text(json.dumps({"model": {"source": embedded_gguf_path().name}}))
+    runner.invoke(app, ["eval", str(context)])
+    (context / "manifest.json").write_text("{not json")
+    runner.invoke(app, ["chat", str(context), "--ask", "hi"])
+    assert asked == ["qwen2.5-coder-0.5b", "smollm2", "smollm2", None, None]  # RA_MODEL is --model's variable
+
+
 @pytest.mark.skipif(QWEN is None, reason="the 32K model is not fetched (./setup.sh --with-qwen2.5-coder-0.5b)")
 def test_the_32k_model_answers_from_a_document(tmp_path, monkeypatch, lighthouse_txt):
     monkeypatch.setenv("RA_MODELS_DIR", str(QWEN.parent))
@@ -115,7 +156,8 @@ def test_the_32k_model_answers_from_a_document(tmp_path, monkeypatch, lighthouse
     assert result.exit_code == 0, result.output
     answers = {}
     for attention in ("full", "retrieval"):
-        result = runner.invoke(app, ["chat", str(context), "--model", "qwen2.5-coder-0.5b", "--ask",
+        chosen = ["--model", "qwen2.5-coder-0.5b"] if attention == "full" else []  # else: the context's own
+        result = runner.invoke(app, ["chat", str(context), *chosen, "--ask",
                                      "Who built the lighthouse, and in which year?", "--json", "-n", "24",
                                      "--attention", attention, "--top-k", "4096", "--ef", "4096"])
         assert result.exit_code == 0, result.output

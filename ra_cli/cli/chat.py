@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from ra_cli.cli import options as opt
-from ra_cli.cli.steps import load_model, open_store, read_source
+from ra_cli.cli.steps import load_model, model_for, open_store, read_source
 from ra_cli.choices import AttentionMode
 
 
@@ -67,7 +67,7 @@ def chat_command(
     if source is None and saved is None:
         raise typer.BadParameter("give a context or document to chat with (or --resume NAME)", param_hint="'SOURCE'")
     found = read_source(source if source is not None else saved.context, encoding)
-    loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
+    loaded = load_model(model_for(found, model), device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     defaults = IndexParams()
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value,
                             index=IndexParams(kind=index.value, sinks=defaults.sinks if sinks is None else sinks,

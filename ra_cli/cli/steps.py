@@ -22,6 +22,28 @@ def load_model(model, device, dtype, weights="auto", quantize=None, gpu_mem_gb=N
     return loaded
 
 
+def model_for(source, model: str | None) -> str | None:
+    """The model to load for a chat source: the one asked for (--model, or its variable RA_MODEL);
+    for a saved context with none asked, the named model that made it — its KV means something to
+    that model alone — said on stderr, or an error naming the fetch when it is not here (before
+    any loading)."""
+    from ra_cli.errors import RaError
+    from ra_cli.model.resolve import EMBEDDED_NAME, NAMED, named_model_from_file, named_model_path
+    from ra_cli.store import recorded_model
+    from ra_cli.ui import status
+
+    if model is not None or source.context is None:
+        return model
+    name = named_model_from_file(recorded_model(source.context))
+    if name is None or name == EMBEDDED_NAME:
+        return model
+    if named_model_path(NAMED[name]) is None:
+        raise RaError(f"{source.context} was made with {name}, which is not fetched here; run "
+                      f"`{NAMED[name].how_to_get()}` (or pass --model)")
+    status(f"using {name}, the model that made {source.context.name}")
+    return name
+
+
 def read_source(path: Path, encoding: str):
     """A saved context or a document, read (with a page bar for PDFs) before any model loads."""
     from ra_cli.ingest import resolve_source

@@ -79,6 +79,16 @@ def named_model_path(named: NamedModel) -> Path | None:
     return path if path.is_file() else None
 
 
+def named_model_from_file(file_name: str | None) -> str | None:
+    """The named model whose GGUF has this file name (None: not one ra names)."""
+    embedded = embedded_gguf_path()
+    for named in NAMED.values():
+        own = named.file_name or (embedded.name if embedded is not None else None)
+        if file_name is not None and own == file_name:
+            return named.name
+    return None
+
+
 def resolve_model(name: str | None) -> ModelSpec:
     name = name or os.environ.get("RA_MODEL") or EMBEDDED_NAME
     if name in NAMED:
