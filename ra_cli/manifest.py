@@ -4,11 +4,13 @@ file any part of it names must be listed — with its hashes — in `files`."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path, PurePosixPath
 
 from ra_cli.errors import RaError
 
+MANIFEST = "manifest.json"
 MAX_TOKENS = 1 << 26  # 64M tokens: far beyond any context, small enough to bound every allocation
 MAX_LAYERS = 512
 MAX_HEADS = 1024
@@ -121,3 +123,13 @@ def _validate(root: Path, manifest: dict) -> None:
                   "hnsw": tuple(f"hnsw{g}" for g in range(layers[int(key)]["kv_heads"]))}[index["kind"]]
         missing = [name for name in needed if name not in entry.get("files", {})]
         _need(not missing, f"index layer {key} lacks its {', '.join(missing)} file")
+
+
+def recorded_model(path: Path) -> str | None:
+    """The model file a context's manifest says made it, peeked at without opening the context
+    (None when it cannot be read: opening the context says what is wrong)."""
+    try:
+        source = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["model"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) else None

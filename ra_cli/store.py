@@ -26,11 +26,10 @@ import numpy as np
 
 from ra_cli.errors import RaError
 from ra_cli.files import file_sha256, sample_sha256, write_json_atomic
-from ra_cli.manifest import validate_manifest
+from ra_cli.manifest import MANIFEST, validate_manifest
 
 FORMAT_NAME = "ra-context"
 FORMAT_VERSION = 2  # 2: one graph per KV head (1: per query head)
-MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -103,16 +102,6 @@ class LayerShape:
     kv_heads: int
     head_dim: int
     sliding_window: int | None
-
-
-def recorded_model(path: Path) -> str | None:
-    """The model file a context's manifest says made it, peeked at without opening the context
-    (None when it cannot be read: opening the context says what is wrong)."""
-    try:
-        source = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["model"]["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return source if isinstance(source, str) else None
 
 
 def partial_path(out: Path) -> Path:

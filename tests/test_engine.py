@@ -145,6 +145,29 @@ def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups, dim):
         torch.testing.assert_close(torch.from_numpy(lse).double(), reference_lse, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("q_len", [2, 17, 64])
+def test_a_question_after_the_context_is_exact_causal_attention(q_len):
+    """exact_attention for a few positions at the end of a CPU cache buffer (the question read
+    after a stored document): each position sees the keys up to itself — the kernel's per-row
+    visible prefix — against float64 math, with chunk edges inside the question, the weights of
+    the hidden keys exactly 0 (a key made huge past a position would otherwise dominate it), and
+    float32 accuracy where bf16 matmuls would round every score."""
+    from ra_cli.engine.dense_decode import CHUNK
+
+    g = torch.Generator().manual_seed(q_len)
+    n = 2 * CHUNK + 10  # the question's keys straddle a chunk edge
+    keys = torch.randn(1, 2, n, 64, generator=g).to(torch.bfloat16)
+    values = torch.randn(1, 2, n, 64, generator=g).to(torch.bfloat16)
+    keys[:, :, n - q_len + 1:] *= 6  # the question's later keys: huge scores, visible to later rows only
+    query = torch.randn(1, 6, q_len, 64, generator=g)
+    out = exact_attention(query, keys, values, 0.125, q_offset=n - q_len)
+    mask = causal_mask(q_len, n - q_len, n)
+    scores = (query.double().reshape(1, 2, 3 * q_len, 64) @ keys.double().transpose(2, 3)) * 0.125
+    weights = torch.softmax(scores.masked_fill(~mask.repeat(3, 1), float("-inf")), -1)
+    reference = (weights @ values.double()).reshape(1, 6, q_len, 64)
+    torch.testing.assert_close(out.double(), reference, atol=2e-6, rtol=1e-5)
+
+
 def test_cpu_dense_decode_exp_and_fallbacks():
     """Its exp is accurate wherever a softmax can land; layouts it cannot read go to torch."""
     import numpy as np

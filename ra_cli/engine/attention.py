@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +69,11 @@ def causal_mask(q_len: int, q_offset: int, kv_len: int, kv_offset: int = 0, slid
 # Up to this many query positions, attention runs as grouped matmuls over the cache in place;
 # above it (prefill chunks), through scaled_dot_product_attention's fused kernels.
 SMALL_QUERY = 16
+# On a CPU, up to this many query positions that see a prefix of the keys (a question read after
+# the document) go through engine/dense_decode.py's float32 kernel instead: exact where bf16
+# matmuls round every score, faster than them up to ~32 positions and level with SDPA up to 64
+# (benchmarks/question_attention.py).
+CPU_KERNEL_QUERY = 64
 
 
 def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offset: int = 0,
@@ -80,6 +86,14 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
     if mask is None and softcap is None and q_len <= SMALL_QUERY and query.shape[0] == 1:
         return decode_attention(query, keys, values, scaling, mass, kv_offset).to(out_dtype)
+    if sliding_window is None and softcap is None and q_len <= CPU_KERNEL_QUERY and query.shape[0] == 1:
+        # causal only: query i sees keys [0, q_offset - kv_offset + i] — a prefix the kernel masks per row
+        kv_heads = keys.shape[1]
+        seen = np.minimum(np.arange(q_offset - kv_offset + 1, q_offset - kv_offset + 1 + q_len), kv_len)
+        computed = cpu_decode_attention(grouped_rows(query[0], kv_heads), keys[0], values[0], scaling,
+                                        visible=np.tile(seen, query.shape[1] // kv_heads))
+        if computed is not None:
+            return computed[0].reshape(1, query.shape[1], q_len, values.shape[3]).to(out_dtype)
     query = query.to(keys.dtype)  # e.g. a float32 query over bf16 KV: bf16 matmuls, float32 softmax
     if q_len <= SMALL_QUERY or softcap is not None:
         out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)

@@ -117,13 +117,14 @@ def _values(weights, values, first, count, rows, acc, dim):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def dense_decode_attention(queries, keys, values, head_stride, n, scaling, out, lse, weights):
+def dense_decode_attention(queries, keys, values, head_stride, n, visible, scaling, out, lse, weights):
     """softmax(q k^T * scaling) v of queries [KVH, R, D] float32 (the R = G x positions rows of
-    each KV head) over the first n rows of each KV head's keys/values. keys/values: flat 1-D
-    buffers (float32 or bf16 bits as uint16), KV head g's rows starting at g * head_stride.
-    Writes out [KVH, R, D] and its log-sum-exp [KVH, R] (to merge with attention over other
-    keys); weights [KVH, R, n] (or [KVH, R, 0]: not wanted) gets every key's softmax weight, for
-    chat's citations."""
+    each KV head) over the first n rows of each KV head's keys/values, row r seeing only the first
+    visible[r] (1 <= visible[r] <= n: a question's tokens see the document and the tokens before
+    them; the keys past that get weight 0). keys/values: flat 1-D buffers (float32 or bf16 bits as
+    uint16), KV head g's rows starting at g * head_stride. Writes out [KVH, R, D] and its
+    log-sum-exp [KVH, R] (to merge with attention over other keys); weights [KVH, R, n] (or
+    [KVH, R, 0]: not wanted) gets every key's softmax weight, for chat's citations."""
     kv_heads, count, dim = queries.shape
     chunks = (n + CHUNK - 1) // CHUNK
     items = kv_heads * chunks
@@ -140,15 +141,16 @@ def dense_decode_attention(queries, keys, values, head_stride, n, scaling, out, 
         base = g * head_stride
         _chunk_scores(queries[g], keys[base:], first, size, rows, scores, scaling)
         for r in range(count):
+            seen = min(size, max(0, visible[r] - first))  # this chunk's keys row r may see
             top = np.float32(-np.inf)
-            for j in range(size):
+            for j in range(seen):
                 top = max(top, scores[r, j])
             total = np.float32(0.0)
-            for j in range(size):
+            for j in range(seen):
                 e = exp_nonpositive(scores[r, j] - top)
                 scores[r, j] = e
                 total += e
-            for j in range(size, padded):
+            for j in range(seen, padded):
                 scores[r, j] = 0.0
             maxima[item, r] = top
             sums[item, r] = total
@@ -197,17 +199,18 @@ def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, int] | None:
 
 
 def cpu_decode_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
-                         want_weights: bool = False):
+                         want_weights: bool = False, visible: np.ndarray | None = None):
     """Attention of rows [KVH, R, D] over keys/values [KVH, n, D] on a CPU with this module's kernel:
     (out [KVH, R, D] float32, weights [KVH, R, n] float32 or None), or None where the kernel does
-    not apply (another device, dtype or layout; keys and values of different dtypes; no keys)."""
+    not apply (another device, dtype or layout; keys and values of different dtypes; no keys).
+    visible [R] int64: the keys each row sees (a prefix; default all n)."""
     n = keys.shape[1]
     flat_keys, flat_values = flat_rows(keys), flat_rows(values)
     if n == 0 or flat_keys is None or flat_values is None or keys.dtype != values.dtype \
             or flat_keys[1] != flat_values[1] or keys.shape[2] != values.shape[2]:
         return None
     queries = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
-    out, _, weights = _attend(queries, flat_keys[0], flat_values[0], flat_keys[1], n, scaling, want_weights)
+    out, _, weights = _attend(queries, flat_keys[0], flat_values[0], flat_keys[1], n, scaling, want_weights, visible)
     return torch.from_numpy(out), (torch.from_numpy(weights) if want_weights else None)
 
 
@@ -219,10 +222,13 @@ def host_attention_with_lse(rows: np.ndarray, keys: np.ndarray, values: np.ndarr
     return out, lse
 
 
-def _attend(queries, flat_keys, flat_values, head_stride: int, n: int, scaling: float, want_weights: bool):
+def _attend(queries, flat_keys, flat_values, head_stride: int, n: int, scaling: float, want_weights: bool,
+            visible: np.ndarray | None = None):
     """dense_decode_attention's outputs allocated and filled: (out, lse, weights or an empty array)."""
     out = np.empty_like(queries)
     lse = np.empty(queries.shape[:2], np.float32)
     weights = np.empty((*queries.shape[:2], n if want_weights else 0), np.float32)
-    dense_decode_attention(queries, flat_keys, flat_values, head_stride, n, np.float32(scaling), out, lse, weights)
+    visible = np.full(queries.shape[1], n, np.int64) if visible is None else np.minimum(visible, n).astype(np.int64)
+    dense_decode_attention(queries, flat_keys, flat_values, head_stride, n, visible, np.float32(scaling), out, lse,
+                           weights)
     return out, lse, weights
