@@ -192,7 +192,8 @@ def eval_command(
     if attention not in ("retrieval", "flat", "graph", "hnsw"):
         raise typer.BadParameter(f"'{attention}': choose retrieval, flat, graph or hnsw", param_hint="'--attention'")
     found = read_source(source, encoding)
-    loaded = load_model(model_for(found, model), device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
+    loaded = load_model(model_for(found, model), device, dtype, weights.value,
+                        opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     store = open_store(loaded, found, IngestOptions(chunk_size=chunk_size))
     settings = settings_for(store, top_k, ef, None, coverage, dense_below, dense_when_cheaper=dense_when_cheaper,
                             exact_margin=exact_margin)

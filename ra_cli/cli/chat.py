@@ -67,7 +67,8 @@ def chat_command(
     if source is None and saved is None:
         raise typer.BadParameter("give a context or document to chat with (or --resume NAME)", param_hint="'SOURCE'")
     found = read_source(source if source is not None else saved.context, encoding)
-    loaded = load_model(model_for(found, model), device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
+    loaded = load_model(model_for(found, model), device, dtype, weights.value,
+                        opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     defaults = IndexParams()
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value,
                             index=IndexParams(kind=index.value, sinks=defaults.sinks if sinks is None else sinks,

@@ -28,8 +28,8 @@ def model_for(source, model: str | None) -> str | None:
     that model alone — said on stderr, or an error naming the fetch when it is not here (before
     any loading)."""
     from ra_cli.errors import RaError
-    from ra_cli.model.resolve import EMBEDDED_NAME, NAMED, named_model_from_file, named_model_path
     from ra_cli.manifest import recorded_model
+    from ra_cli.model.resolve import EMBEDDED_NAME, NAMED, named_model_from_file, named_model_path
     from ra_cli.ui import status
 
     if model is not None or source.context is None:
