@@ -181,6 +181,8 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     n = len(tokens)
     # float32 copies on a CPU: the collector ranks prefill queries against these keys exactly
     cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
+    for layer in cache.layers:
+        layer.kernels = False  # a resumed ingest stores exactly what an uninterrupted one does
     mode = options.prefill_mode(n, loaded.device)
     if mode == "sparse":
         cache.use_sparse_prefill(sparse_policy(options))

@@ -77,16 +77,18 @@ CPU_KERNEL_QUERY = 64
 
 
 def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offset: int = 0,
-                    sliding_window: int | None = None, softcap: float | None = None, mass=None) -> torch.Tensor:
+                    sliding_window: int | None = None, softcap: float | None = None, mass=None,
+                    kernels: bool = True) -> torch.Tensor:
     """softmax(q k^T) v over every visible key. query [B,H,q,D], keys/values [B,KVH,n,D] -> [B,H,q,D].
-    `mass` (an engine.mass.AttentionMass) collects a decode step's weights by position."""
+    `mass` (an engine.mass.AttentionMass) collects a decode step's weights by position; `kernels`
+    False keeps to torch (the same result whichever build of the numba kernels is loaded)."""
     out_dtype = query.dtype
     q_len, kv_len = query.shape[2], keys.shape[2]
     needs_mask = q_len > 1 or (sliding_window is not None and q_offset - kv_offset >= sliding_window)
     mask = causal_mask(q_len, q_offset, kv_len, kv_offset, sliding_window, query.device) if needs_mask else None
-    if mask is None and softcap is None and q_len <= SMALL_QUERY and query.shape[0] == 1:
+    if kernels and mask is None and softcap is None and q_len <= SMALL_QUERY and query.shape[0] == 1:
         return decode_attention(query, keys, values, scaling, mass, kv_offset).to(out_dtype)
-    if sliding_window is None and softcap is None and q_len <= CPU_KERNEL_QUERY and query.shape[0] == 1:
+    if kernels and sliding_window is None and softcap is None and q_len <= CPU_KERNEL_QUERY and query.shape[0] == 1:
         # causal only: query i sees keys [0, q_offset - kv_offset + i] — a prefix the kernel masks per row
         kv_heads = keys.shape[1]
         seen = np.minimum(np.arange(q_offset - kv_offset + 1, q_offset - kv_offset + 1 + q_len), kv_len)

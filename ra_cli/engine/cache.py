@@ -79,6 +79,10 @@ class DeviceKVLayer(AttentionLayer):
         self.sparse = None  # a SparsePrefill policy: prefill chunks attend to selected blocks only
         self.block_means = None
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
+        # engine/dense_decode.py's numba kernel for small queries; off where a result must not depend
+        # on the build: a kernel compiled afresh and one loaded from numba's cache can round
+        # differently (measured: 1e-7), and a resumed ingest must store exactly what an uninterrupted one does
+        self.kernels = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -126,7 +130,7 @@ class DeviceKVLayer(AttentionLayer):
         if self.observer is not None:
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
         out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap,
-                              self.mass if query.shape[2] == 1 else None)
+                              self.mass if query.shape[2] == 1 else None, self.kernels)
         if self.timer is not None:
             self.timer.seconds += time.perf_counter() - began
         return out
