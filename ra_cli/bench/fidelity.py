@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from ra_cli.engine.generate import prefill
-from ra_cli.index.base import kv_head_of
-from ra_cli.index.flat import all_scores
+from ra_cli.index.flat import exact_scores
 from ra_cli.prompt import Prompter, PromptLayout
 from ra_cli.retrieval.layer import RetrievalSettings
 from ra_cli.retrieval.modes import open_cache
@@ -63,12 +62,8 @@ class Auditor:
         n = layer.n_indexed
         if n == 0:
             return
-        heads, count = query.shape[:2]
-        raw = np.empty((heads, count, n), np.float32)
-        all_scores(np.ascontiguousarray(query, np.float32), layer.host.keys, kv_head_of(heads, layer.host.keys.shape[0]),
-                   n, raw)
         q = torch.from_numpy(query)
-        scores = torch.from_numpy(raw) * scaling  # [H, q, n]
+        scores = torch.from_numpy(exact_scores(query, layer.host.keys, n)) * scaling  # [H, q, n]
         indexed_lse = torch.logsumexp(scores, dim=-1)
         found = torch.from_numpy(retrieved_ids.astype(np.int64))
         picked = torch.gather(scores, -1, found.clamp_min(0)).masked_fill(found < 0, float("-inf"))

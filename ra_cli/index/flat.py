@@ -29,6 +29,15 @@ def all_scores(queries, keys, kv_of_head, n, out):
                         out[h, i, j] = dot(queries[h, i], row)
 
 
+def exact_scores(queries: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """q·k of queries [H, q, D] against the first n keys [KVH, >= n, D] (float32 or bf16 bits) of
+    each query head's KV head: [H, q, n] float32 (all_scores, allocated)."""
+    heads, count = queries.shape[:2]
+    scores = np.empty((heads, count, n), np.float32)
+    all_scores(np.ascontiguousarray(queries, np.float32), keys, kv_head_of(heads, keys.shape[0]), n, scores)
+    return scores
+
+
 class FlatLayerIndex(LayerIndex):
     kind = "flat"
 
@@ -40,11 +49,8 @@ class FlatLayerIndex(LayerIndex):
         pass  # an exact scan needs no structure: search reads keys [0, n)
 
     def _search(self, queries, k, ef, extra, result: SearchResult, ordered: int) -> None:
-        heads, count, _ = queries.shape
-        scores = np.empty((heads, count, self.n), np.float32)
-        all_scores(queries, self.keys, kv_head_of(heads, self.keys.shape[0]), self.n, scores)
         take = min(k, self.n)
-        top = torch.topk(torch.from_numpy(scores), take, dim=-1)
+        top = torch.topk(torch.from_numpy(exact_scores(queries, self.keys, self.n)), take, dim=-1)
         result.ids[..., :take] = top.indices.numpy()
         result.scores[..., :take] = top.values.numpy()
         result.evaluations[:] = self.n

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from ra_cli.engine.attention import grouped_scores
-from ra_cli.index.base import kv_head_of
-from ra_cli.index.flat import all_scores
+from ra_cli.index.flat import exact_scores
 
 QUESTION_PROBES = 8  # the question's last positions whose attention sets the answer's budgets
 
@@ -46,10 +45,7 @@ def question_budget(query: torch.Tensor, static_keys: torch.Tensor, static_posit
     bf16 bits), every one before the question."""
     probes = min(query.shape[2], QUESTION_PROBES)
     q = query[0, :, -probes:].float().cpu()  # [H, p, D]
-    heads = q.shape[0]
-    scores = np.empty((heads, probes, n_indexed), np.float32)
-    all_scores(np.ascontiguousarray(q.numpy()), indexed_keys, kv_head_of(heads, indexed_keys.shape[0]), n_indexed, scores)
-    indexed = torch.from_numpy(scores)  # [H, p, n]
+    indexed = torch.from_numpy(exact_scores(q.numpy(), indexed_keys, n_indexed))  # [H, p, n]
     static = grouped_scores(q, static_keys[0].float().cpu())  # [H, p, s]
     positions = torch.arange(q_offset + query.shape[2] - probes, q_offset + query.shape[2])
     static.masked_fill_(static_positions.cpu()[None, None, :] > positions[None, :, None], float("-inf"))
