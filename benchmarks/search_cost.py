@@ -20,14 +20,14 @@ import torch
 
 from ra_cli.bench.decode import DecodeStepConfig, build_index, synthetic_layer
 from ra_cli.index.base import IndexParams
-from ra_cli.intrinsics import bf16_bits
+from ra_cli.store import kv_to_numpy
 
 args = sys.argv[1:]
 float32 = "--float32" in args
 args = [a for a in args if a != "--float32"]
 n = int(args[0]) if args else 131072
 keys, values, queries_for, heads = synthetic_layer(DecodeStepConfig(keys=n))
-index = build_index(keys, queries_for, heads, IndexParams(), None if float32 else bf16_bits(torch.from_numpy(keys).to(torch.bfloat16)))
+index = build_index(keys, queries_for, heads, IndexParams(), None if float32 else kv_to_numpy(torch.from_numpy(keys), "bfloat16"))
 decode = queries_for(np.full(64, n - 1))
 threads = numba.get_num_threads()
 for ef in (128, 256, 512, 1024):

@@ -29,9 +29,9 @@ from ra_cli.index.base import IndexParams, SearchResult, kv_head_of
 from ra_cli.index.collect import banded_neighbours, top_lists
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
-from ra_cli.intrinsics import bf16_bits
 from ra_cli.retrieval.host_path import NO_MASS, SEARCH_COST
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved, search_and_attend
+from ra_cli.store import kv_to_numpy
 
 COLD_BYTES = 1 << 30
 
@@ -147,7 +147,7 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
     indexed = slice(sinks, sinks + n)  # positions [sinks, sinks + n) are indexed; the rest is the static set
     keys = np.ascontiguousarray(all_keys[:, indexed])
     # the indexed KV in host memory as a store's bf16 bits (what retrieval layers search and read)
-    host_keys, host_values = (bf16_bits(torch.from_numpy(a[:, indexed]).to(torch.bfloat16)) for a in (all_keys, all_values))
+    host_keys, host_values = (kv_to_numpy(torch.from_numpy(a[:, indexed]), "bfloat16") for a in (all_keys, all_values))
     started = time.perf_counter()
     index = build_index(keys, queries_for, heads, params, host_keys)
     build_seconds = time.perf_counter() - started
