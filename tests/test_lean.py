@@ -11,7 +11,8 @@ from ra_cli.engine.cache import ContextCache
 from ra_cli.engine.forward import LeanDecoder
 from ra_cli.engine.generate import prefill
 from ra_cli.choices import WeightFormat
-from ra_cli.engine.linear import PackedLinear, int4_groups
+import ra_cli.engine.linear as linear
+from ra_cli.engine.linear import DECODE_ROWS, PackedLinear, int4_groups
 
 
 def q4_weight(rows=48, cols=64, seed=0):
@@ -45,6 +46,38 @@ def test_packed_linear_decode_matches_its_dense_weights(decode):
     prefill_rows = torch.randn(40, 64).bfloat16()  # more rows than DECODE_ROWS: the dense bf16 weights
     torch.testing.assert_close(layer(prefill_rows).float(), prefill_rows.float() @ weight.bfloat16().float().T
                                + bias.bfloat16().float(), atol=0.05, rtol=0.01)
+
+
+def test_bf16_products_run_in_hardware_only_with_bf16_instructions(monkeypatch):
+    """torch's bf16 GEMMs use bf16 instructions (AVX512-BF16, AMX tiles) through oneDNN only;
+    without either ra multiplies in float32."""
+    for avx512_bf16, amx, expected in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert linear._cpu_has_bf16_instructions.__wrapped__() is expected
+    monkeypatch.setattr(linear, "_cpu_has_bf16_instructions", lambda: True)
+    assert linear.cpu_multiplies_bf16() is torch.backends.mkldnn.is_available()
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # oneDNN off: torch's software bf16 GEMM
+    assert not linear.cpu_multiplies_bf16()
+
+
+@pytest.mark.parametrize("bf16_in_hardware", [True, False])
+def test_prefill_products_without_bf16_instructions_are_float32_products(monkeypatch, bf16_in_hardware):
+    """Without bf16 instructions a batch of rows is multiplied in float32 by a float32 copy of the
+    bf16 weights (the same products, rounded once to bf16); with them by torch's bf16 GEMM. Decode
+    rows keep the int4 kernel and make no copy."""
+    monkeypatch.setattr(linear, "cpu_multiplies_bf16", lambda: bf16_in_hardware)
+    layer = PackedLinear(q4_weight(48, 256), torch.randn(48), WeightFormat.int4)
+    layer(torch.randn(DECODE_ROWS, 256).bfloat16())
+    assert getattr(layer, "_float32", None) is None
+    rows = torch.randn(DECODE_ROWS + 1, 256).bfloat16()
+    out = layer(rows)
+    if bf16_in_hardware:
+        assert getattr(layer, "_float32", None) is None
+        assert torch.equal(out, torch.nn.functional.linear(rows, layer.dense) + layer.bias)
+    else:
+        assert layer._float32[1].dtype == torch.float32 and torch.equal(layer._float32[1], layer.dense.float())
+        assert torch.equal(out, (rows.float() @ layer.dense.float().T).bfloat16() + layer.bias)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -249,6 +282,24 @@ def test_fast_default_tracks_float32(loaded, loaded_fast):
     fast = torch.log_softmax(prefill(loaded_fast.model, ContextCache.full(loaded_fast.model.config), ids), -1)
     assert int(fast.argmax()) == int(reference.argmax())
     assert float((reference.exp() * (reference - fast)).sum()) < 0.05
+
+
+def test_a_cpu_without_bf16_instructions_prefills_like_one_with_them(loaded_fast, monkeypatch):
+    """The default model's prefill with its products in float32 (a CPU without bf16 instructions)
+    against bf16 GEMMs: the same next token, logits within bf16 rounding of each other."""
+    ids = loaded_fast.tokenizer("The lighthouse on Karsk Island was built in 1871 by the engineer",
+                                add_special_tokens=False).input_ids
+    logits = {}
+    for in_hardware in (True, False):
+        monkeypatch.setattr(linear, "cpu_multiplies_bf16", lambda: in_hardware)
+        logits[in_hardware] = prefill(loaded_fast.model, ContextCache.full(loaded_fast.model.config), ids)
+    packed = [m for m in loaded_fast.model.ra_lean.modules() if isinstance(m, PackedLinear)]
+    assert any(getattr(m, "_float32", None) is not None for m in packed)
+    for m in packed:  # the copies are this test's: free them
+        m._float32 = None
+    assert int(logits[False].argmax()) == int(logits[True].argmax())
+    torch.testing.assert_close(logits[False], logits[True], atol=0.05 * logits[True].abs().max(), rtol=0)
+    assert not torch.equal(logits[False], logits[True])
 
 
 def test_the_cached_pack_is_the_fresh_pack(loaded_fast, loaded):

@@ -17,9 +17,19 @@ def load_model(model, device, dtype, weights="auto", quantize=None, gpu_mem_gb=N
         loaded = models.load_model(model, device=device, dtype=dtype)
     else:
         loaded = models.load_model(model, device=device, dtype=dtype, weights=weights, quantize=quantize)
-    status(f"model {loaded.fingerprint.source} on {loaded.device} ({loaded.fingerprint.dtype}), "
+    status(f"model {loaded.fingerprint.source} on {loaded.device} ({loaded.fingerprint.dtype}{_products_note(loaded)}), "
            f"loaded in {loaded.load_seconds:.1f} s")
     return loaded
+
+
+def _products_note(loaded) -> str:
+    import torch
+
+    from ra_cli.engine.linear import cpu_multiplies_bf16
+
+    if loaded.device.type == "cpu" and loaded.dtype == torch.bfloat16 and not cpu_multiplies_bf16():
+        return "; prefill products in float32: this CPU has no bf16 instructions"
+    return ""
 
 
 def model_for(source, model: str | None) -> str | None:

@@ -6,6 +6,11 @@ rows, where bf16 GEMMs run ~4x faster than the int4 kernel (measured: docs/bench
 `PackedLinear` holds bf16 weights for batches of more than DECODE_ROWS rows and int4 (or int8)
 weights for decode.
 
+A CPU without bf16 dot-product instructions (AVX512-BF16 or AMX; most laptops and desktops)
+runs torch's bf16 GEMMs in software, ~3x slower than float32 (measured: docs/benchmarks.md). There
+the batched products run in float32 on a float32 copy of the weights, made on the first batch: the
+same products (a bf16 value is exact in float32), summed in float32 as oneDNN's bf16 kernels sum.
+
 int4 is used only where it loses nothing: GGUF checkpoints are already quantized in groups of 32
 along the input dimension (Q4_0/Q4_1/Q4_K), so their dequantized weights lie exactly on a
 16-level grid per group, low + q * step (engine/int4_decode.py multiplies them). Weights not on
@@ -14,6 +19,8 @@ such a grid (Q5/Q6/Q8, float checkpoints) get int8 rows, 255 levels per output c
 """
 
 from __future__ import annotations
+
+import functools
 
 from ra_cli.choices import WeightFormat
 import torch
@@ -25,6 +32,17 @@ from ra_cli.engine.int8_decode import SMALLEST, int8_matmul, int8_views
 BUFFERS = ("dense", "bias", "int4_tiles", "int4_step", "int4_low", "int8", "int8_scales")
 DECODE_ROWS = 16  # up to this many rows use the decode weights
 
+
+@functools.cache
+def _cpu_has_bf16_instructions() -> bool:
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                          "_is_amx_tile_supported"))
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether torch's bf16 GEMMs run in hardware here: bf16 instructions, reached through oneDNN
+    (torch's other bf16 GEMM widens in software)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and _cpu_has_bf16_instructions()
 
 
 def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -115,7 +133,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.dense.dtype)
         if rows.shape[0] > DECODE_ROWS or self.kind == "dense":
-            out = F.linear(rows, self.dense)
+            out = self._dense_product(rows)
         elif self.kind == "int4":
             out = int4_matmul(rows, self.host_weights(), self.out_features)
         else:
@@ -125,6 +143,13 @@ class PackedLinear(torch.nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_product(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.dense.dtype != torch.bfloat16 or self.dense.device.type != "cpu" or cpu_multiplies_bf16():
+            return F.linear(rows, self.dense)
+        if getattr(self, "_float32", None) is None or self._float32[0] != self.dense.data_ptr():
+            self._float32 = (self.dense.data_ptr(), self.dense.float())
+        return F.linear(rows.float(), self._float32[1]).to(torch.bfloat16)
 
     @property
     def decode_bytes(self) -> int:
