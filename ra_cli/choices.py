@@ -25,6 +25,12 @@ class KvDtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class PrefillMode(str, Enum):
+    auto = "auto"  # sparse past ingest.SPARSE_FROM tokens on a CPU, else full
+    full = "full"  # every chunk attends to all earlier tokens (quadratic)
+    sparse = "sparse"  # sinks, recent window and selected blocks (linear)
+
+
 class IndexKind(str, Enum):
     graph = "graph"  # attention-aware, built from prefill queries (ours)
     hnsw = "hnsw"  # hnswlib over centred keys: the key-only baseline

@@ -118,11 +118,13 @@ def test_decode_step_bench_rejects_an_unknown_shape():
 
 
 def test_recall_bench_compares_ingest_times_from_the_same_run(reuse_loaded_model):
-    args = ["bench", "--recall", "--context", "1536", "--queries", "8", "--layers", "3", "--baseline-ingest", "--json"]
+    args = ["bench", "--recall", "--context", "1536", "--queries", "8", "--layers", "3", "--baseline-ingest",
+            "--prefill", "sparse", "--json"]
     for run in ("fresh", "cached"):  # the second run finds the indexed context in the cache and times it again
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
+        assert report["ingest"]["prefill"] == "sparse", run  # the bench's context is ingested as asked
         assert report["ingest_baseline_seconds"] > 0 and report["ingest_with_graph_seconds"] > 0, run
         assert abs(report["ingest_speed_ratio"] - report["ingest_baseline_seconds"] / report["ingest_with_graph_seconds"]) < 0.05
         alone = report["indexes"]["graph_heads_alone"]  # one search per query head: exact once ef covers every key

@@ -101,6 +101,8 @@ def test_bad_options_are_usage_errors_before_any_work(lighthouse_txt, monkeypatc
              (("ingest", lighthouse_txt, "--chunk-size", 0), "--chunk-size"),
              (("ingest", lighthouse_txt, "--dtype", "int3"), "--dtype"),
              (("ingest", lighthouse_txt, "--encoding", "klingon"), "unknown encoding 'klingon'"),
+             (("ingest", lighthouse_txt, "--prefill", "dense"), "'dense' is not one of"),
+             (("bench", "--recall", "--prefill", "dense"), "'dense' is not one of"),
              (("chat", lighthouse_txt, "--ask", "x", "--window", -1), "--window")]
     for args, message in cases:
         assert_one_line_error(invoke(*args), message, code=2)

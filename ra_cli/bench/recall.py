@@ -45,6 +45,7 @@ class RecallBenchConfig:
     baseline_ingest: bool = False  # also time the same prefill with no index (for the ingest ratio)
     chunk_size: int = 512
     params: IndexParams = field(default_factory=IndexParams)
+    prefill: str = "auto"  # ingest's --prefill for the bench context
 
 
 def time_ingest(loaded, name: str, text: str, config: RecallBenchConfig, params: IndexParams, on_progress=None) -> float:
@@ -54,7 +55,7 @@ def time_ingest(loaded, name: str, text: str, config: RecallBenchConfig, params:
     from ra_cli.document import Document
 
     tokens, layout = context_tokens(loaded, text, config.context)
-    options = IngestOptions(chunk_size=config.chunk_size, index=params)
+    options = IngestOptions(chunk_size=config.chunk_size, index=params, prefill=config.prefill)
     document = Document(name=f"{name} (bench timing)", sha256="timing", kind="text", text="")
     out = Path(tempfile.mkdtemp(prefix="ra-bench-timing-")) / "timing.idx"
     try:
@@ -149,7 +150,7 @@ def run_recall_bench(loaded, config: RecallBenchConfig, on_progress=None, on_ind
     name, text = bench_text(config.document)
     started = time.perf_counter()
     bench = cached_context(loaded, name, text, config.context, config.queries, config.params, config.chunk_size,
-                           on_progress, on_index)
+                           on_progress, on_index, config.prefill)
     store, held_out, ingest_result = bench.store, bench.continuation, bench.result
     section = store.manifest["index"]
     lo, hi = section["lo"], section["hi"]

@@ -48,7 +48,7 @@ def bench_command(
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per run (after 4 warm-up steps)."),
     synthetic: Optional[str] = typer.Option(None, "--synthetic",
                                             help="Random weights of a real shape, made on the device: llama-3-8b, qwen2.5-7b, tiny (timing only)."),
-    prefill: str = opt.Prefill,
+    prefill: opt.PrefillMode = opt.Prefill,
     shape: str = typer.Option("smollm2", "--shape", help="Layer shape for --decode-step: smollm2 or llama3-8b."),
     document: Optional[Path] = typer.Option(None, "--document", exists=True, dir_okay=False,
                                             help="Text to use (default: the shipped corpus; the sample for --recall)."),
@@ -105,11 +105,9 @@ def bench_command(
             raise RaError(f"unknown --synthetic '{synthetic}'; choose {', '.join(SHAPES)}")
         if synthetic is not None and baseline:
             raise RaError("--synthetic weights have no GGUF for llama.cpp to run; drop --baseline")
-        if prefill not in ("auto", "full", "sparse"):
-            raise RaError(f"unknown --prefill '{prefill}'; use auto, full or sparse")
         config = ContextBenchConfig(contexts=sizes, modes=chosen, document=document, steps=steps, baseline=baseline,
                                     model=model, device=device, dtype=dtype.value, weights=weights.value,
-                                    prefill=prefill, synthetic=synthetic, gpu_mem_gb=gpu_mem_gb, exact_margin=exact_margin,
+                                    prefill=prefill.value, synthetic=synthetic, gpu_mem_gb=gpu_mem_gb, exact_margin=exact_margin,
                                     quantize=opt.quantization(load_in_4bit, load_in_8bit))
         report = run_context_bench(config, status=status)
         print_table(report)
@@ -138,7 +136,8 @@ def bench_command(
     from ra_cli.index import IndexParams
 
     config = RecallBenchConfig(context=tokens, queries=queries, document=document,
-                               params=IndexParams(query_stride=query_stride), baseline_ingest=baseline_ingest)
+                               params=IndexParams(query_stride=query_stride), baseline_ingest=baseline_ingest,
+                               prefill=prefill.value)
     if layers and layers != "all":
         try:
             config.layers = [int(part) for part in layers.split(",")]

@@ -17,7 +17,7 @@ def ingest_command(
     document: Path = typer.Argument(..., help="Document to ingest (.pdf, .txt, .md)."),
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
     chunk_size: int = opt.ChunkSize,
-    prefill: str = opt.Prefill,
+    prefill: opt.PrefillMode = opt.Prefill,
     kv_dtype: opt.KvDtype = opt.KvDtypeOption,
     index: opt.IndexKind = opt.Index,
     sinks: int = typer.Option(128, "--sinks", min=0, help="First tokens kept on the device at chat time, never indexed."),
@@ -42,9 +42,7 @@ def ingest_command(
         raise RaError(f"{document} is a directory; give a .pdf, .txt or .md file")
     doc = source.document
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
-    if prefill not in ("auto", "full", "sparse"):
-        raise typer.BadParameter(f"'{prefill}': use auto, full or sparse", param_hint="'--prefill'")
-    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value, prefill=prefill,
+    options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value, prefill=prefill.value,
                             index=IndexParams(kind=index.value, sinks=sinks, window=window))
     out = save or cached_context_path(loaded, doc, options)
     from ra_cli.ui import warn

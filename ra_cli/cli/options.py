@@ -7,7 +7,7 @@ import re
 
 import typer
 
-from ra_cli.choices import EXACT_MARGIN, ComputeDtype, IndexKind, KvDtype, WeightFormat
+from ra_cli.choices import EXACT_MARGIN, ComputeDtype, IndexKind, KvDtype, PrefillMode, WeightFormat
 
 
 def _device(value: str) -> str:
@@ -60,7 +60,8 @@ Model = typer.Option(None, "--model", "-m", envvar="RA_MODEL",
                      help="Model: 'smollm2' (embedded, default), a named model (see `ra models`), a .gguf file, "
                           "a model directory, or a cached HF id.")
 Device = typer.Option("auto", "--device", callback=_device, help="auto, cpu, cuda, cuda:N")
-Dtype = typer.Option(ComputeDtype.auto, "--dtype", help="Compute dtype (auto: float32 on CPU, bf16/fp16 on GPU).")
+Dtype = typer.Option(ComputeDtype.auto, "--dtype", help="Compute dtype (auto: on a CPU bf16 for Llama, Qwen2 and Mistral models, float32 for "
+                                                              "others; bf16/fp16 on GPU).")
 Encoding = typer.Option("utf-8", "--encoding", callback=_encoding, help="Encoding of .txt/.md files (default: strict UTF-8).")
 ChunkSize = typer.Option(512, "--chunk-size", min=1, help="Tokens per prefill chunk.")
 KvDtypeOption = typer.Option(KvDtype.auto, "--kv-dtype", help="Stored KV dtype (auto = the compute dtype).")
@@ -85,7 +86,7 @@ Index = typer.Option(IndexKind.graph, "--index",
 TopK = typer.Option(None, "--top-k", min=1, help="Keys retrieved per query head per layer (default: per-layer budget chosen at ingest).")
 Ef = typer.Option(None, "--ef", min=1, help="Search beam width (default: calibrated per layer at ingest).")
 Json = typer.Option(False, "--json", help="Print JSON on stdout.")
-Prefill = typer.Option("auto", "--prefill",
+Prefill = typer.Option(PrefillMode.auto, "--prefill",
                        help="full: every chunk attends to all earlier tokens (quadratic); sparse: sinks, recent window "
                             "and selected blocks (linear); auto: sparse past 32K tokens on a CPU.")
 Weights = typer.Option(WeightFormat.auto, "--weights",
