@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-def peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int | None:
     """The process's peak resident set (VmHWM), the whole run included."""
     try:
         for line in open("/proc/self/status"):
@@ -18,9 +18,12 @@ def peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        import resource
+    except ImportError:  # Windows: not measured
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux and the BSDs KiB
 
 
 def directory_bytes(path: Path) -> int:
