@@ -50,6 +50,9 @@ print(json.dumps({"model": loaded.spec.name, "dtype": loaded.fingerprint.dtype,
                   "cpu_has_bf16_instructions": linear._cpu_has_bf16_instructions(), "threads": torch.get_num_threads()}))
 for setting in ("this-cpu", "no-bf16"):  # warm-up: first calls; the float32 weight copies are made once
     run(setting)
+copies = [m._float32[1] for m in loaded.model.ra_lean.modules()
+          if isinstance(m, linear.PackedLinear) and getattr(m, "_float32", None) is not None]
+print(json.dumps({"float32_weight_copies_bytes": sum(c.numel() * c.element_size() for c in copies)}))
 for _ in range(rounds):
     for setting in ("this-cpu", "no-bf16", "no-bf16-bf16-gemm"):
         print(json.dumps(run(setting)), flush=True)
