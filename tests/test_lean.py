@@ -299,7 +299,6 @@ def test_a_cpu_without_bf16_instructions_prefills_like_one_with_them(loaded_fast
         m._float32 = None
     assert int(logits[False].argmax()) == int(logits[True].argmax())
     torch.testing.assert_close(logits[False], logits[True], atol=0.05 * logits[True].abs().max(), rtol=0)
-    assert not torch.equal(logits[False], logits[True])
 
 
 def test_the_cached_pack_is_the_fresh_pack(loaded_fast, loaded):
