@@ -61,10 +61,10 @@ def llama_cpp_available() -> bool:
 def machine() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     from ra_cli.engine.linear import cpu_multiplies_bf16
 
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     info["cpu_bf16_instructions"] = cpu_multiplies_bf16()  # without them prefill multiplies in float32
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))

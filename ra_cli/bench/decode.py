@@ -31,7 +31,7 @@ from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import GraphLayerIndex, build_graph_layer, recall
 from ra_cli.retrieval.host_path import NO_MASS, SEARCH_COST
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved, search_and_attend
-from ra_cli.store import kv_to_numpy
+from ra_cli.store import kv_to_numpy, widened
 
 COLD_BYTES = 1 << 30
 
@@ -53,7 +53,7 @@ class DecodeStepConfig:
 
 def bf16_values(x: np.ndarray) -> np.ndarray:
     """x rounded to bfloat16, as float32 (what a bf16 store gives back, widened)."""
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).float().numpy()
+    return widened(kv_to_numpy(torch.from_numpy(np.ascontiguousarray(x, np.float32)), "bfloat16"))
 
 
 def synthetic_layer(config: DecodeStepConfig, n: int | None = None):

@@ -81,12 +81,11 @@ def named_model_path(named: NamedModel) -> Path | None:
 
 def named_model_from_file(file_name: str | None) -> str | None:
     """The named model whose GGUF has this file name (None: not one ra names)."""
+    if file_name is None:
+        return None
     embedded = embedded_gguf_path()
-    for named in NAMED.values():
-        own = named.file_name or (embedded.name if embedded is not None else None)
-        if file_name is not None and own == file_name:
-            return named.name
-    return None
+    embedded_name = embedded.name if embedded is not None else None
+    return next((named.name for named in NAMED.values() if (named.file_name or embedded_name) == file_name), None)
 
 
 def resolve_model(name: str | None) -> ModelSpec:
