@@ -66,8 +66,13 @@ def bench_command(
     load_in_8bit: bool = opt.LoadIn8bit,
     gpu_mem_gb: Optional[float] = opt.GpuMemGb,
 ):
-    """Measure ra: whole-model decode per context size (default), index recall (--recall), or one
-    decode step of one layer (--decode-step)."""
+    """Measure ra: decode per context size (default), --recall, --decode-step or --needles.
+
+    Default: whole-model decode per context size and attention mode (--baseline llama.cpp beside it).
+
+    --recall: the index against exact top-k. --decode-step: one layer's step against exact attention.
+
+    --needles: needles at 10 depths of real documents, answered with full, flat and retrieval attention."""
     from ra_cli.ui import TokenProgress, status
 
     if recall + decode_step + needles > 1:

@@ -51,8 +51,9 @@ def chat_command(
     gpu_mem_gb: Optional[float] = opt.GpuMemGb,
     encoding: str = opt.Encoding,
 ):
-    """Chat with a document: interactive, or scripted with --ask. Each answer cites the pages its
-    attention went to."""
+    """Chat with a document: interactive, or scripted with --ask.
+
+    Each answer cites the pages (lines in text files) its attention went to."""
     from ra_cli.chat import start_chat
     from ra_cli.cli.repl import ReplSettings, repl
     from ra_cli.engine.generate import Sampling
