@@ -109,7 +109,9 @@ class ChatSession:
         self.document_tokens = self.store.n_tokens
         self.prefilled_tokens = 0  # tokens run through the model in this session (never the document)
         self.stop_ids = self.prompter.stop_ids(self.loaded.model.generation_config.eos_token_id)
-        self.citer = Citer(self.store.token_pages, self.store.token_lines, self.store.manifest["document"].get("kind", "text"))
+        document = self.store.manifest["document"]
+        self.citer = Citer(self.store.token_pages, self.store.token_lines, document.get("kind", "text"),
+                           document.get("sections"))
 
     def clear(self) -> None:
         """Forget the conversation, keep the document."""

@@ -1,4 +1,5 @@
-"""Citations: the pages (or, in text files, the passages) an answer's attention went to.
+"""Citations: the pages (sections of HTML and EPUB files; passages of text files) an answer's
+attention went to.
 
 Every decode step of every layer and query head spreads one unit of softmax weight over the keys it
 attends to (engine/mass.py collects it by position). Summed over the answer and grouped by the
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ra_cli.document import SECTIONED
+
 SINKS = 4  # the first positions of the context: weight parks there regardless of content
 # Weights below this are not counted: diffuse and positional attention spreads small weights
 # over everything near and far, while a head that reads something singles it out (measured on
@@ -22,37 +25,48 @@ FLOOR = 0.2
 CITED = 3  # sources shown under an answer
 PASSAGE_LINES = 8  # a text-file passage: a paragraph, cut into runs of at most this many lines
 EXCERPT_TOKENS = 80  # of a cited page shown by /sources, centred on the most attended token
+TITLE_CHARS = 48  # of a section's heading in a citation
 
 
 @dataclass
 class Source:
-    unit: str  # "page" (PDFs) or "line" (text files)
-    first: int  # 1-based page, or first line of the passage
-    last: int  # last line of the passage (= first for pages)
+    unit: str  # "page" (PDFs), "section" (HTML, EPUB) or "line" (text files)
+    first: int  # 1-based page or section, or first line of the passage
+    last: int  # last line of the passage (= first for pages and sections)
     share: float  # of the answer's attention to document text
     peak: int  # the most attended token position inside it
     start: int  # token positions [start, end) of the page or passage
     end: int
+    title: str = ""  # a section's heading
 
     def label(self) -> str:
         if self.unit == "page":
             return f"p. {self.first}"
+        if self.unit == "section":
+            title = self.title if len(self.title) <= TITLE_CHARS else self.title[:TITLE_CHARS - 1].rstrip() + "…"
+            return f"§{self.first} “{title}”" if title else f"§{self.first}"
         return f"line {self.first}" if self.last == self.first else f"lines {self.first}-{self.last}"
 
     def as_json(self) -> dict:
-        if self.unit == "page":
-            return {"page": self.first, "share": round(self.share, 4)}
+        if self.unit in ("page", "section"):
+            return {self.unit: self.first, **({"title": self.title} if self.unit == "section" else {}),
+                    "share": round(self.share, 4)}
         return {"line": self.first, "last_line": self.last, "share": round(self.share, 4)}
 
 
 class Citer:
-    """Maps a document's token positions to citable units once, then ranks them per answer."""
+    """Maps a document's token positions to citable units once, then ranks them per answer.
+    titles: a sectioned document's section headings, in order (from its manifest)."""
 
-    def __init__(self, token_pages: np.ndarray, token_lines: np.ndarray | None, kind: str):
-        if kind == "pdf" or token_lines is None:
-            self.unit = "page"
+    def __init__(self, token_pages: np.ndarray, token_lines: np.ndarray | None, kind: str,
+                 titles: list[str] | None = None):
+        self.titles = []
+        if kind == "pdf" or kind in SECTIONED or token_lines is None:
+            self.unit = "section" if kind in SECTIONED else "page"
             self.units = np.asarray(token_pages, dtype=np.int64)
             self.first = self.last = np.arange(self.units.max() + 1)
+            if kind in SECTIONED and isinstance(titles, list) and all(isinstance(t, str) for t in titles):
+                self.titles = titles  # a manifest is user input: anything else cites without titles
         else:
             self.unit = "line"
             self.units, self.first, self.last = _passages(np.asarray(token_lines, dtype=np.int64))
@@ -71,8 +85,9 @@ class Citer:
         for unit in ranked:
             positions = np.flatnonzero(units == unit)
             peak = int(positions[np.argmax(weights[positions])])
+            title = self.titles[unit - 1] if self.unit == "section" and 0 < unit <= len(self.titles) else ""
             found.append(Source(self.unit, int(self.first[unit]), int(self.last[unit]), float(totals[unit] / whole),
-                                peak, int(positions[0]), int(positions[-1]) + 1))
+                                peak, int(positions[0]), int(positions[-1]) + 1, title))
         return found
 
 

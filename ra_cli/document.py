@@ -1,10 +1,13 @@
-"""Document -> text: read a .pdf, .txt or .md file into one string plus a page map.
+"""Document -> text: read a .pdf, .epub, .html, .txt or .md file into one string plus a page map.
 
 Text policy (documented in docs/store-format.md):
 - .txt/.md are decoded as UTF-8 (a UTF-8 BOM is dropped, UTF-16 with a BOM is accepted). Invalid
   UTF-8 is an error unless the user names another encoding with --encoding; we never guess.
+  .html files likewise, except that the charset the page declares replaces the UTF-8 default.
 - Line endings become "\n". PDF text is NFKC-normalised so ligatures such as "ﬁ" tokenize as "fi".
-- PDF pages are joined with a blank line; the page map records each page's character span.
+- PDF pages are joined with a blank line; the page map records each page's character span. HTML
+  and EPUB text (markup.py) is cut into sections at h1-h3 headings (and an EPUB's files), which
+  take the place of pages, each with its heading as title.
 """
 
 from __future__ import annotations
@@ -18,28 +21,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ra_cli.errors import RaError
+from ra_cli.errors import RaError, first_line
 from ra_cli.files import file_sha256
+from ra_cli.markup import Section, declared_charset, epub_sections, html_sections
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 PDF_SUFFIXES = {".pdf"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+EPUB_SUFFIXES = {".epub"}
+SECTIONED = {"html", "epub"}  # kinds whose pages are sections cut at headings
 PAGE_SEPARATOR = "\n\n"
+READ = ".pdf, .epub, .html, .txt and .md"
 
 
 @dataclass
 class Page:
-    number: int  # 1-based, as printed by PDF viewers
+    number: int  # 1-based, as printed by PDF viewers (sections: in reading order)
     char_start: int
     char_end: int
+    title: str = ""  # a section's heading
 
 
 @dataclass
 class Document:
     name: str
     sha256: str
-    kind: str  # "pdf" or "text"
+    kind: str  # "pdf", "epub", "html" or "text"
     text: str
     pages: list[Page] = field(default_factory=list)
+
+
+def extent(kind: str, pages: int) -> str:
+    """How much of a document there is, in its own units: "117 pages", "12 sections", "text"."""
+    if kind in SECTIONED:
+        return f"{pages:,} section{'s' if pages != 1 else ''}"
+    return f"{pages:,} page{'s' if pages != 1 else ''}" if kind == "pdf" else "text"
 
 
 def load_document(
@@ -51,7 +67,7 @@ def load_document(
     if not path.exists():
         raise RaError(f"{path}: no such file")
     if path.is_dir():
-        raise RaError(f"{path}: is a directory; give a .pdf, .txt or .md file")
+        raise RaError(f"{path}: is a directory; give a file ra reads ({READ})")
     suffix = path.suffix.lower()
     if suffix in PDF_SUFFIXES:
         text, pages = _read_pdf(path, on_page)
@@ -60,9 +76,15 @@ def load_document(
         text = _read_text(path, encoding)
         pages = [Page(1, 0, len(text))]
         kind = "text"
+    elif suffix in HTML_SUFFIXES or suffix in EPUB_SUFFIXES:
+        kind = "html" if suffix in HTML_SUFFIXES else "epub"
+        text, pages = _joined(_html_sections(path, encoding) if kind == "html" else epub_sections(path))
+        if not text:
+            what = "only images (a comic or a scanned book?)" if kind == "epub" else "no text outside its markup"
+            raise RaError(f"{path}: no text to read — it holds {what}; ra needs the book's text")
     else:
         raise RaError(
-            f"{path}: unsupported file type '{suffix or '(none)'}'; ra reads .pdf, .txt and .md "
+            f"{path}: unsupported file type '{suffix or '(none)'}'; ra reads {READ} "
             "(convert other formats to text or PDF first)"
         )
     if not text.strip():
@@ -70,8 +92,34 @@ def load_document(
     return Document(name=path.name, sha256=file_sha256(path), kind=kind, text=text, pages=pages)
 
 
-def _read_text(path: Path, encoding: str) -> str:
+def _html_sections(path: Path, encoding: str) -> list[Section]:
+    """A saved web page or HTML manual: decoded as it declares (unless --encoding says otherwise),
+    cut at its headings; text before the first heading is titled by the page's <title>."""
     raw = path.read_bytes()
+    declared = declared_charset(raw) if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else None
+    try:
+        codecs.lookup(declared or encoding)
+    except LookupError:
+        declared = None  # a charset Python does not know: decode as the user asked
+    title, sections = html_sections(_read_text(path, declared or encoding, raw))
+    if sections and not sections[0].title:
+        sections[0].title = title
+    return sections
+
+
+def _joined(sections: list[Section]) -> tuple[str, list[Page]]:
+    """Sections joined as PDF pages are (a blank line between), each a page with its title."""
+    pages, offset = [], 0
+    for section in sections:
+        if pages:
+            offset += len(PAGE_SEPARATOR)
+        pages.append(Page(len(pages) + 1, offset, offset + len(section.text), section.title))
+        offset += len(section.text)
+    return PAGE_SEPARATOR.join(section.text for section in sections), pages
+
+
+def _read_text(path: Path, encoding: str, raw: bytes | None = None) -> str:
+    raw = path.read_bytes() if raw is None else raw
     if not raw:
         raise RaError(f"{path}: the file is empty; nothing to chat about")
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -139,7 +187,7 @@ def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None) -> tuple[s
         except RaError:
             raise
         except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-            raise RaError(f"{path}: cannot read this PDF ({_short(exc)}); it may be damaged — try repairing it with qpdf or re-exporting it")
+            raise RaError(f"{path}: cannot read this PDF ({first_line(exc)}); it may be damaged — try repairing it with qpdf or re-exporting it")
         if page_count == 0:
             raise RaError(f"{path}: the PDF has no pages")
         parts: list[str] = []
@@ -166,8 +214,3 @@ def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None) -> tuple[s
             "run OCR first (e.g. ocrmypdf in.pdf out.pdf)"
         )
     return text, pages
-
-
-def _short(exc: Exception) -> str:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return message[:160]

@@ -16,6 +16,12 @@ class Interrupted(RaError):
     exit_code = 130
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def explain(exc: BaseException) -> tuple[str, int]:
     """(one-line message saying what happened and what to do, exit code) for any failure."""
     if isinstance(exc, RaError):
@@ -35,6 +41,6 @@ def explain(exc: BaseException) -> tuple[str, int]:
         return f"{exc.strerror or exc}{where}", 1
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return "the accelerator ran out of memory; use a smaller context, --gpu-mem-gb or a 4-bit model", 1
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    first = first_line(exc, 200) if str(exc).strip() else ""
     return (f"unexpected {type(exc).__name__}{': ' + first if first else ''} — this is a bug in ra; "
             "rerun with RA_DEBUG=1 for the traceback and report it"), 1

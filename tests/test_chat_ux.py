@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
+from epub_maker import make_epub
 from pdf_maker import make_text_pdf
 from ra_cli.cli import app
 
@@ -73,6 +74,23 @@ def test_the_needle_page_of_a_pdf_is_cited_first(tmp_path, reuse_loaded_model):
     assert as_json["sources"][0]["page"] == 2
 
 
+def test_the_needle_section_of_an_epub_is_cited_first(tmp_path, reuse_loaded_model):
+    paragraphs = handbook_paragraphs()[:24]
+    chapters = [(f"part{i}.xhtml", f"<h1>Part {i + 1}</h1>" + "".join(f"<p>{p}</p>" for p in paragraphs[i * 6:(i + 1) * 6]))
+                for i in range(4)]
+    chapters[2] = (chapters[2][0], chapters[2][1].replace("<p>", f"<p>{NEEDLE}</p><p>", 1))
+    book = make_epub(tmp_path / "book.epub", chapters)
+    ingested = run("ingest", book, "--save", tmp_path / "book.idx")
+    assert ingested.exit_code == 0 and "(4 sections)" in ingested.stderr, ingested.output
+    result = run("chat", tmp_path / "book.idx", "--ask", QUESTION, "-n", 12, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert "red-otter" in answer["answer"].lower()
+    assert answer["sources"][0]["section"] == 3 and answer["sources"][0]["title"] == "Part 3", answer["sources"]
+    info = run("info", tmp_path / "book.idx")
+    assert "book.epub (epub, 4 sections," in info.stderr + info.stdout
+
+
 def test_attention_mass_is_the_exact_softmax_weight_of_each_position():
     """The retrieval kernel's collected weights equal softmax over static + retrieved keys, the
     static sinks included from the mass's first collected position on (as full attention's)."""
@@ -122,6 +140,14 @@ def test_text_passages_and_pages():
     weights = np.array([9, 9, 9, 9, 0.5, 0.5, 3, 0, 1, 5.0])
     assert [(s.label(), s.as_json()) for s in pages.sources(weights)] == [
         ("p. 2", {"page": 2, "share": 0.6}), ("p. 1", {"page": 1, "share": 0.2}), ("p. 3", {"page": 3, "share": 0.2})]
+    sections = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), lines[:10], "epub",
+                     ["One", "", "A heading far longer than a citation line has room to show in full"])
+    assert [(s.label(), s.as_json()) for s in sections.sources(weights)] == [
+        ("§2", {"section": 2, "title": "", "share": 0.6}), ("§1 “One”", {"section": 1, "title": "One", "share": 0.2}),
+        ("§3 “A heading far longer than a citation line has r…”",
+         {"section": 3, "title": "A heading far longer than a citation line has room to show in full", "share": 0.2})]
+    garbled = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), None, "html", {"not": "a list"})  # a hand-edited manifest
+    assert [s.label() for s in garbled.sources(weights)] == ["§2", "§1", "§3"]
 
 
 def test_piped_repl_commands_sessions_and_resume(needle_context, reuse_loaded_model):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+import zipfile
+
 from conftest import SHARED_PDFS
+from epub_maker import make_epub
 from pdf_maker import make_encrypted_pdf, make_text_pdf
 from ra_cli.document import PAGE_SEPARATOR, load_document
 from ra_cli.errors import RaError
@@ -50,7 +53,9 @@ def test_explicit_encoding(tmp_path):
     ("binary.txt", bytes(range(256)) * 4, "looks like binary data"),
     ("controls.txt", b"ab\x01\x02\x03\x04\x05\x06\x07\x08" * 50, "looks like binary data"),
     ("bad.txt", b"caf\xe9 au lait", "not valid utf-8 (byte 0xe9 at offset 3)"),
-    ("book.epub", b"PK\x03\x04", "unsupported file type '.epub'"),
+    ("letter.docx", b"PK\x03\x04", "unsupported file type '.docx'"),
+    ("book.epub", b"PK\x03\x04 not really", "not a valid EPUB (it is not a zip archive)"),
+    ("page.html", b"<html><body><script>x()</script><img src=a.png></body></html>", "no text outside its markup"),
     ("noext", b"hello", "unsupported file type '(none)'"),
 ])
 def test_bad_text_inputs(tmp_path, name, content, message):
@@ -120,3 +125,73 @@ def test_real_world_long_pdf_keeps_output_quiet(capfd):
     assert "Topologische Räume" in doc.text
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def sections_of(doc):
+    return [(p.number, p.title, doc.text[p.char_start:p.char_end]) for p in doc.pages]
+
+
+def test_html_text_sections_and_declared_charset(tmp_path):
+    page = ('<!DOCTYPE html><html><head><meta charset="iso-8859-1"><title>The  Manual</title>'
+            '<style>p { color: red }</style><script>var s = "<p>not text</p>";</script>'
+            '<body><nav><a href="/">Home</a> | <a href="/faq">FAQ</a></nav>'
+            '<p>Caf\xe9 &amp; more:\n   spaces   collapse.</p>'
+            '<h1>Chapter 1</h1><h2 id="a">Install <a href="#a">\xb6</a></h2>'
+            '<p>Run<br>make</p><ul><li>one</li><li>two</li></ul><pre>  keep\n    indent</pre>'
+            '<h2><a id="empty"></a></h2><table><tr><td>a</td><td>b</td></tr><tr><td>c</td><td>d</td></tr></table>'
+            '<h3>Use</h3><p>Go.</p><button>Light</button></body></html>').encode("latin-1")
+    (tmp_path / "manual.html").write_bytes(page)
+    doc = load_document(tmp_path / "manual.html")
+    assert doc.kind == "html"
+    assert sections_of(doc) == [
+        (1, "The Manual", "Café & more: spaces collapse."),
+        # "Chapter 1" has no text of its own: it opens the next section; the empty heading starts nothing
+        (2, "Chapter 1 · Install ¶", "Chapter 1\n\nInstall ¶\n\nRun\nmake\n\none\ntwo\n\n  keep\n    indent\n\na b\nc d"),
+        (3, "Use", "Use\n\nGo."),
+    ]
+    assert doc.text == PAGE_SEPARATOR.join(text for _, _, text in sections_of(doc))
+    # --encoding overrides what the page declares (here wrongly: the bytes are latin-1)
+    with pytest.raises(RaError, match=r"not valid ascii \(byte 0xe9 at offset \d+\); pass --encoding"):
+        load_document(tmp_path / "manual.html", encoding="ascii")
+
+
+def test_epub_reading_order_sections_and_titles(tmp_path):
+    path = make_epub(tmp_path / "book.epub", [
+        ("cover.xhtml", '<div><img src="cover.jpg" alt="Cover"/></div>'),
+        ("chapter one.xhtml", "<h1>One</h1><p>It was a dark night.</p><h2>The Storm</h2><p>Rain &mdash; lots.</p>"),
+        ("ch2.xhtml", "<p>No heading here; the file starts a section.</p>"),
+    ])
+    doc = load_document(path)
+    assert doc.kind == "epub"
+    assert sections_of(doc) == [(1, "One", "One\n\nIt was a dark night."), (2, "The Storm", "The Storm\n\nRain — lots."),
+                                (3, "", "No heading here; the file starts a section.")]
+
+
+def test_epub_in_a_declared_encoding(tmp_path):
+    path = make_epub(tmp_path / "old.epub", [("c.xhtml", "<p>Żółw</p>")], encoding="iso-8859-2")
+    assert load_document(path).text == "Żółw"
+
+
+def test_bad_epubs(tmp_path):
+    drm = make_epub(tmp_path / "drm.epub", [("a.xhtml", "<p>x</p>")], encrypted=["a.xhtml"])
+    with pytest.raises(RaError, match="DRM-protected"):
+        load_document(drm)
+    images = make_epub(tmp_path / "comic.epub", [("a.xhtml", '<img src="p1.jpg"/>')])
+    with pytest.raises(RaError, match=r"no text to read — it holds only images"):
+        load_document(images)
+    with zipfile.ZipFile(tmp_path / "bare.epub", "w") as book:
+        book.writestr("mimetype", "application/epub+zip")
+    with pytest.raises(RaError, match=r"cannot read this EPUB \(.*container.xml.*\); it may be damaged"):
+        load_document(tmp_path / "bare.epub")
+
+
+def test_an_epub_that_unpacks_to_gigabytes_is_refused_before_unpacking(tmp_path, monkeypatch):
+    import ra_cli.markup as markup
+
+    path = make_epub(tmp_path / "bomb.epub", [("a.xhtml", "<p>" + "ha " * 200_000 + "</p>")])
+    monkeypatch.setattr(markup, "MEMBER_LIMIT", 100_000)  # the chapter unpacks to 600 KB from ~2 KB
+    read, unpack = [], zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: read.append(name) or unpack(self, name, *a))
+    with pytest.raises(RaError, match=r"OEBPS/Text/a.xhtml unpacks to 1 MB, more than an e-book's text needs"):
+        load_document(path)
+    assert "OEBPS/content.opf" in read and "OEBPS/Text/a.xhtml" not in read

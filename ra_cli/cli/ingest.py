@@ -9,12 +9,13 @@ from typing import Optional
 import typer
 
 from ra_cli.cli import options as opt
+from ra_cli.document import READ, extent
 from ra_cli.cli.steps import ingest_with_progress, load_model, read_source
 from ra_cli.errors import RaError
 
 
 def ingest_command(
-    document: Path = typer.Argument(..., help="Document to ingest (.pdf, .txt, .md)."),
+    document: Path = typer.Argument(..., help="Document to ingest (.pdf, .epub, .html, .txt, .md)."),
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
     chunk_size: int = opt.ChunkSize,
     prefill: opt.PrefillMode = opt.Prefill,
@@ -39,7 +40,7 @@ def ingest_command(
 
     source = read_source(document, encoding)
     if source.document is None:
-        raise RaError(f"{document} is a directory; give a .pdf, .txt or .md file")
+        raise RaError(f"{document} is a directory; give a document ({READ})")
     doc = source.document
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value, prefill=prefill.value,
@@ -63,6 +64,6 @@ def ingest_command(
                      "options; nothing to do", markup=False, highlight=False)
         return
     resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
-    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({len(doc.pages)} pages) to {result.path}: "
+    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({extent(doc.kind, len(doc.pages))}) to {result.path}: "
                  f"prefilled {result.prefilled_tokens:,}{resumed} in {result.seconds:.1f} s, "
                  f"{result.tokens_per_second:,.0f} tok/s", markup=False, highlight=False)

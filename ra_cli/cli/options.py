@@ -62,7 +62,7 @@ Model = typer.Option(None, "--model", "-m", envvar="RA_MODEL",
 Device = typer.Option("auto", "--device", callback=_device, help="auto, cpu, cuda, cuda:N")
 Dtype = typer.Option(ComputeDtype.auto, "--dtype", help="Compute dtype (auto: on a CPU bf16 for Llama, Qwen2 and Mistral models, float32 for "
                                                               "others; bf16/fp16 on GPU).")
-Encoding = typer.Option("utf-8", "--encoding", callback=_encoding, help="Encoding of .txt/.md files (default: strict UTF-8).")
+Encoding = typer.Option("utf-8", "--encoding", callback=_encoding, help="Encoding of .txt/.md/.html files (default: strict UTF-8; an HTML file's declared charset).")
 ChunkSize = typer.Option(512, "--chunk-size", min=1, help="Tokens per prefill chunk.")
 KvDtypeOption = typer.Option(KvDtype.auto, "--kv-dtype", help="Stored KV dtype (auto = the compute dtype).")
 Coverage = typer.Option(0.97, "--coverage", min=0.0, max=1.0,

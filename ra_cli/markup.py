@@ -1,0 +1,250 @@
+"""HTML and EPUB -> text in sections: saved web pages, HTML manuals and e-books, read for
+document.py.
+
+A section starts at each h1-h3 heading and, in an EPUB, at each file of the book's reading order
+(its spine): the unit an answer's citation names, as a page is in a PDF. Text keeps paragraph
+breaks (block elements), `<pre>` blocks verbatim, and nothing of scripts, styles, the head or
+images. Standard library only (html.parser, zipfile, xml.etree): nothing a file names is
+fetched, and an EPUB's members are size-checked before they are unpacked (a small zip can unpack
+to gigabytes).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import zipfile
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+from xml.etree import ElementTree
+
+from ra_cli.errors import RaError, first_line
+
+HEADINGS = {"h1", "h2", "h3"}  # a section per heading down to h3: chapters and their main parts
+PARAGRAPH = {"p", "div", "h4", "h5", "h6", "blockquote", "section", "article", "table", "ul", "ol", "dl", "pre",
+             "figure", "figcaption", "hr", "header", "footer", "main", "aside", "address", "details",
+             "summary", "body", "caption"}
+LINE = {"br", "li", "tr", "dt", "dd"}
+CELL = {"td", "th"}
+# not text of the document: code, styles, the head, and a page's navigation and controls
+SKIPPED = {"script", "style", "head", "noscript", "template", "svg", "object", "iframe", "nav", "button", "select"}
+VOID = {"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr", "source", "track", "embed", "param"}
+DOCUMENT_TYPES = {"application/xhtml+xml", "text/html", "application/x-dtbook+xml"}
+MEMBER_LIMIT = 64 << 20  # bytes one file of an EPUB may unpack to
+BOOK_LIMIT = 1 << 30  # and all its files together
+_CHARSET = re.compile(rb"""(?:<meta[^>]*charset\s*=\s*["']?|<\?xml[^>]*encoding\s*=\s*["'])([A-Za-z0-9_.:-]+)""", re.I)
+
+
+@dataclass
+class Section:
+    title: str  # the heading's text ("" where a part starts without one)
+    text: str
+
+
+class _TextOfHtml(HTMLParser):
+    """Text of one HTML document, with the character offset and text of each h1-h3 heading."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.length = 0
+        self.breaks = 0  # newlines owed before the next text: 1 a line, 2 a paragraph
+        self.skipping: list[str] = []  # open elements whose content is not text
+        self.preformatted = 0
+        self.heading: list[str] | None = None  # text of the heading being read
+        self.headings: list[tuple[int, str]] = []
+        self.title = ""
+        self.in_title = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "title":
+            self.in_title = True
+        if self.skipping == ["head"] and (tag == "body" or tag in HEADINGS | PARAGRAPH | LINE):
+            self.skipping.pop()  # the head ends where the body's content starts, </head> or not
+        if tag in SKIPPED:
+            self.skipping.append(tag)
+        if self.skipping:
+            return
+        if tag in HEADINGS:
+            self._owe(2)
+            self.heading = []
+            self.headings.append((-1, ""))  # its offset is where its first text lands
+        elif tag in PARAGRAPH:
+            self._owe(2)
+        elif tag in LINE:
+            self._owe(1)
+        elif tag in CELL and not self.breaks and self.parts and not self.parts[-1][-1:].isspace():
+            self._emit(" ")
+        if tag == "pre":
+            self.preformatted += 1
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self.in_title = False
+        if self.skipping:
+            if tag == self.skipping[-1]:
+                self.skipping.pop()
+            return
+        if tag in HEADINGS and self.heading is not None:
+            offset, _ = self.headings[-1]
+            title = " ".join("".join(self.heading).split())
+            if offset < 0 or not title:
+                self.headings.pop()  # an empty heading (an anchor, an image) starts nothing
+            else:
+                self.headings[-1] = (offset, title)
+            self.heading = None
+            self._owe(2)
+        elif tag in PARAGRAPH:
+            self._owe(2)
+        elif tag in LINE - {"br"}:
+            self._owe(1)
+        if tag == "pre" and self.preformatted:
+            self.preformatted -= 1
+
+    def handle_data(self, data):
+        if self.in_title:
+            self.title += data
+        if self.skipping:
+            return
+        if not self.preformatted:
+            data = re.sub(r"\s+", " ", data)
+            if self.breaks or not self.parts or self.parts[-1][-1:].isspace():
+                data = data.lstrip()
+        else:
+            data = data.replace("\r\n", "\n").replace("\r", "\n")
+        if not data:
+            return
+        if self.heading is not None:
+            self.heading.append(data)
+        self._emit(data)
+
+    def _owe(self, newlines: int):
+        self.breaks = max(self.breaks, newlines)
+
+    def _emit(self, data: str):
+        if self.breaks and self.parts:
+            while self.parts and self.parts[-1].endswith(" "):  # no space left at a line's end
+                self.parts[-1] = self.parts[-1][:-1]
+                self.length -= 1
+            self.parts.append("\n" * self.breaks)
+            self.length += self.breaks
+        self.breaks = 0
+        if self.headings and self.headings[-1][0] < 0 and self.heading is not None:
+            self.headings[-1] = (self.length, "")
+        self.parts.append(data)
+        self.length += len(data)
+
+
+def html_sections(markup: str) -> tuple[str, list[Section]]:
+    """(the document's <title>, its text cut at each h1-h3 heading). Empty sections are dropped,
+    and a heading with no text of its own before the next ("Chapter 3", then "The Storm") joins
+    that next section, titles joined by " · "."""
+    parser = _TextOfHtml()
+    parser.feed(markup)
+    parser.close()
+    text = "".join(parser.parts)
+    starts = [0] + [offset for offset, _ in parser.headings]
+    titles = [""] + [title for _, title in parser.headings]
+    cuts = starts[1:] + [len(text)]
+    sections: list[Section] = []
+    for title, start, end in zip(titles, starts, cuts):
+        body = text[start:end].strip()
+        if sections and sections[-1].text == sections[-1].title:
+            heading = sections.pop()
+            title, body = f"{heading.title} · {title}", f"{heading.text}\n\n{body}".strip()
+        if body:
+            sections.append(Section(title, body))
+    return " ".join(parser.title.split()), sections
+
+
+def declared_charset(raw: bytes) -> str | None:
+    """The encoding an HTML or XHTML file declares in its first 2 KB (meta charset or XML declaration)."""
+    found = _CHARSET.search(raw[:2048])
+    return found.group(1).decode("ascii").lower() if found else None
+
+
+def decode_markup(raw: bytes, fallback: str = "utf-8") -> str:
+    """An EPUB member's text: its BOM or declared charset, else UTF-8. Bytes invalid there become
+    U+FFFD: one bad byte must not lose the book."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return raw[3:].decode("utf-8", "replace")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16", "replace")
+    encoding = declared_charset(raw) or fallback
+    try:
+        return raw.decode(encoding, "replace")
+    except LookupError:
+        return raw.decode(fallback, "replace")
+
+
+def epub_sections(path: Path) -> list[Section]:
+    """An EPUB's text in reading order, cut into sections (every spine file starts one)."""
+    try:
+        with zipfile.ZipFile(path) as book:
+            return [section for markup in _spine_documents(path, book) for section in html_sections(markup)[1]]
+    except zipfile.BadZipFile:
+        raise RaError(f"{path}: not a valid EPUB (it is not a zip archive); re-export it from the e-book software")
+    except (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError) as exc:
+        raise RaError(f"{path}: cannot read this EPUB ({first_line(exc)}); it may be damaged — re-export it (e.g. with Calibre)")
+
+
+def _spine_documents(path: Path, book: zipfile.ZipFile):
+    """The markup of each document in the book's spine, in reading order."""
+    budget = [BOOK_LIMIT]
+    container = _xml(path, book, "META-INF/container.xml", budget)
+    rootfile = next((e for e in container.iter() if _local(e.tag) == "rootfile" and e.get("full-path")), None)
+    if rootfile is None:
+        raise RaError(f"{path}: not a valid EPUB (META-INF/container.xml names no package file)")
+    package_path = rootfile.get("full-path")
+    package = _xml(path, book, package_path, budget)
+    items = {e.get("id"): e for e in package.iter() if _local(e.tag) == "item"}
+    spine = [e.get("idref") for e in package.iter() if _local(e.tag) == "itemref"]
+    if not spine:
+        raise RaError(f"{path}: not a valid EPUB (its package file lists no reading order)")
+    encrypted = _encrypted_members(path, book, budget)
+    base = posixpath.dirname(package_path)
+    for idref in spine:
+        item = items.get(idref)
+        if item is None or item.get("media-type") not in DOCUMENT_TYPES or not item.get("href"):
+            continue
+        member = posixpath.normpath(posixpath.join(base, unquote(item.get("href").split("#")[0])))
+        if member in encrypted:
+            raise RaError(f"{path}: the EPUB is DRM-protected (its text is encrypted); ra can read only DRM-free books")
+        yield decode_markup(_member(path, book, member, budget))
+
+
+def _encrypted_members(path: Path, book: zipfile.ZipFile, budget: list[int]) -> set[str]:
+    """Members META-INF/encryption.xml lists (fonts are often obfuscated this way; text only with DRM)."""
+    if "META-INF/encryption.xml" not in book.namelist():
+        return set()
+    found = set()
+    for element in _xml(path, book, "META-INF/encryption.xml", budget).iter():
+        if _local(element.tag) == "CipherReference" and element.get("URI"):
+            found.add(posixpath.normpath(unquote(element.get("URI"))))
+    return found
+
+
+def _xml(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> ElementTree.Element:
+    return ElementTree.fromstring(_member(path, book, member, budget))
+
+
+def _member(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> bytes:
+    """A member's bytes, refused before unpacking if it (or the book so far) is implausibly large."""
+    info = book.getinfo(member)
+    budget[0] -= info.file_size
+    if info.file_size > MEMBER_LIMIT or budget[0] < 0:
+        raise RaError(f"{path}: {member} unpacks to {info.file_size / 2**20:,.0f} MB, more than an e-book's text "
+                      f"needs (ra reads at most {MEMBER_LIMIT >> 20} MB a file, {BOOK_LIMIT >> 30} GB a book)")
+    return book.read(member)
+
+
+def _local(tag) -> str:
+    """An XML tag without its namespace: EPUB 2 and 3 and sloppy writers all agree on local names."""
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
