@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ra_cli.citations import FLOOR, SINKS, Citer, Source
+from ra_cli.document import citation_unit
 from ra_cli.engine.cache import ContextCache
 from ra_cli.engine.mass import AttentionMass
 from ra_cli.engine.generate import Sampling, decode, prefill
@@ -110,7 +111,7 @@ class ChatSession:
         self.prefilled_tokens = 0  # tokens run through the model in this session (never the document)
         self.stop_ids = self.prompter.stop_ids(self.loaded.model.generation_config.eos_token_id)
         document = self.store.manifest["document"]
-        self.citer = Citer(self.store.token_pages, self.store.token_lines, document.get("kind", "text"),
+        self.citer = Citer(self.store.token_pages, self.store.token_lines, citation_unit(document),
                            document.get("sections"))
 
     def clear(self) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ra_cli.document import SECTIONED
 
 SINKS = 4  # the first positions of the context: weight parks there regardless of content
 # Weights below this are not counted: diffuse and positional attention spreads small weights
@@ -56,16 +55,17 @@ class Source:
 
 class Citer:
     """Maps a document's token positions to citable units once, then ranks them per answer.
-    titles: a sectioned document's section headings, in order (from its manifest)."""
+    unit: "page", "section" or "line" (document.citation_unit); titles: the section headings, in
+    order (from the manifest)."""
 
-    def __init__(self, token_pages: np.ndarray, token_lines: np.ndarray | None, kind: str,
+    def __init__(self, token_pages: np.ndarray, token_lines: np.ndarray | None, unit: str,
                  titles: list[str] | None = None):
         self.titles = []
-        if kind == "pdf" or kind in SECTIONED or token_lines is None:
-            self.unit = "section" if kind in SECTIONED else "page"
+        if unit != "line" or token_lines is None:
+            self.unit = "section" if unit == "section" else "page"
             self.units = np.asarray(token_pages, dtype=np.int64)
             self.first = self.last = np.arange(self.units.max() + 1)
-            if kind in SECTIONED and isinstance(titles, list) and all(isinstance(t, str) for t in titles):
+            if unit == "section" and isinstance(titles, list) and all(isinstance(t, str) for t in titles):
                 self.titles = titles  # a manifest is user input: anything else cites without titles
         else:
             self.unit = "line"

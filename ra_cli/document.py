@@ -1,4 +1,4 @@
-"""Document -> text: read a .pdf, .epub, .html, .txt or .md file into one string plus a page map.
+"""Document -> text: read a .pdf, .docx, .epub, .html, .txt or .md file into one string plus a page map.
 
 Text policy (documented in docs/store-format.md):
 - .txt/.md are decoded as UTF-8 (a UTF-8 BOM is dropped, UTF-16 with a BOM is accepted). Invalid
@@ -7,7 +7,9 @@ Text policy (documented in docs/store-format.md):
 - Line endings become "\n". PDF text is NFKC-normalised so ligatures such as "ﬁ" tokenize as "fi".
 - PDF pages are joined with a blank line; the page map records each page's character span. HTML
   and EPUB text (markup.py) is cut into sections at h1-h3 headings (and an EPUB's files), which
-  take the place of pages, each with its heading as title.
+  take the place of pages, each with its heading as title; a Word file (word.py) into the pages
+  Word laid it out in, or where it has no page marks into sections at its headings.
+- A document's `unit` is what answers cite: "page", "section" or (text files) "line".
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from typing import Callable
 from ra_cli.errors import RaError, first_line
 from ra_cli.files import file_sha256
 from ra_cli.markup import Section, declared_charset, epub_sections, html_sections
+from ra_cli.word import word_sections
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 PDF_SUFFIXES = {".pdf"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 EPUB_SUFFIXES = {".epub"}
-SECTIONED = {"html", "epub"}  # kinds whose pages are sections cut at headings
+WORD_SUFFIXES = {".docx"}
 PAGE_SEPARATOR = "\n\n"
-READ = ".pdf, .epub, .html, .txt and .md"
+READ = ".pdf, .docx, .epub, .html, .txt and .md"
+UNITS = ("page", "section", "line")
 
 
 @dataclass
@@ -46,16 +50,26 @@ class Page:
 class Document:
     name: str
     sha256: str
-    kind: str  # "pdf", "epub", "html" or "text"
+    kind: str  # "pdf", "docx", "epub", "html" or "text"
     text: str
     pages: list[Page] = field(default_factory=list)
+    unit: str = "page"  # what a Page is and answers cite: "page", "section", or "line" (one page of text)
 
 
-def extent(kind: str, pages: int) -> str:
+def citation_unit(record: dict) -> str:
+    """The unit of a stored document record (a manifest's "document"); stores written before
+    records named it have it from their kind."""
+    unit = record.get("unit")
+    if unit in UNITS:
+        return unit
+    return {"pdf": "page", "html": "section", "epub": "section"}.get(record.get("kind"), "line")
+
+
+def extent(unit: str, pages: int) -> str:
     """How much of a document there is, in its own units: "117 pages", "12 sections", "text"."""
-    if kind in SECTIONED:
-        return f"{pages:,} section{'s' if pages != 1 else ''}"
-    return f"{pages:,} page{'s' if pages != 1 else ''}" if kind == "pdf" else "text"
+    if unit == "line":
+        return "text"
+    return f"{pages:,} {unit}{'s' if pages != 1 else ''}"
 
 
 def load_document(
@@ -69,19 +83,25 @@ def load_document(
     if path.is_dir():
         raise RaError(f"{path}: is a directory; give a file ra reads ({READ})")
     suffix = path.suffix.lower()
+    unit = "section"
     if suffix in PDF_SUFFIXES:
         text, pages = _read_pdf(path, on_page)
-        kind = "pdf"
+        kind, unit = "pdf", "page"
     elif suffix in TEXT_SUFFIXES:
         text = _read_text(path, encoding)
         pages = [Page(1, 0, len(text))]
-        kind = "text"
-    elif suffix in HTML_SUFFIXES or suffix in EPUB_SUFFIXES:
-        kind = "html" if suffix in HTML_SUFFIXES else "epub"
-        text, pages = _joined(_html_sections(path, encoding) if kind == "html" else epub_sections(path))
-        if not text:
-            what = "only images (a comic or a scanned book?)" if kind == "epub" else "no text outside its markup"
-            raise RaError(f"{path}: no text to read — it holds {what}; ra needs the book's text")
+        kind, unit = "text", "line"
+    elif suffix in HTML_SUFFIXES or suffix in EPUB_SUFFIXES or suffix in WORD_SUFFIXES:
+        kind = "html" if suffix in HTML_SUFFIXES else "epub" if suffix in EPUB_SUFFIXES else "docx"
+        if kind == "docx":
+            unit, sections = word_sections(path)
+        else:
+            sections = _html_sections(path, encoding) if kind == "html" else epub_sections(path)
+        text, pages = _joined(sections)
+        if not text.strip():
+            what = {"epub": "only images (a comic or a scanned book?)", "html": "no text outside its markup",
+                    "docx": "no text (only images or drawings?)"}[kind]
+            raise RaError(f"{path}: no text to read — it holds {what}; ra needs the document's text")
     else:
         raise RaError(
             f"{path}: unsupported file type '{suffix or '(none)'}'; ra reads {READ} "
@@ -89,7 +109,7 @@ def load_document(
         )
     if not text.strip():
         raise RaError(f"{path}: the document is empty; nothing to chat about")
-    return Document(name=path.name, sha256=file_sha256(path), kind=kind, text=text, pages=pages)
+    return Document(name=path.name, sha256=file_sha256(path), kind=kind, text=text, pages=pages, unit=unit)
 
 
 def _html_sections(path: Path, encoding: str) -> list[Section]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ra_cli.document import SECTIONED, Document, load_document
+from ra_cli.document import Document, load_document
 from ra_cli.engine.cache import ContextCache, layer_windows
 from ra_cli.engine.generate import prefill
 from ra_cli.engine.sparse import SparsePrefill
@@ -84,8 +84,8 @@ def layer_shapes(config) -> list[LayerShape]:
 def store_header(loaded: LoadedModel, document: Document, options: IngestOptions, layout: dict) -> dict:
     return {
         "document": {"name": document.name, "sha256": document.sha256, "kind": document.kind,
-                     "pages": len(document.pages), "characters": len(document.text),
-                     **({"sections": [page.title for page in document.pages]} if document.kind in SECTIONED else {})},
+                     "pages": len(document.pages), "characters": len(document.text), "unit": document.unit,
+                     **({"sections": [page.title for page in document.pages]} if document.unit == "section" else {})},
         "model": {**loaded.fingerprint.as_dict(), "fingerprint": loaded.fingerprint.digest},
         "model_shape": model_shape(loaded.model.config),
         "prompt": layout,

@@ -6,7 +6,7 @@ A section starts at each h1-h3 heading and, in an EPUB, at each file of the book
 breaks (block elements), `<pre>` blocks verbatim, and nothing of scripts, styles, the head or
 images. Standard library only (html.parser, zipfile, xml.etree): nothing a file names is
 fetched, and an EPUB's members are size-checked before they are unpacked (a small zip can unpack
-to gigabytes).
+to gigabytes). The zip reading and the cut at headings serve word.py too.
 """
 
 from __future__ import annotations
@@ -143,25 +143,28 @@ class _TextOfHtml(HTMLParser):
 
 
 def html_sections(markup: str) -> tuple[str, list[Section]]:
-    """(the document's <title>, its text cut at each h1-h3 heading). Empty sections are dropped,
-    and a heading with no text of its own before the next ("Chapter 3", then "The Storm") joins
-    that next section, titles joined by " · "."""
+    """(the document's <title>, its text cut at each h1-h3 heading: cut_at_headings)."""
     parser = _TextOfHtml()
     parser.feed(markup)
     parser.close()
-    text = "".join(parser.parts)
-    starts = [0] + [offset for offset, _ in parser.headings]
-    titles = [""] + [title for _, title in parser.headings]
-    cuts = starts[1:] + [len(text)]
+    return " ".join(parser.title.split()), cut_at_headings("".join(parser.parts), parser.headings)
+
+
+def cut_at_headings(text: str, headings: list[tuple[int, str]]) -> list[Section]:
+    """text cut where each heading (offset, title) starts, the part before the first untitled.
+    Empty sections are dropped, and a heading with no text of its own before the next ("Chapter
+    3", then "The Storm") joins that next section, titles joined by " · "."""
+    starts = [0] + [offset for offset, _ in headings]
+    titles = [""] + [title for _, title in headings]
     sections: list[Section] = []
-    for title, start, end in zip(titles, starts, cuts):
+    for title, start, end in zip(titles, starts, starts[1:] + [len(text)]):
         body = text[start:end].strip()
         if sections and sections[-1].text == sections[-1].title:
             heading = sections.pop()
             title, body = f"{heading.title} · {title}", f"{heading.text}\n\n{body}".strip()
         if body:
             sections.append(Section(title, body))
-    return " ".join(parser.title.split()), sections
+    return sections
 
 
 def declared_charset(raw: bytes) -> str | None:
@@ -199,13 +202,13 @@ def _spine_documents(path: Path, book: zipfile.ZipFile):
     """The markup of each document in the book's spine, in reading order."""
     budget = [BOOK_LIMIT]
     container = _xml(path, book, "META-INF/container.xml", budget)
-    rootfile = next((e for e in container.iter() if _local(e.tag) == "rootfile" and e.get("full-path")), None)
+    rootfile = next((e for e in container.iter() if local_name(e.tag) == "rootfile" and e.get("full-path")), None)
     if rootfile is None:
         raise RaError(f"{path}: not a valid EPUB (META-INF/container.xml names no package file)")
     package_path = rootfile.get("full-path")
     package = _xml(path, book, package_path, budget)
-    items = {e.get("id"): e for e in package.iter() if _local(e.tag) == "item"}
-    spine = [e.get("idref") for e in package.iter() if _local(e.tag) == "itemref"]
+    items = {e.get("id"): e for e in package.iter() if local_name(e.tag) == "item"}
+    spine = [e.get("idref") for e in package.iter() if local_name(e.tag) == "itemref"]
     if not spine:
         raise RaError(f"{path}: not a valid EPUB (its package file lists no reading order)")
     encrypted = _encrypted_members(path, book, budget)
@@ -217,7 +220,7 @@ def _spine_documents(path: Path, book: zipfile.ZipFile):
         member = posixpath.normpath(posixpath.join(base, unquote(item.get("href").split("#")[0])))
         if member in encrypted:
             raise RaError(f"{path}: the EPUB is DRM-protected (its text is encrypted); ra can read only DRM-free books")
-        yield decode_markup(_member(path, book, member, budget))
+        yield decode_markup(read_member(path, book, member, budget))
 
 
 def _encrypted_members(path: Path, book: zipfile.ZipFile, budget: list[int]) -> set[str]:
@@ -226,16 +229,16 @@ def _encrypted_members(path: Path, book: zipfile.ZipFile, budget: list[int]) -> 
         return set()
     found = set()
     for element in _xml(path, book, "META-INF/encryption.xml", budget).iter():
-        if _local(element.tag) == "CipherReference" and element.get("URI"):
+        if local_name(element.tag) == "CipherReference" and element.get("URI"):
             found.add(posixpath.normpath(unquote(element.get("URI"))))
     return found
 
 
 def _xml(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> ElementTree.Element:
-    return ElementTree.fromstring(_member(path, book, member, budget))
+    return ElementTree.fromstring(read_member(path, book, member, budget))
 
 
-def _member(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> bytes:
+def read_member(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> bytes:
     """A member's bytes, refused before unpacking if it (or the book so far) is implausibly large."""
     info = book.getinfo(member)
     budget[0] -= info.file_size
@@ -245,6 +248,6 @@ def _member(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -
     return book.read(member)
 
 
-def _local(tag) -> str:
+def local_name(tag) -> str:
     """An XML tag without its namespace: EPUB 2 and 3 and sloppy writers all agree on local names."""
     return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
+from docx_maker import make_docx, paragraph
 from epub_maker import make_epub
 from pdf_maker import make_text_pdf
 from ra_cli.cli import app
@@ -74,21 +75,30 @@ def test_the_needle_page_of_a_pdf_is_cited_first(tmp_path, reuse_loaded_model):
     assert as_json["sources"][0]["page"] == 2
 
 
-def test_the_needle_section_of_an_epub_is_cited_first(tmp_path, reuse_loaded_model):
+@pytest.mark.parametrize("kind", ["epub", "docx"])
+def test_the_needle_section_of_an_epub_or_page_of_a_word_file_is_cited_first(tmp_path, kind, reuse_loaded_model):
+    """An EPUB's parts are sections cited by number and heading; a Word file saved by Word (page
+    marks) is cited by the pages Word showed."""
     paragraphs = handbook_paragraphs()[:24]
-    chapters = [(f"part{i}.xhtml", f"<h1>Part {i + 1}</h1>" + "".join(f"<p>{p}</p>" for p in paragraphs[i * 6:(i + 1) * 6]))
-                for i in range(4)]
-    chapters[2] = (chapters[2][0], chapters[2][1].replace("<p>", f"<p>{NEEDLE}</p><p>", 1))
-    book = make_epub(tmp_path / "book.epub", chapters)
-    ingested = run("ingest", book, "--save", tmp_path / "book.idx")
-    assert ingested.exit_code == 0 and "(4 sections)" in ingested.stderr, ingested.output
+    parts = [paragraphs[i * 6:(i + 1) * 6] for i in range(4)]
+    parts[2].insert(0, NEEDLE)
+    if kind == "epub":
+        document = make_epub(tmp_path / "book.epub", [(f"part{i}.xhtml", f"<h1>Part {i + 1}</h1>" + "".join(
+            f"<p>{p}</p>" for p in part)) for i, part in enumerate(parts)])
+        unit, expected = "section", {"section": 3, "title": "Part 3"}
+    else:
+        document = make_docx(tmp_path / "book.docx", "".join(
+            paragraph(p, page_mark=i > 0 and j == 0) for i, part in enumerate(parts) for j, p in enumerate(part)))
+        unit, expected = "page", {"page": 3}
+    ingested = run("ingest", document, "--save", tmp_path / "book.idx")
+    assert ingested.exit_code == 0 and f"(4 {unit}s)" in ingested.stderr, ingested.output
     result = run("chat", tmp_path / "book.idx", "--ask", QUESTION, "-n", 12, "--json")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert "red-otter" in answer["answer"].lower()
-    assert answer["sources"][0]["section"] == 3 and answer["sources"][0]["title"] == "Part 3", answer["sources"]
+    assert {key: answer["sources"][0][key] for key in expected} == expected, answer["sources"]
     info = run("info", tmp_path / "book.idx")
-    assert "book.epub (epub, 4 sections," in info.stderr + info.stdout
+    assert f"book.{kind} ({kind}, 4 {unit}s," in info.stderr + info.stdout
 
 
 def test_attention_mass_is_the_exact_softmax_weight_of_each_position():
@@ -129,24 +139,24 @@ def test_text_passages_and_pages():
     from ra_cli.citations import Citer
 
     lines = np.array([0, 0, 0, 0, 1, 1, 2, 4, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 0])
-    citer = Citer(np.ones_like(lines), lines, "text")
+    citer = Citer(np.ones_like(lines), lines, "line")
     weights = np.zeros(len(lines))
     weights[[7, 8]] = [3.0, 1.0]  # line 4: the passage that starts after the blank line 3
     weights[5] = 1.0
     weights[2] = 50.0  # a sink / template position: never cited
     found = citer.sources(weights)
     assert [(s.first, s.last, round(s.share, 2)) for s in found] == [(4, 11, 0.8), (1, 2, 0.2)]
-    pages = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), None, "pdf")
+    pages = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), None, "page")
     weights = np.array([9, 9, 9, 9, 0.5, 0.5, 3, 0, 1, 5.0])
     assert [(s.label(), s.as_json()) for s in pages.sources(weights)] == [
         ("p. 2", {"page": 2, "share": 0.6}), ("p. 1", {"page": 1, "share": 0.2}), ("p. 3", {"page": 3, "share": 0.2})]
-    sections = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), lines[:10], "epub",
+    sections = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), lines[:10], "section",
                      ["One", "", "A heading far longer than a citation line has room to show in full"])
     assert [(s.label(), s.as_json()) for s in sections.sources(weights)] == [
         ("§2", {"section": 2, "title": "", "share": 0.6}), ("§1 “One”", {"section": 1, "title": "One", "share": 0.2}),
         ("§3 “A heading far longer than a citation line has r…”",
          {"section": 3, "title": "A heading far longer than a citation line has room to show in full", "share": 0.2})]
-    garbled = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), None, "html", {"not": "a list"})  # a hand-edited manifest
+    garbled = Citer(np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 0]), None, "section", {"not": "a list"})  # a hand-edited manifest
     assert [s.label() for s in garbled.sources(weights)] == ["§2", "§1", "§3"]
 
 

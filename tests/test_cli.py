@@ -36,10 +36,11 @@ def test_bad_documents_fail_before_any_model_work(tmp_path, command, monkeypatch
         raise AssertionError("model must not load for a bad document")
 
     monkeypatch.setattr(ra_cli.model, "load_model", no_model)
+    (tmp_path / "a.odt").write_bytes(b"PK")
     (tmp_path / "a.docx").write_bytes(b"PK")
-    result = invoke("ingest", tmp_path / "a.docx") if command == "ingest" else None
     if command == "ingest":
-        assert_one_line_error(result, "unsupported file type '.docx'")
+        assert_one_line_error(invoke("ingest", tmp_path / "a.odt"), "unsupported file type '.odt'")
+        assert_one_line_error(invoke("ingest", tmp_path / "a.docx"), "not a valid .docx (it is not a zip archive)")
     result = invoke(command, tmp_path / "missing.pdf", *(["--ask", "x"] if command == "chat" else []))
     assert_one_line_error(result, "no such file")
 

@@ -7,6 +7,7 @@ import pytest
 import zipfile
 
 from conftest import SHARED_PDFS
+from docx_maker import make_docx, paragraph, table
 from epub_maker import make_epub
 from pdf_maker import make_encrypted_pdf, make_text_pdf
 from ra_cli.document import PAGE_SEPARATOR, load_document
@@ -53,7 +54,8 @@ def test_explicit_encoding(tmp_path):
     ("binary.txt", bytes(range(256)) * 4, "looks like binary data"),
     ("controls.txt", b"ab\x01\x02\x03\x04\x05\x06\x07\x08" * 50, "looks like binary data"),
     ("bad.txt", b"caf\xe9 au lait", "not valid utf-8 (byte 0xe9 at offset 3)"),
-    ("letter.docx", b"PK\x03\x04", "unsupported file type '.docx'"),
+    ("notes.odt", b"PK\x03\x04", "unsupported file type '.odt'"),
+    ("letter.docx", b"\xd0\xcf\x11\xe0 an old .doc renamed", "not a valid .docx (it is not a zip archive)"),
     ("book.epub", b"PK\x03\x04 not really", "not a valid EPUB (it is not a zip archive)"),
     ("page.html", b"<html><body><script>x()</script><img src=a.png></body></html>", "no text outside its markup"),
     ("noext", b"hello", "unsupported file type '(none)'"),
@@ -195,3 +197,48 @@ def test_an_epub_that_unpacks_to_gigabytes_is_refused_before_unpacking(tmp_path,
     with pytest.raises(RaError, match=r"OEBPS/Text/a.xhtml unpacks to 1 MB, more than an e-book's text needs"):
         load_document(path)
     assert "OEBPS/content.opf" in read and "OEBPS/Text/a.xhtml" not in read
+
+
+def test_word_sections_at_headings_tables_and_tracked_changes(tmp_path):
+    """No page marks (a generated document): sections at the heading styles, found by their names
+    (the ids are a German Word's); deleted text and field codes are not text."""
+    body = (paragraph("Service Agreement", "Titel") + paragraph("Between A and B.") +
+            paragraph("1. Definitions", "berschrift1") + paragraph("Term\tmeans the period.") +
+            table([["Fee", "100 EUR"], ["Due", "30 days"]]) +
+            paragraph("2. Payment", "berschrift2") +
+            paragraph("Pay on time.", inner="<w:del><w:r><w:delText>or never</w:delText></w:r></w:del>"
+                                           "<w:r><w:instrText> PAGE </w:instrText></w:r>"))
+    doc = load_document(make_docx(tmp_path / "contract.docx", body))
+    assert doc.kind == "docx" and doc.unit == "section"
+    assert sections_of(doc) == [
+        (1, "Service Agreement", "Service Agreement\n\nBetween A and B."),
+        (2, "1. Definitions", "1. Definitions\n\nTerm\tmeans the period.\n\nFee\t100 EUR\nDue\t30 days"),
+        (3, "2. Payment", "2. Payment\n\nPay on time."),
+    ]
+    unstyled = load_document(make_docx(tmp_path / "plain.docx", body, styles=False))
+    assert [p.title for p in unstyled.pages] == [""] and "or never" not in unstyled.text
+
+
+def test_word_pages_as_word_laid_them_out(tmp_path):
+    """Page marks: Word's rendered page starts and forced breaks; one page marked twice (a forced
+    break, then its rendered start) counts once."""
+    body = (paragraph("Page one.") + paragraph("Still page one.") + paragraph("Page two.", page_mark=True) +
+            '<w:p><w:r><w:br w:type="page"/></w:r></w:p>' + paragraph("Page three.", page_mark=True) +
+            '<w:p><w:pPr><w:pageBreakBefore/></w:pPr><w:r><w:t>Page four.</w:t></w:r></w:p>')
+    doc = load_document(make_docx(tmp_path / "paged.docx", body))
+    assert doc.unit == "page"
+    assert sections_of(doc) == [(1, "", "Page one.\n\nStill page one."), (2, "", "Page two."), (3, "", "Page three."),
+                                (4, "", "Page four.")]
+
+
+def test_bad_word_files(tmp_path):
+    with zipfile.ZipFile(tmp_path / "other.docx", "w") as package:
+        package.writestr("content.xml", "<x/>")
+    with pytest.raises(RaError, match=r"not a Word document \(no word/document.xml inside\)"):
+        load_document(tmp_path / "other.docx")
+    with pytest.raises(RaError, match=r"no text to read — it holds no text \(only images or drawings\?\)"):
+        load_document(make_docx(tmp_path / "picture.docx", '<w:p><w:r><w:drawing><x>logo</x></w:drawing></w:r></w:p>'))
+    with zipfile.ZipFile(tmp_path / "broken.docx", "w") as package:
+        package.writestr("word/document.xml", "<w:document><w:body>")
+    with pytest.raises(RaError, match=r"cannot read this Word document \(.*\); it may be damaged"):
+        load_document(tmp_path / "broken.docx")

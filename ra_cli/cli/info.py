@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ra_cli.cli import options as opt
-from ra_cli.document import extent
+from ra_cli.document import citation_unit, extent
 
 
 def info_command(
@@ -48,7 +48,7 @@ def print_summary(summary: dict) -> None:
     table.add_column(style="dim")
     table.add_column()
     rows = [
-        ("document", f"{document.get('name')} ({document.get('kind')}, {extent(document.get('kind'), document.get('pages') or 0)}, "
+        ("document", f"{document.get('name')} ({document.get('kind')}, {extent(citation_unit(document), document.get('pages') or 0)}, "
                      f"{document.get('characters', 0):,} characters)"),
         ("tokens", f"{summary['tokens']:,}"),
         ("model", f"{summary['model']} ({summary['model_dtype']}; {summary['layers']} layers, {summary['heads']} query / "

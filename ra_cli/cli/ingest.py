@@ -64,6 +64,6 @@ def ingest_command(
                      "options; nothing to do", markup=False, highlight=False)
         return
     resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
-    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({extent(doc.kind, len(doc.pages))}) to {result.path}: "
+    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({extent(doc.unit, len(doc.pages))}) to {result.path}: "
                  f"prefilled {result.prefilled_tokens:,}{resumed} in {result.seconds:.1f} s, "
                  f"{result.tokens_per_second:,.0f} tok/s", markup=False, highlight=False)

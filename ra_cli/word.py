@@ -1,0 +1,156 @@
+"""Word (.docx) -> text in pages or sections, read for document.py: contracts and reports as
+people send them.
+
+Word records where each page began when it last laid the document out (`w:lastRenderedPageBreak`)
+and where the author forced one (`w:br w:type="page"`, `w:pageBreakBefore`): a document saved by
+Word is cut into those pages, numbered as Word showed them, and answers cite pages. A document
+no word processor laid out (generated ones) has no such marks: it is cut into sections at its
+level 1-3 headings, as HTML is. Tracked deletions, field codes and comments are not text; a
+table's cells are kept apart by a tab, its rows by a line. Standard library only; members are
+size-checked before unpacking (markup.read_member).
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+from xml.etree import ElementTree
+
+from ra_cli.errors import RaError, first_line
+from ra_cli.markup import BOOK_LIMIT, Section, cut_at_headings, local_name, read_member
+
+W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+NOT_TEXT = {"delText", "instrText", "rPr", "pPr", "footnoteReference", "endnoteReference", "commentReference",
+            "drawing", "pict", "object"}
+HEADING_LEVELS = 3  # outline levels 0-2, as HTML's h1-h3
+
+
+def word_sections(path: Path) -> tuple[str, list[Section]]:
+    """("page", a Section per page as Word last laid the document out) or ("section", Sections
+    cut at headings) when it has no page marks."""
+    try:
+        with zipfile.ZipFile(path) as package:
+            if "word/document.xml" not in package.namelist():
+                raise RaError(f"{path}: not a Word document (no word/document.xml inside); save it as .docx "
+                              "from the word processor")
+            budget = [BOOK_LIMIT]
+            body = ElementTree.fromstring(read_member(path, package, "word/document.xml", budget))
+            reader = _Reader(_heading_levels(path, package, budget))
+    except zipfile.BadZipFile:
+        raise RaError(f"{path}: not a valid .docx (it is not a zip archive); save it as .docx from the word "
+                      "processor (an old .doc too)")
+    except (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError) as exc:
+        raise RaError(f"{path}: cannot read this Word document ({first_line(exc)}); it may be damaged — open it "
+                      "and save it again")
+    reader.walk(body)
+    reader.close_page()
+    if len(reader.pages) > 1:
+        return "page", [Section("", _tidy(text)) for text in reader.pages]
+    text = reader.pages[0] if reader.pages else ""
+    return "section", [Section(s.title, _tidy(s.text)) for s in cut_at_headings(text, reader.headings)]
+
+
+def _heading_levels(path: Path, package: zipfile.ZipFile, budget: list[int]) -> dict[str, int]:
+    """Paragraph style id -> outline level (0-based) of the heading styles: named "heading N" or
+    "Title" (names are stable; ids are translated: "Heading1", "berschrift1"), or given an outline
+    level."""
+    if "word/styles.xml" not in package.namelist():
+        return {}
+    levels = {}
+    for style in ElementTree.fromstring(read_member(path, package, "word/styles.xml", budget)).iter(W + "style"):
+        named = style.find(W + "name")
+        name = (named.get(W + "val") or "").lower() if named is not None else ""
+        outline = _level(style.find(f"{W}pPr/{W}outlineLvl"))
+        if re.fullmatch(r"heading \d", name):
+            levels[style.get(W + "styleId")] = int(name[-1]) - 1
+        elif name == "title":
+            levels[style.get(W + "styleId")] = 0
+        elif outline is not None:
+            levels[style.get(W + "styleId")] = outline
+    return levels
+
+
+def _level(element) -> int | None:
+    value = element.get(W + "val") if element is not None else None
+    return int(value) if value and value.isdigit() else None
+
+
+class _Reader:
+    """Walks the body in document order: the text of each page, and the headings of the first."""
+
+    def __init__(self, levels: dict[str, int]):
+        self.levels = levels
+        self.page: list[str] = []  # the text of the page being read
+        self.length = 0  # its characters
+        self.pages: list[str] = []
+        self.headings: list[tuple[int, str]] = []  # (offset in the first page, title)
+        self.cells = 0  # table cells open: their paragraphs are joined by a space
+
+    def add(self, text: str):
+        self.page.append(text)
+        self.length += len(text)
+
+    def walk(self, element):
+        name = local_name(element.tag)
+        if name in NOT_TEXT:
+            return
+        if name == "p":
+            self.paragraph(element)
+        elif name == "t":
+            self.add(element.text or "")
+        elif name == "tab":
+            self.add("\t")
+        elif name in ("br", "cr"):
+            self.close_page() if element.get(W + "type") == "page" else self.add("\n")
+        elif name == "lastRenderedPageBreak":
+            self.close_page()
+        elif name == "noBreakHyphen":
+            self.add("-")
+        else:
+            self.cells += name == "tc"
+            for child in element:
+                self.walk(child)
+            self.cells -= name == "tc"
+            if name == "tc":
+                if self.page and self.page[-1] == " ":  # the space after the cell's last paragraph
+                    self.page.pop()
+                    self.length -= 1
+                self.add("\t")
+            elif name == "tr":
+                self.add("\n")
+            elif name == "tbl":
+                self.add("\n")
+
+    def paragraph(self, element):
+        properties = element.find(W + "pPr")
+        level = None
+        if properties is not None:
+            if properties.find(W + "pageBreakBefore") is not None:
+                self.close_page()
+            style = properties.find(W + "pStyle")
+            level = self.levels.get(style.get(W + "val")) if style is not None else None
+            own = _level(properties.find(W + "outlineLvl"))
+            level = own if own is not None else level
+        first_page, start = len(self.pages), self.length
+        for child in element:
+            self.walk(child)
+        if level is not None and level < HEADING_LEVELS and not self.pages and first_page == 0:
+            title = " ".join("".join(self.page)[start:].split())
+            if title:
+                self.headings.append((start, title))
+        self.add(" " if self.cells else "\n\n")
+
+    def close_page(self):
+        """End the page being read, unless it holds no text yet: Word may mark one page's start
+        twice (a forced break, then where the page was laid out), and a page counts once."""
+        text = "".join(self.page)
+        if text.strip() or not self.pages:
+            self.pages.append(text)
+            self.page, self.length = [], 0
+
+
+def _tidy(text: str) -> str:
+    """Runs' text as Word stores it, made plain: no white space at line ends, no run of blank lines."""
+    lines = [line.rstrip() for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
