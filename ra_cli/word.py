@@ -4,8 +4,8 @@ people send them.
 Word records where each page began when it last laid the document out (`w:lastRenderedPageBreak`)
 and where the author forced one (`w:br w:type="page"`, `w:pageBreakBefore`): a document saved by
 Word is cut into those pages, numbered as Word showed them, and answers cite pages. A document
-no word processor laid out (generated ones) has no such marks: it is cut into sections at its
-level 1-3 headings, as HTML is. Tracked deletions, field codes and comments are not text; a
+no word processor laid out (generated ones) has only the forced breaks, which would number its
+pages wrongly: it is cut into sections at its level 1-3 headings instead, as HTML is. Tracked deletions, field codes and comments are not text; a
 table's cells are kept apart by a tab, its rows by a line. Standard library only; members are
 size-checked before unpacking (markup.read_member).
 """
@@ -45,9 +45,9 @@ def word_sections(path: Path) -> tuple[str, list[Section]]:
                       "and save it again")
     reader.walk(body)
     reader.close_page()
-    if len(reader.pages) > 1:
+    if reader.laid_out and len(reader.pages) > 1:
         return "page", [Section("", _tidy(text)) for text in reader.pages]
-    text = reader.pages[0] if reader.pages else ""
+    text = "".join(reader.pages) + "".join(reader.page)
     return "section", [Section(s.title, _tidy(s.text)) for s in cut_at_headings(text, reader.headings)]
 
 
@@ -77,14 +77,16 @@ def _level(element) -> int | None:
 
 
 class _Reader:
-    """Walks the body in document order: the text of each page, and the headings of the first."""
+    """Walks the body in document order: the text of each page, and the headings."""
 
     def __init__(self, levels: dict[str, int]):
         self.levels = levels
         self.page: list[str] = []  # the text of the page being read
         self.length = 0  # its characters
         self.pages: list[str] = []
-        self.headings: list[tuple[int, str]] = []  # (offset in the first page, title)
+        self.before = 0  # characters of the pages before it
+        self.laid_out = False  # a word processor marked where its pages began
+        self.headings: list[tuple[int, str]] = []  # (offset in the whole text, title)
         self.cells = 0  # table cells open: their paragraphs are joined by a space
 
     def add(self, text: str):
@@ -104,6 +106,7 @@ class _Reader:
         elif name in ("br", "cr"):
             self.close_page() if element.get(W + "type") == "page" else self.add("\n")
         elif name == "lastRenderedPageBreak":
+            self.laid_out = True
             self.close_page()
         elif name == "noBreakHyphen":
             self.add("-")
@@ -132,11 +135,11 @@ class _Reader:
             level = self.levels.get(style.get(W + "val")) if style is not None else None
             own = _level(properties.find(W + "outlineLvl"))
             level = own if own is not None else level
-        first_page, start = len(self.pages), self.length
+        start = self.before + self.length
         for child in element:
             self.walk(child)
-        if level is not None and level < HEADING_LEVELS and not self.pages and first_page == 0:
-            title = " ".join("".join(self.page)[start:].split())
+        if level is not None and level < HEADING_LEVELS:
+            title = " ".join("".join(t.text or "" for t in element.iter(W + "t")).split())
             if title:
                 self.headings.append((start, title))
         self.add(" " if self.cells else "\n\n")
@@ -147,6 +150,7 @@ class _Reader:
         text = "".join(self.page)
         if text.strip() or not self.pages:
             self.pages.append(text)
+            self.before += len(text)
             self.page, self.length = [], 0
 
 

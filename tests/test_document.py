@@ -221,7 +221,8 @@ def test_word_sections_at_headings_tables_and_tracked_changes(tmp_path):
 
 def test_word_pages_as_word_laid_them_out(tmp_path):
     """Page marks: Word's rendered page starts and forced breaks; one page marked twice (a forced
-    break, then its rendered start) counts once."""
+    break, then its rendered start) counts once. Forced breaks alone (no word processor laid the
+    file out) would number pages wrongly: sections then."""
     body = (paragraph("Page one.") + paragraph("Still page one.") + paragraph("Page two.", page_mark=True) +
             '<w:p><w:r><w:br w:type="page"/></w:r></w:p>' + paragraph("Page three.", page_mark=True) +
             '<w:p><w:pPr><w:pageBreakBefore/></w:pPr><w:r><w:t>Page four.</w:t></w:r></w:p>')
@@ -229,6 +230,10 @@ def test_word_pages_as_word_laid_them_out(tmp_path):
     assert doc.unit == "page"
     assert sections_of(doc) == [(1, "", "Page one.\n\nStill page one."), (2, "", "Page two."), (3, "", "Page three."),
                                 (4, "", "Page four.")]
+    generated = paragraph("Intro.") + '<w:p><w:r><w:br w:type="page"/></w:r></w:p>' + paragraph("Terms", "berschrift1") + \
+        paragraph("Pay.")
+    doc = load_document(make_docx(tmp_path / "generated.docx", generated))
+    assert doc.unit == "section" and sections_of(doc) == [(1, "", "Intro."), (2, "Terms", "Terms\n\nPay.")]
 
 
 def test_bad_word_files(tmp_path):
