@@ -112,7 +112,7 @@ class ChatSession:
         self.stop_ids = self.prompter.stop_ids(self.loaded.model.generation_config.eos_token_id)
         document = self.store.manifest["document"]
         self.citer = Citer(self.store.token_pages, self.store.token_lines, citation_unit(document),
-                           document.get("sections"))
+                           document.get("sections"), document.get("parts"))
 
     def clear(self) -> None:
         """Forget the conversation, keep the document."""

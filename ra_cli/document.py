@@ -54,6 +54,7 @@ class Document:
     text: str
     pages: list[Page] = field(default_factory=list)
     unit: str = "page"  # what a Page is and answers cite: "page", "section", or "line" (one page of text)
+    parts: list[dict] = field(default_factory=list)  # a collection's documents (collection.Part records)
 
 
 def citation_unit(record: dict) -> str:
@@ -65,8 +66,11 @@ def citation_unit(record: dict) -> str:
     return {"pdf": "page", "html": "section", "epub": "section"}.get(record.get("kind"), "line")
 
 
-def extent(unit: str, pages: int) -> str:
-    """How much of a document there is, in its own units: "117 pages", "12 sections", "text"."""
+def extent(unit: str, pages: int, documents: int = 0) -> str:
+    """How much of a document there is, in its own units: "117 pages", "12 sections", "text";
+    a collection's: "3 documents, 45 pages"."""
+    if documents:
+        return f"{documents:,} document{'s' if documents != 1 else ''}, {extent(unit, pages)}"
     if unit == "line":
         return "text"
     return f"{pages:,} {unit}{'s' if pages != 1 else ''}"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ra_cli.collection import load_collection
 from ra_cli.document import Document, load_document
 from ra_cli.engine.cache import ContextCache, layer_windows
 from ra_cli.engine.generate import prefill
@@ -85,7 +86,8 @@ def store_header(loaded: LoadedModel, document: Document, options: IngestOptions
     return {
         "document": {"name": document.name, "sha256": document.sha256, "kind": document.kind,
                      "pages": len(document.pages), "characters": len(document.text), "unit": document.unit,
-                     **({"sections": [page.title for page in document.pages]} if document.unit == "section" else {})},
+                     **({"sections": [page.title for page in document.pages]} if document.unit == "section" else {}),
+                     **({"parts": document.parts} if document.parts else {})},
         "model": {**loaded.fingerprint.as_dict(), "fingerprint": loaded.fingerprint.digest},
         "model_shape": model_shape(loaded.model.config),
         "prompt": layout,
@@ -252,15 +254,22 @@ class Source:
     document: Document | None = None
 
 
-def resolve_source(path: Path, encoding: str = "utf-8", on_page=None) -> Source:
+def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=None) -> Source:
+    """A context (saved, or an ingest's partial one), a document, or a folder of documents (one
+    collection; `on_skip` hears of files in it that cannot be read)."""
     path = Path(path)
-    if path.is_dir() or (not path.exists() and partial_path(path).exists()):
-        if path.is_dir() and not (path / MANIFEST).exists() and not partial_path(path).exists():
-            raise RaError(f"{path} is a directory but not an ra context; give a document or a context made by `ra ingest`")
+    if is_context(path):
         return Source(context=path)
+    if path.is_dir():
+        return Source(document=load_collection([path], encoding, on_skip, on_page))
     if not path.exists():
         raise RaError(f"{path}: no such file or context")
     return Source(document=load_document(path, encoding, on_page))
+
+
+def is_context(path: Path) -> bool:
+    """A context made by `ra ingest`, finished or not."""
+    return (path / MANIFEST).exists() or partial_path(path).exists()
 
 
 def open_source(loaded: LoadedModel, source: Source, options: IngestOptions | None = None, on_progress=None,

@@ -138,7 +138,8 @@ def test_pickled_array_is_never_loaded(context):
 def test_cli_errors_for_bad_contexts(tmp_path, context, reuse_loaded_model):
     (tmp_path / "plain_dir").mkdir()
     result = runner.invoke(app, ["chat", str(tmp_path / "plain_dir"), "--ask", "hi"])
-    assert result.exit_code == 1 and "is a directory but not an ra context" in result.stderr
+    assert result.exit_code == 1 and "plain_dir: no documents in this folder (ra reads .pdf" in result.stderr
+    assert "and it is not a context made by `ra ingest`" in result.stderr
     manifest = json.loads((context / "manifest.json").read_text())
     manifest["model"]["config_sha256"] = "x"
     rewrite_manifest(context, manifest)  # as a hostile writer would: checksum recomputed

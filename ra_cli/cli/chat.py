@@ -15,7 +15,7 @@ from ra_cli.choices import AttentionMode
 
 
 def chat_command(
-    source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, or a document (.pdf, .epub, .html, .txt, .md); "
+    source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, a document (.pdf, .docx, .epub, .html, .txt, .md) or a folder of them; "
                                                        "with --resume, the session's own context."),
     ask: Optional[List[str]] = typer.Option(None, "--ask", "-a", help="Ask this and exit (repeatable; turns follow each other)."),
     resume: Optional[str] = typer.Option(None, "--resume", "-r", help="Continue a conversation saved with /save NAME (`ra sessions` lists them)."),

@@ -48,7 +48,7 @@ def print_summary(summary: dict) -> None:
     table.add_column(style="dim")
     table.add_column()
     rows = [
-        ("document", f"{document.get('name')} ({document.get('kind')}, {extent(citation_unit(document), document.get('pages') or 0)}, "
+        ("document", f"{document.get('name')} ({document.get('kind')}, {extent(citation_unit(document), document.get('pages') or 0, len(document.get('parts') or []))}, "
                      f"{document.get('characters', 0):,} characters)"),
         ("tokens", f"{summary['tokens']:,}"),
         ("model", f"{summary['model']} ({summary['model_dtype']}; {summary['layers']} layers, {summary['heads']} query / "

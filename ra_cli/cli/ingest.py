@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from ra_cli.cli import options as opt
-from ra_cli.document import READ, extent
-from ra_cli.cli.steps import ingest_with_progress, load_model, read_source
-from ra_cli.errors import RaError
+from ra_cli.document import extent
+from ra_cli.cli.steps import ingest_with_progress, load_model, read_documents
 
 
 def ingest_command(
-    document: Path = typer.Argument(..., help="Document to ingest (.pdf, .epub, .html, .txt, .md)."),
+    documents: List[Path] = typer.Argument(..., help="Document to ingest (.pdf, .docx, .epub, .html, .txt, .md); "
+                                                      "several, or a folder of them, make one collection."),
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
     chunk_size: int = opt.ChunkSize,
     prefill: opt.PrefillMode = opt.Prefill,
@@ -38,10 +38,7 @@ def ingest_command(
     from ra_cli.ingest import IngestOptions, cached_context_path, ingest
     from ra_cli.ui import stderr
 
-    source = read_source(document, encoding)
-    if source.document is None:
-        raise RaError(f"{document} is a directory; give a document ({READ})")
-    doc = source.document
+    doc = read_documents(documents, encoding)
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value, prefill=prefill.value,
                             index=IndexParams(kind=index.value, sinks=sinks, window=window))
@@ -51,7 +48,8 @@ def ingest_command(
     result = ingest_with_progress(lambda bar, layers: ingest(loaded, doc, out, options, bar, layers, warn), index.value,
                                   "interrupted; the finished chunks are kept — run the same command again to resume")
     summary = {
-        "context": str(result.path), "document": doc.name, "pages": len(doc.pages), "tokens": result.n_tokens,
+        "context": str(result.path), "document": doc.name, "documents": max(1, len(doc.parts)), "pages": len(doc.pages),
+        "tokens": result.n_tokens,
         "reused_tokens": result.reused_tokens, "prefilled_tokens": result.prefilled_tokens, "index": index.value,
         "seconds": round(result.seconds, 3), "prefill_seconds": round(result.prefill_seconds, 3),
         "index_seconds": round(result.index_seconds, 3), "tokens_per_second": round(result.tokens_per_second, 1),
@@ -64,6 +62,6 @@ def ingest_command(
                      "options; nothing to do", markup=False, highlight=False)
         return
     resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
-    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({extent(doc.unit, len(doc.pages))}) to {result.path}: "
+    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({extent(doc.unit, len(doc.pages), len(doc.parts))}) to {result.path}: "
                  f"prefilled {result.prefilled_tokens:,}{resumed} in {result.seconds:.1f} s, "
                  f"{result.tokens_per_second:,.0f} tok/s", markup=False, highlight=False)

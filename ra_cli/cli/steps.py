@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ra_cli.errors import Interrupted
+from ra_cli.errors import Interrupted, RaError
 
 
 def load_model(model, device, dtype, weights="auto", quantize=None, gpu_mem_gb=None):
@@ -55,12 +55,29 @@ def model_for(source, model: str | None) -> str | None:
 
 
 def read_source(path: Path, encoding: str):
-    """A saved context or a document, read (with a page bar for PDFs) before any model loads."""
+    """A saved context, a document or a folder of documents, read (with a page bar for PDFs)
+    before any model loads."""
     from ra_cli.ingest import resolve_source
-    from ra_cli.ui import page_progress
+    from ra_cli.ui import page_progress, warn
 
     with page_progress(f"reading {path.name}") as on_page:
-        return resolve_source(path, encoding, on_page)
+        return resolve_source(path, encoding, on_page, warn)
+
+
+def read_documents(paths: list[Path], encoding: str):
+    """What `ra ingest` reads: one document, or several (files, folders) as one collection."""
+    from ra_cli.collection import load_collection
+    from ra_cli.document import load_document
+    from ra_cli.ingest import is_context
+    from ra_cli.ui import page_progress, warn
+
+    for path in paths:
+        if is_context(path):
+            raise RaError(f"{path} is a context made by `ra ingest`, not a document; chat with it: ra chat {path}")
+    with page_progress(f"reading {paths[0].name}") as on_page:
+        if len(paths) == 1 and not paths[0].is_dir():
+            return load_document(paths[0], encoding, on_page)
+        return load_collection(paths, encoding, warn, on_page)
 
 
 def ingest_with_progress(run, kind: str, interrupted: str):
