@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,19 +41,23 @@ class Part:
     sections: list[str] | None = None
 
     def as_dict(self) -> dict:
-        record = {key: value for key, value in self.__dict__.items() if key != "sections"}
-        return {**record, **({"sections": self.sections} if self.sections is not None else {})}
+        record = asdict(self)
+        if self.sections is None:
+            del record["sections"]
+        return record
 
 
 def documents_in(paths: list[Path]) -> list[tuple[Path, str, bool]]:
     """(file, name shown, named on the command line) for every document the paths give: files as
-    they are, folders' readable files in natural order."""
+    they are, folders' readable files in natural order (named from the folder; with other paths
+    beside it, from the folder's own name, so that two folders' a.pdf stay apart)."""
     found = []
     for path in paths:
         if not path.exists():
             raise RaError(f"{path}: no such file or folder")
         if path.is_dir():
-            inside = [(file, file.relative_to(path).as_posix(), False) for file in _readable_files(path)]
+            prefix = f"{path.resolve().name}/" if len(paths) > 1 else ""
+            inside = [(file, prefix + file.relative_to(path).as_posix(), False) for file in _readable_files(path)]
             if not inside:
                 raise RaError(f"{path}: no documents in this folder (ra reads {READ}), and it is not a context "
                               "made by `ra ingest`")
@@ -94,10 +98,10 @@ def load_collection(paths: list[Path], encoding: str = "utf-8", on_skip: Callabl
                 on_skip(f"skipped {name}: {str(exc).removeprefix(str(file) + ': ')}")
     if not documents:
         raise RaError(f"none of the documents in {', '.join(str(p) for p in paths)} could be read")
-    return _joined(documents, _collection_name(paths, len(documents)))
+    return _joined(documents, _collection_name(paths))
 
 
-def _collection_name(paths: list[Path], count: int) -> str:
+def _collection_name(paths: list[Path]) -> str:
     if len(paths) == 1:
         return f"{paths[0].resolve().name}/"
     return f"{paths[0].name} + {len(paths) - 1} more"

@@ -47,6 +47,14 @@ def test_a_folder_is_its_documents_in_natural_order_each_with_its_pages(tmp_path
     assert [lines[p["first_line"] - 1] for p in doc.parts] == ["Annex two, line one.", "Prices", "The contract, page one."]
 
 
+def test_folders_given_together_keep_their_names_apart(tmp_path):
+    for name in ("2024", "2025"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.txt").write_text(f"The {name} report.")
+    doc = load_collection([tmp_path / "2025", tmp_path / "2024"])
+    assert doc.name == "2025 + 1 more" and [p["name"] for p in doc.parts] == ["2025/report.txt", "2024/report.txt"]
+
+
 def test_what_a_collection_is_made_of_changes_its_identity(tmp_path):
     root = folder(tmp_path)
     first = load_collection([root]).sha256
