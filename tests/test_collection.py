@@ -134,5 +134,7 @@ def test_ingest_of_several_files_is_one_collection(needle_folder, tmp_path, reus
     info = runner.invoke(app, ["info", str(tmp_path / "two.idx"), "--json"])
     record = json.loads(info.stdout)["document"]
     assert [p["name"] for p in record["parts"]] == ["part3.pdf", "part1.md"]  # in the order given
+    shown = " ".join(runner.invoke(app, ["info", str(tmp_path / "two.idx")]).stdout.split())  # as one line, unwrapped
+    assert "(collection, 2 documents, 2 pages," in shown and "documents part3.pdf, part1.md tokens" in shown
     again = runner.invoke(app, ["ingest", str(tmp_path / "two.idx")])
     assert again.exit_code == 1 and "is a context made by `ra ingest`, not a document; chat with it" in again.stderr

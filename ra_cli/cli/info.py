@@ -37,6 +37,9 @@ def info_command(
     print_summary(summary)
 
 
+SHOWN = 8  # a collection's documents named by `ra info`
+
+
 def print_summary(summary: dict) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -44,12 +47,16 @@ def print_summary(summary: dict) -> None:
     from ra_cli.ui import stdout
 
     document, index = summary["document"], summary.get("index")
+    parts = document.get("parts") if isinstance(document.get("parts"), list) else []
     table = Table(show_header=False, box=None, pad_edge=False, title=Text(str(summary["path"])), title_justify="left")
     table.add_column(style="dim")
     table.add_column()
     rows = [
-        ("document", f"{document.get('name')} ({document.get('kind')}, {extent(citation_unit(document), document.get('pages') or 0, len(document.get('parts') or []))}, "
+        ("document", f"{document.get('name')} ({document.get('kind')}, "
+                     f"{extent(citation_unit(document), document.get('pages') or 0, len(parts))}, "
                      f"{document.get('characters', 0):,} characters)"),
+        *([("documents", ", ".join(str(p.get("name")) for p in parts[:SHOWN] if isinstance(p, dict))
+            + (f" and {len(parts) - SHOWN:,} more" if len(parts) > SHOWN else ""))] if parts else []),
         ("tokens", f"{summary['tokens']:,}"),
         ("model", f"{summary['model']} ({summary['model_dtype']}; {summary['layers']} layers, {summary['heads']} query / "
                   f"{summary['kv_heads']} KV heads, head dim {summary['head_dim']})"),
