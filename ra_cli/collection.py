@@ -2,12 +2,12 @@
 file per chapter. Read for document.py's callers (`ra ingest A B DIR`, `ra chat DIR`).
 
 Each document keeps its own units (a PDF's pages, a book's sections, a text file's lines) and
-starts with its file name on a line of its own, so that the model reads which document says
-what; the collection's pages are its documents' pages in order, numbered on (a text file: one
-page), and `parts` maps them back, so that answers cite "lease.pdf p. 3". Files in a folder are
-taken in natural order (ch2 before ch10), hidden files and saved contexts left out; one that
-cannot be read is skipped with a warning (a folder rarely holds only good files), while a file
-named on the command line must be read.
+starts with its file name on a line of its own ("File: lease.pdf"), so that the model reads
+which document says what; the collection's pages are its documents' pages in order, numbered on
+(a text file: one page), and `parts` maps them back, so that answers cite "lease.pdf p. 3".
+Files in a folder are taken in natural order (ch2 before ch10), hidden files and saved contexts
+left out; one that cannot be read is skipped with a warning (a folder rarely holds only good
+files), while a file named on the command line must be read.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ra_cli.errors import RaError
 
 READABLE = PDF_SUFFIXES | WORD_SUFFIXES | EPUB_SUFFIXES | HTML_SUFFIXES | TEXT_SUFFIXES
 MAX_DOCUMENTS = 10_000
+HEADER = "File: {name}\n\n"  # before each document's text, so the model reads whose text follows
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _joined(documents: list[tuple[str, Document]], name: str) -> Document:
         if texts:
             offset += len(PAGE_SEPARATOR)
             line += PAGE_SEPARATOR.count("\n")
-        header = f"{name_in}\n\n"  # the file's name, read by the model before its text
+        header = HEADER.format(name=name_in)
         base = offset + len(header)
         first_page = len(pages) + 1
         for page in document.pages:  # the header belongs to the first page

@@ -41,8 +41,9 @@ def test_a_folder_is_its_documents_in_natural_order_each_with_its_pages(tmp_path
         ("contract.pdf", "pdf", "page", 3, 2)]
     assert doc.parts[1]["sections"] == ["Prices"]
     pages = [doc.text[p.char_start:p.char_end] for p in doc.pages]
-    assert pages == ["annex/annex2.txt\n\nAnnex two, line one.\nLine two.\n", "annex/annex10.docx\n\nPrices\n\nTen euros.",
-                     "contract.pdf\n\nThe contract, page one.", "Page two of the contract."]
+    assert pages == ["File: annex/annex2.txt\n\nAnnex two, line one.\nLine two.\n",
+                     "File: annex/annex10.docx\n\nPrices\n\nTen euros.", "File: contract.pdf\n\nThe contract, page one.",
+                     "Page two of the contract."]
     lines = doc.text.split("\n")  # each part's first line is where its own text starts
     assert [lines[p["first_line"] - 1] for p in doc.parts] == ["Annex two, line one.", "Prices", "The contract, page one."]
 
