@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 SINKS = 4  # the first positions of the context: weight parks there regardless of content
 # Weights below this are not counted: diffuse and positional attention spreads small weights
 # over everything near and far, while a head that reads something singles it out (measured on
@@ -81,9 +80,9 @@ class Citer:
                 self.cited += [(part["name"], "line", int(f), int(l), "") for f, l in zip(firsts[1:], lasts[1:])]
             else:
                 kind = "section" if part["unit"] == "section" else "page"
-                titles = part.get("sections") if kind == "section" and _strings(part.get("sections")) else []
+                headings = part.get("sections") if kind == "section" and _strings(part.get("sections")) else []
                 self.units[inside] = pages[inside] - part["first_page"] + len(self.cited)
-                self.cited += [(part["name"], kind, n, n, titles[n - 1] if n <= len(titles) else "")
+                self.cited += [(part["name"], kind, n, n, headings[n - 1] if n <= len(headings) else "")
                                for n in range(1, part["pages"] + 1)]
         self.units[:SINKS] = 0  # unit 0: never cited
 

@@ -87,7 +87,6 @@ def load_document(
     if path.is_dir():
         raise RaError(f"{path}: is a directory; give a file ra reads ({READ})")
     suffix = path.suffix.lower()
-    unit = "section"
     if suffix in PDF_SUFFIXES:
         text, pages = _read_pdf(path, on_page)
         kind, unit = "pdf", "page"
@@ -100,7 +99,7 @@ def load_document(
         if kind == "docx":
             unit, sections = word_sections(path)
         else:
-            sections = _html_sections(path, encoding) if kind == "html" else epub_sections(path)
+            unit, sections = "section", _html_sections(path, encoding) if kind == "html" else epub_sections(path)
         text, pages = _joined(sections)
         if not text.strip():
             what = {"epub": "only images (a comic or a scanned book?)", "html": "no text outside its markup",

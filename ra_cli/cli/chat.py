@@ -53,7 +53,7 @@ def chat_command(
 ):
     """Chat with a document: interactive, or scripted with --ask.
 
-    Each answer cites the pages (lines in text files) its attention went to."""
+    Each answer cites where its attention went: pages, sections (HTML, EPUB) or lines, by document in a folder."""
     from ra_cli.chat import start_chat
     from ra_cli.cli.repl import ReplSettings, repl
     from ra_cli.engine.generate import Sampling

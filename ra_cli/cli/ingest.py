@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from ra_cli.cli import options as opt
-from ra_cli.document import extent
 from ra_cli.cli.steps import ingest_with_progress, load_model, read_documents
+from ra_cli.document import extent
 
 
 def ingest_command(
@@ -62,6 +62,7 @@ def ingest_command(
                      "options; nothing to do", markup=False, highlight=False)
         return
     resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
-    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({extent(doc.unit, len(doc.pages), len(doc.parts))}) to {result.path}: "
+    size = extent(doc.unit, len(doc.pages), len(doc.parts))
+    stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} ({size}) to {result.path}: "
                  f"prefilled {result.prefilled_tokens:,}{resumed} in {result.seconds:.1f} s, "
                  f"{result.tokens_per_second:,.0f} tok/s", markup=False, highlight=False)
