@@ -195,7 +195,8 @@ def epub_sections(path: Path) -> list[Section]:
     except zipfile.BadZipFile:
         raise RaError(f"{path}: not a valid EPUB (it is not a zip archive); re-export it from the e-book software")
     except (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError) as exc:
-        raise RaError(f"{path}: cannot read this EPUB ({first_line(exc)}); it may be damaged — re-export it (e.g. with Calibre)")
+        raise RaError(f"{path}: cannot read this EPUB ({first_line(exc)}); it may be damaged — re-export it "
+                      "(e.g. with Calibre)")
 
 
 def _spine_documents(path: Path, book: zipfile.ZipFile):

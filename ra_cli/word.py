@@ -5,9 +5,10 @@ Word records where each page began when it last laid the document out (`w:lastRe
 and where the author forced one (`w:br w:type="page"`, `w:pageBreakBefore`): a document saved by
 Word is cut into those pages, numbered as Word showed them, and answers cite pages. A document
 no word processor laid out (generated ones) has only the forced breaks, which would number its
-pages wrongly: it is cut into sections at its level 1-3 headings instead, as HTML is. Tracked deletions, field codes and comments are not text; a
-table's cells are kept apart by a tab, its rows by a line. Standard library only; members are
-size-checked before unpacking (markup.read_member).
+pages wrongly: it is cut into sections at its level 1-3 headings instead, as HTML is. Tracked
+deletions, field codes, comments, headers and footers are not text; a table's cells are kept
+apart by a tab, its rows by a line. Standard library only; members are size-checked before
+unpacking (markup.read_member).
 """
 
 from __future__ import annotations
