@@ -29,7 +29,8 @@ PARAGRAPH = {"p", "div", "h4", "h5", "h6", "blockquote", "section", "article", "
 LINE = {"br", "li", "tr", "dt", "dd"}
 CELL = {"td", "th"}
 # not text of the document: code, styles, the head, and a page's navigation and controls
-SKIPPED = {"script", "style", "head", "noscript", "template", "svg", "object", "iframe", "nav", "button", "select"}
+SKIPPED = {"script", "style", "head", "title", "noscript", "template", "svg", "object", "iframe", "nav", "button",
+           "select"}
 VOID = {"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr", "source", "track", "embed", "param"}
 DOCUMENT_TYPES = {"application/xhtml+xml", "text/html", "application/x-dtbook+xml"}
 MEMBER_LIMIT = 64 << 20  # bytes one file of an EPUB may unpack to
@@ -59,8 +60,8 @@ class _TextOfHtml(HTMLParser):
         self.in_title = False
 
     def handle_starttag(self, tag, attrs):
-        if tag == "title":
-            self.in_title = True
+        if tag == "title" and not self.title and self.skipping in ([], ["head"]):
+            self.in_title = True  # the page's own title (an <svg>'s title is not)
         if self.skipping == ["head"] and (tag == "body" or tag in HEADINGS | PARAGRAPH | LINE):
             self.skipping.pop()  # the head ends where the body's content starts, </head> or not
         if tag in SKIPPED:

@@ -136,7 +136,7 @@ def sections_of(doc):
 def test_html_text_sections_and_declared_charset(tmp_path):
     page = ('<!DOCTYPE html><html><head><meta charset="iso-8859-1"><title>The  Manual</title>'
             '<style>p { color: red }</style><script>var s = "<p>not text</p>";</script>'
-            '<body><nav><a href="/">Home</a> | <a href="/faq">FAQ</a></nav>'
+            '<body><svg><title>logo</title><path d="M0"/></svg><nav><a href="/">Home</a> | <a href="/faq">FAQ</a></nav>'
             '<p>Caf\xe9 &amp; more:\n   spaces   collapse.</p>'
             '<h1>Chapter 1</h1><h2 id="a">Install <a href="#a">\xb6</a></h2>'
             '<p>Run<br>make</p><ul><li>one</li><li>two</li></ul><pre>  keep\n    indent</pre>'
