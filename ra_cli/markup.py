@@ -14,6 +14,7 @@ from __future__ import annotations
 import posixpath
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -33,6 +34,10 @@ SKIPPED = {"script", "style", "head", "title", "noscript", "template", "svg", "o
            "select"}
 VOID = {"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr", "source", "track", "embed", "param"}
 DOCUMENT_TYPES = {"application/xhtml+xml", "text/html", "application/x-dtbook+xml"}
+# what a damaged zip or XML member raises while it is read (zlib.error: corrupt deflate data;
+# BadZipFile: a member failing its CRC)
+UNREADABLE_ZIP = (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError, zlib.error,
+                  zipfile.BadZipFile)
 MEMBER_LIMIT = 64 << 20  # bytes one file of an EPUB may unpack to
 BOOK_LIMIT = 1 << 30  # and all its files together
 _CHARSET = re.compile(rb"""(?:<meta[^>]*charset\s*=\s*["']?|<\?xml[^>]*encoding\s*=\s*["'])([A-Za-z0-9_.:-]+)""", re.I)
@@ -191,11 +196,9 @@ def decode_markup(raw: bytes, fallback: str = "utf-8") -> str:
 def epub_sections(path: Path) -> list[Section]:
     """An EPUB's text in reading order, cut into sections (every spine file starts one)."""
     try:
-        with zipfile.ZipFile(path) as book:
+        with open_zip(path, "not a valid EPUB (it is not a zip archive); re-export it from the e-book software") as book:
             return [section for markup in _spine_documents(path, book) for section in html_sections(markup)[1]]
-    except zipfile.BadZipFile:
-        raise RaError(f"{path}: not a valid EPUB (it is not a zip archive); re-export it from the e-book software")
-    except (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError) as exc:
+    except UNREADABLE_ZIP as exc:
         raise RaError(f"{path}: cannot read this EPUB ({first_line(exc)}); it may be damaged — re-export it "
                       "(e.g. with Calibre)")
 
@@ -238,6 +241,14 @@ def _encrypted_members(path: Path, book: zipfile.ZipFile, budget: list[int]) -> 
 
 def _xml(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> ElementTree.Element:
     return ElementTree.fromstring(read_member(path, book, member, budget))
+
+
+def open_zip(path: Path, not_zip: str) -> zipfile.ZipFile:
+    """The zip archive at `path` (EPUB and .docx files are zips), or a RaError saying `not_zip`."""
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise RaError(f"{path}: {not_zip}")
 
 
 def read_member(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> bytes:

@@ -19,7 +19,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from ra_cli.errors import RaError, first_line
-from ra_cli.markup import BOOK_LIMIT, Section, cut_at_headings, local_name, read_member
+from ra_cli.markup import BOOK_LIMIT, UNREADABLE_ZIP, Section, cut_at_headings, local_name, open_zip, read_member
 
 W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
 NOT_TEXT = {"delText", "instrText", "rPr", "pPr", "footnoteReference", "endnoteReference", "commentReference",
@@ -31,17 +31,15 @@ def word_sections(path: Path) -> tuple[str, list[Section]]:
     """("page", a Section per page as Word last laid the document out) or ("section", Sections
     cut at headings) when it has no page marks."""
     try:
-        with zipfile.ZipFile(path) as package:
+        with open_zip(path, "not a valid .docx (it is not a zip archive); save it as .docx from the word processor "
+                            "(an old .doc too)") as package:
             if "word/document.xml" not in package.namelist():
                 raise RaError(f"{path}: not a Word document (no word/document.xml inside); save it as .docx "
                               "from the word processor")
             budget = [BOOK_LIMIT]
             body = ElementTree.fromstring(read_member(path, package, "word/document.xml", budget))
             reader = _Reader(_heading_levels(path, package, budget))
-    except zipfile.BadZipFile:
-        raise RaError(f"{path}: not a valid .docx (it is not a zip archive); save it as .docx from the word "
-                      "processor (an old .doc too)")
-    except (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError) as exc:
+    except UNREADABLE_ZIP as exc:
         raise RaError(f"{path}: cannot read this Word document ({first_line(exc)}); it may be damaged — open it "
                       "and save it again")
     reader.walk(body)
