@@ -28,13 +28,14 @@ from ra_cli.files import file_sha256
 from ra_cli.markup import Section, declared_charset, epub_sections, html_sections
 from ra_cli.word import word_sections
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
+# plain text, and the plain-text markups manuals and papers are written in (read as text, cited by line)
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text", ".rst", ".adoc", ".asciidoc", ".org", ".tex"}
 PDF_SUFFIXES = {".pdf"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 EPUB_SUFFIXES = {".epub"}
 WORD_SUFFIXES = {".docx"}
 PAGE_SEPARATOR = "\n\n"
-READ = ".pdf, .docx, .epub, .html, .txt and .md"
+READ = ".pdf, .docx, .epub, .html, .txt and .md (also .rst, .adoc, .org, .tex)"
 UNITS = ("page", "section", "line")
 
 

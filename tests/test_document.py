@@ -39,6 +39,9 @@ def test_text_and_markdown(tmp_path):
     (tmp_path / "a.md").write_bytes("\ufeff# Title\r\nbody ünïcode\r\n".encode("utf-8"))
     doc = load_document(tmp_path / "a.md")
     assert doc.text == "# Title\nbody ünïcode\n" and doc.kind == "text" and len(doc.pages) == 1
+    for markup in ("guide.rst", "manual.adoc", "notes.org", "paper.tex"):  # plain-text markups: text, cited by line
+        (tmp_path / markup).write_text("Title\n=====\n\\section{x}\n")
+        assert (load_document(tmp_path / markup).kind, load_document(tmp_path / markup).unit) == ("text", "line")
 
 
 def test_utf16_with_bom(tmp_path):
