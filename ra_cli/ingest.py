@@ -268,8 +268,8 @@ def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=No
 
 
 def is_context(path: Path) -> bool:
-    """A context made by `ra ingest`, finished or not."""
-    return (path / MANIFEST).exists() or partial_path(path).exists()
+    """A context made by `ra ingest`, finished or not (a file of that name is a document)."""
+    return not path.is_file() and ((path / MANIFEST).exists() or partial_path(path).exists())
 
 
 def open_source(loaded: LoadedModel, source: Source, options: IngestOptions | None = None, on_progress=None,
