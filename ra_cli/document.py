@@ -60,11 +60,11 @@ class Document:
 
 def citation_unit(record: dict) -> str:
     """The unit of a stored document record (a manifest's "document"); stores written before
-    records named it have it from their kind."""
+    records named it held only PDFs (pages) and text (lines)."""
     unit = record.get("unit")
     if unit in UNITS:
         return unit
-    return {"pdf": "page", "html": "section", "epub": "section"}.get(record.get("kind"), "line")
+    return "page" if record.get("kind") == "pdf" else "line"
 
 
 def extent(unit: str, pages: int, documents: int = 0) -> str:
@@ -121,10 +121,6 @@ def _html_sections(path: Path, encoding: str) -> list[Section]:
     cut at its headings; text before the first heading is titled by the page's <title>."""
     raw = path.read_bytes()
     declared = declared_charset(raw) if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else None
-    try:
-        codecs.lookup(declared or encoding)
-    except LookupError:
-        declared = None  # a charset Python does not know: decode as the user asked
     title, sections = html_sections(_read_text(path, declared or encoding, raw))
     if sections and not sections[0].title:
         sections[0].title = title

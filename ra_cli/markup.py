@@ -6,11 +6,12 @@ A section starts at each h1-h3 heading and, in an EPUB, at each file of the book
 breaks (block elements), `<pre>` blocks verbatim, and nothing of scripts, styles, the head or
 images. Standard library only (html.parser, zipfile, xml.etree): nothing a file names is
 fetched, and an EPUB's members are size-checked before they are unpacked (a small zip can unpack
-to gigabytes). The zip reading and the cut at headings serve word.py too.
+to gigabytes). ZipPackage and the cut at headings serve word.py too.
 """
 
 from __future__ import annotations
 
+import codecs
 import posixpath
 import re
 import zipfile
@@ -32,13 +33,12 @@ CELL = {"td", "th"}
 # not text of the document: code, styles, the head, and a page's navigation and controls
 SKIPPED = {"script", "style", "head", "title", "noscript", "template", "svg", "object", "iframe", "nav", "button",
            "select"}
-VOID = {"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr", "source", "track", "embed", "param"}
 DOCUMENT_TYPES = {"application/xhtml+xml", "text/html", "application/x-dtbook+xml"}
 # what a damaged zip or XML member raises while it is read (zlib.error: corrupt deflate data;
 # BadZipFile: a member failing its CRC)
 UNREADABLE_ZIP = (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError, zlib.error,
                   zipfile.BadZipFile)
-MEMBER_LIMIT = 64 << 20  # bytes one file of an EPUB may unpack to
+MEMBER_LIMIT = 64 << 20  # bytes one file inside an EPUB or .docx may unpack to
 BOOK_LIMIT = 1 << 30  # and all its files together
 _CHARSET = re.compile(rb"""(?:<meta[^>]*charset\s*=\s*["']?|<\?xml[^>]*encoding\s*=\s*["'])([A-Za-z0-9_.:-]+)""", re.I)
 
@@ -60,6 +60,7 @@ class _TextOfHtml(HTMLParser):
         self.skipping: list[str] = []  # open elements whose content is not text
         self.preformatted = 0
         self.heading: list[str] | None = None  # text of the heading being read
+        self.heading_at: int | None = None  # where its first text landed
         self.headings: list[tuple[int, str]] = []
         self.title = ""
         self.in_title = False
@@ -75,8 +76,7 @@ class _TextOfHtml(HTMLParser):
             return
         if tag in HEADINGS:
             self._owe(2)
-            self.heading = []
-            self.headings.append((-1, ""))  # its offset is where its first text lands
+            self.heading, self.heading_at = [], None
         elif tag in PARAGRAPH:
             self._owe(2)
         elif tag in LINE:
@@ -86,11 +86,6 @@ class _TextOfHtml(HTMLParser):
         if tag == "pre":
             self.preformatted += 1
 
-    def handle_startendtag(self, tag, attrs):
-        self.handle_starttag(tag, attrs)
-        if tag not in VOID:
-            self.handle_endtag(tag)
-
     def handle_endtag(self, tag):
         if tag == "title":
             self.in_title = False
@@ -99,12 +94,9 @@ class _TextOfHtml(HTMLParser):
                 self.skipping.pop()
             return
         if tag in HEADINGS and self.heading is not None:
-            offset, _ = self.headings[-1]
             title = " ".join("".join(self.heading).split())
-            if offset < 0 or not title:
-                self.headings.pop()  # an empty heading (an anchor, an image) starts nothing
-            else:
-                self.headings[-1] = (offset, title)
+            if title:  # an empty heading (an anchor, an image) starts nothing
+                self.headings.append((self.heading_at, title))
             self.heading = None
             self._owe(2)
         elif tag in PARAGRAPH:
@@ -142,8 +134,8 @@ class _TextOfHtml(HTMLParser):
             self.parts.append("\n" * self.breaks)
             self.length += self.breaks
         self.breaks = 0
-        if self.headings and self.headings[-1][0] < 0 and self.heading is not None:
-            self.headings[-1] = (self.length, "")
+        if self.heading is not None and self.heading_at is None:
+            self.heading_at = self.length
         self.parts.append(data)
         self.length += len(data)
 
@@ -174,49 +166,50 @@ def cut_at_headings(text: str, headings: list[tuple[int, str]]) -> list[Section]
 
 
 def declared_charset(raw: bytes) -> str | None:
-    """The encoding an HTML or XHTML file declares in its first 2 KB (meta charset or XML declaration)."""
+    """The encoding an HTML or XHTML file declares in its first 2 KB (meta charset or XML
+    declaration), when Python has a codec of that name (None otherwise, or when none is declared)."""
     found = _CHARSET.search(raw[:2048])
-    return found.group(1).decode("ascii").lower() if found else None
+    if found is None:
+        return None
+    try:
+        return codecs.lookup(found.group(1).decode("ascii")).name
+    except LookupError:
+        return None
 
 
-def decode_markup(raw: bytes, fallback: str = "utf-8") -> str:
+def decode_markup(raw: bytes) -> str:
     """An EPUB member's text: its BOM or declared charset, else UTF-8. Bytes invalid there become
     U+FFFD: one bad byte must not lose the book."""
     if raw.startswith(b"\xef\xbb\xbf"):
         return raw[3:].decode("utf-8", "replace")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return raw.decode("utf-16", "replace")
-    encoding = declared_charset(raw) or fallback
-    try:
-        return raw.decode(encoding, "replace")
-    except LookupError:
-        return raw.decode(fallback, "replace")
+    return raw.decode(declared_charset(raw) or "utf-8", "replace")
 
 
 def epub_sections(path: Path) -> list[Section]:
     """An EPUB's text in reading order, cut into sections (every spine file starts one)."""
     try:
-        with open_zip(path, "not a valid EPUB (it is not a zip archive); re-export it from the e-book software") as book:
-            return [section for markup in _spine_documents(path, book) for section in html_sections(markup)[1]]
+        with ZipPackage(path, "not a valid EPUB (it is not a zip archive); re-export it from the e-book software") as book:
+            return [section for markup in _spine_documents(book) for section in html_sections(markup)[1]]
     except UNREADABLE_ZIP as exc:
         raise RaError(f"{path}: cannot read this EPUB ({first_line(exc)}); it may be damaged — re-export it "
                       "(e.g. with Calibre)")
 
 
-def _spine_documents(path: Path, book: zipfile.ZipFile):
+def _spine_documents(book: "ZipPackage"):
     """The markup of each document in the book's spine, in reading order."""
-    budget = [BOOK_LIMIT]
-    container = _xml(path, book, "META-INF/container.xml", budget)
+    container = book.xml("META-INF/container.xml")
     rootfile = next((e for e in container.iter() if local_name(e.tag) == "rootfile" and e.get("full-path")), None)
     if rootfile is None:
-        raise RaError(f"{path}: not a valid EPUB (META-INF/container.xml names no package file)")
+        raise RaError(f"{book.path}: not a valid EPUB (META-INF/container.xml names no package file)")
     package_path = rootfile.get("full-path")
-    package = _xml(path, book, package_path, budget)
+    package = book.xml(package_path)
     items = {e.get("id"): e for e in package.iter() if local_name(e.tag) == "item"}
     spine = [e.get("idref") for e in package.iter() if local_name(e.tag) == "itemref"]
     if not spine:
-        raise RaError(f"{path}: not a valid EPUB (its package file lists no reading order)")
-    encrypted = _encrypted_members(path, book, budget)
+        raise RaError(f"{book.path}: not a valid EPUB (its package file lists no reading order)")
+    encrypted = _encrypted_members(book)
     base = posixpath.dirname(package_path)
     for idref in spine:
         item = items.get(idref)
@@ -224,41 +217,50 @@ def _spine_documents(path: Path, book: zipfile.ZipFile):
             continue
         member = posixpath.normpath(posixpath.join(base, unquote(item.get("href").split("#")[0])))
         if member in encrypted:
-            raise RaError(f"{path}: the EPUB is DRM-protected (its text is encrypted); ra can read only DRM-free books")
-        yield decode_markup(read_member(path, book, member, budget))
+            raise RaError(f"{book.path}: the EPUB is DRM-protected (its text is encrypted); ra can read only DRM-free "
+                          "books")
+        yield decode_markup(book.read(member))
 
 
-def _encrypted_members(path: Path, book: zipfile.ZipFile, budget: list[int]) -> set[str]:
+def _encrypted_members(book: "ZipPackage") -> set[str]:
     """Members META-INF/encryption.xml lists (fonts are often obfuscated this way; text only with DRM)."""
-    if "META-INF/encryption.xml" not in book.namelist():
+    if not book.has("META-INF/encryption.xml"):
         return set()
-    found = set()
-    for element in _xml(path, book, "META-INF/encryption.xml", budget).iter():
-        if local_name(element.tag) == "CipherReference" and element.get("URI"):
-            found.add(posixpath.normpath(unquote(element.get("URI"))))
-    return found
+    return {posixpath.normpath(unquote(element.get("URI"))) for element in book.xml("META-INF/encryption.xml").iter()
+            if local_name(element.tag) == "CipherReference" and element.get("URI")}
 
 
-def _xml(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> ElementTree.Element:
-    return ElementTree.fromstring(read_member(path, book, member, budget))
+class ZipPackage:
+    """A document that is a zip of parts (EPUB, .docx), read member by member; each member's size
+    is checked from the zip's directory before it is unpacked, against MEMBER_LIMIT and against
+    what is left of BOOK_LIMIT for the whole file."""
 
+    def __init__(self, path: Path, not_zip: str):
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise RaError(f"{path}: {not_zip}")
+        self.path, self.left = path, BOOK_LIMIT
 
-def open_zip(path: Path, not_zip: str) -> zipfile.ZipFile:
-    """The zip archive at `path` (EPUB and .docx files are zips), or a RaError saying `not_zip`."""
-    try:
-        return zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise RaError(f"{path}: {not_zip}")
+    def __enter__(self) -> "ZipPackage":
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.zip.close()
 
-def read_member(path: Path, book: zipfile.ZipFile, member: str, budget: list[int]) -> bytes:
-    """A member's bytes, refused before unpacking if it (or the book so far) is implausibly large."""
-    info = book.getinfo(member)
-    budget[0] -= info.file_size
-    if info.file_size > MEMBER_LIMIT or budget[0] < 0:
-        raise RaError(f"{path}: {member} unpacks to {info.file_size / 2**20:,.0f} MB, more than an e-book's text "
-                      f"needs (ra reads at most {MEMBER_LIMIT >> 20} MB a file, {BOOK_LIMIT >> 30} GB a book)")
-    return book.read(member)
+    def has(self, member: str) -> bool:
+        return member in self.zip.NameToInfo
+
+    def read(self, member: str) -> bytes:
+        size = self.zip.getinfo(member).file_size
+        self.left -= size
+        if size > MEMBER_LIMIT or self.left < 0:
+            raise RaError(f"{self.path}: {member} unpacks to {size / 2**20:,.0f} MB, more than an e-book's text "
+                          f"needs (ra reads at most {MEMBER_LIMIT >> 20} MB a file, {BOOK_LIMIT >> 30} GB a book)")
+        return self.zip.read(member)
+
+    def xml(self, member: str) -> ElementTree.Element:
+        return ElementTree.fromstring(self.read(member))
 
 
 def local_name(tag) -> str:

@@ -8,18 +8,16 @@ no word processor laid out (generated ones) has only the forced breaks, which wo
 pages wrongly: it is cut into sections at its level 1-3 headings instead, as HTML is. Tracked
 deletions, field codes, comments, headers and footers are not text; a table's cells are kept
 apart by a tab, its rows by a line. Standard library only; members are size-checked before
-unpacking (markup.read_member).
+unpacking (markup.ZipPackage).
 """
 
 from __future__ import annotations
 
 import re
-import zipfile
 from pathlib import Path
-from xml.etree import ElementTree
 
 from ra_cli.errors import RaError, first_line
-from ra_cli.markup import BOOK_LIMIT, UNREADABLE_ZIP, Section, cut_at_headings, local_name, open_zip, read_member
+from ra_cli.markup import UNREADABLE_ZIP, Section, ZipPackage, cut_at_headings, local_name
 
 W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
 NOT_TEXT = {"delText", "instrText", "rPr", "pPr", "footnoteReference", "endnoteReference", "commentReference",
@@ -31,14 +29,13 @@ def word_sections(path: Path) -> tuple[str, list[Section]]:
     """("page", a Section per page as Word last laid the document out) or ("section", Sections
     cut at headings) when it has no page marks."""
     try:
-        with open_zip(path, "not a valid .docx (it is not a zip archive); save it as .docx from the word processor "
-                            "(an old .doc too)") as package:
-            if "word/document.xml" not in package.namelist():
+        with ZipPackage(path, "not a valid .docx (it is not a zip archive); save it as .docx from the word processor "
+                              "(an old .doc too)") as package:
+            if not package.has("word/document.xml"):
                 raise RaError(f"{path}: not a Word document (no word/document.xml inside); save it as .docx "
                               "from the word processor")
-            budget = [BOOK_LIMIT]
-            body = ElementTree.fromstring(read_member(path, package, "word/document.xml", budget))
-            reader = _Reader(_heading_levels(path, package, budget))
+            body = package.xml("word/document.xml")
+            reader = _Reader(_heading_levels(package))
     except UNREADABLE_ZIP as exc:
         raise RaError(f"{path}: cannot read this Word document ({first_line(exc)}); it may be damaged — open it "
                       "and save it again")
@@ -50,14 +47,14 @@ def word_sections(path: Path) -> tuple[str, list[Section]]:
     return "section", [Section(s.title, _tidy(s.text)) for s in cut_at_headings(text, reader.headings)]
 
 
-def _heading_levels(path: Path, package: zipfile.ZipFile, budget: list[int]) -> dict[str, int]:
+def _heading_levels(package: ZipPackage) -> dict[str, int]:
     """Paragraph style id -> outline level (0-based) of the heading styles: named "heading N" or
     "Title" (names are stable; ids are translated: "Heading1", "berschrift1"), or given an outline
     level."""
-    if "word/styles.xml" not in package.namelist():
+    if not package.has("word/styles.xml"):
         return {}
     levels = {}
-    for style in ElementTree.fromstring(read_member(path, package, "word/styles.xml", budget)).iter(W + "style"):
+    for style in package.xml("word/styles.xml").iter(W + "style"):
         named = style.find(W + "name")
         name = (named.get(W + "val") or "").lower() if named is not None else ""
         outline = _level(style.find(f"{W}pPr/{W}outlineLvl"))
@@ -81,16 +78,15 @@ class _Reader:
     def __init__(self, levels: dict[str, int]):
         self.levels = levels
         self.page: list[str] = []  # the text of the page being read
-        self.length = 0  # its characters
         self.pages: list[str] = []
-        self.before = 0  # characters of the pages before it
+        self.offset = 0  # characters read so far, all pages
         self.laid_out = False  # a word processor marked where its pages began
         self.headings: list[tuple[int, str]] = []  # (offset in the whole text, title)
         self.cells = 0  # table cells open: their paragraphs are joined by a space
 
     def add(self, text: str):
         self.page.append(text)
-        self.length += len(text)
+        self.offset += len(text)
 
     def walk(self, element):
         name = local_name(element.tag)
@@ -117,11 +113,9 @@ class _Reader:
             if name == "tc":
                 if self.page and self.page[-1] == " ":  # the space after the cell's last paragraph
                     self.page.pop()
-                    self.length -= 1
+                    self.offset -= 1
                 self.add("\t")
-            elif name == "tr":
-                self.add("\n")
-            elif name == "tbl":
+            elif name in ("tr", "tbl"):
                 self.add("\n")
 
     def paragraph(self, element):
@@ -134,7 +128,7 @@ class _Reader:
             level = self.levels.get(style.get(W + "val")) if style is not None else None
             own = _level(properties.find(W + "outlineLvl"))
             level = own if own is not None else level
-        start = self.before + self.length
+        start = self.offset
         for child in element:
             self.walk(child)
         if level is not None and level < HEADING_LEVELS:
@@ -149,8 +143,7 @@ class _Reader:
         text = "".join(self.page)
         if text.strip() or not self.pages:
             self.pages.append(text)
-            self.before += len(text)
-            self.page, self.length = [], 0
+            self.page = []
 
 
 def _tidy(text: str) -> str:

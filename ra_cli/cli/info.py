@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from ra_cli.cli import options as opt
-from ra_cli.document import citation_unit, extent
 
 
 def info_command(
@@ -44,6 +43,7 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from ra_cli.document import citation_unit, extent
     from ra_cli.ui import stdout
 
     document, index = summary["document"], summary.get("index")

@@ -10,7 +10,6 @@ import typer
 
 from ra_cli.cli import options as opt
 from ra_cli.cli.steps import ingest_with_progress, load_model, read_documents
-from ra_cli.document import extent
 
 
 def ingest_command(
@@ -34,6 +33,7 @@ def ingest_command(
     as_json: bool = opt.Json,
 ):
     """Extract text, prefill it in chunks and save the KV cache (resumable: rerun after Ctrl-C)."""
+    from ra_cli.document import extent
     from ra_cli.index import IndexParams
     from ra_cli.ingest import IngestOptions, cached_context_path, ingest
     from ra_cli.ui import stderr
