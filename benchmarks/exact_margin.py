@@ -36,7 +36,7 @@ loaded = load_model(model)
 store, _ = open_source(loaded, resolve_source(Path(args[0]), "utf-8"), IngestOptions())
 searched = settings_for(store, dense_when_cheaper=False, exact_margin=0)
 prompter = Prompter(loaded.tokenizer, PromptLayout.from_dict(store.manifest["prompt"]))
-stop_ids = prompter.stop_ids(loaded.model.generation_config.eos_token_id)
+stop_ids = prompter.stop_ids(loaded.eos_token_id)
 gaps, agree = [], []
 for style, text in DEFAULT_PROMPTS:
     prompt = prompter.question_tokens(text, first_turn=True, raw=style == "raw")

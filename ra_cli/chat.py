@@ -109,7 +109,7 @@ class ChatSession:
         self.prompter = Prompter(self.loaded.tokenizer, self.layout)
         self.document_tokens = self.store.n_tokens
         self.prefilled_tokens = 0  # tokens run through the model in this session (never the document)
-        self.stop_ids = self.prompter.stop_ids(self.loaded.model.generation_config.eos_token_id)
+        self.stop_ids = self.prompter.stop_ids(self.loaded.eos_token_id)
         document = self.store.manifest["document"]
         self.citer = Citer(self.store.token_pages, self.store.token_lines, citation_unit(document),
                            document.get("sections"), document.get("parts"))

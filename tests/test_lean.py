@@ -13,6 +13,7 @@ from ra_cli.engine.generate import prefill
 from ra_cli.choices import WeightFormat
 import ra_cli.engine.linear as linear
 from ra_cli.engine.linear import DECODE_ROWS, PackedLinear, int4_groups
+from ra_cli.model.pack import PlainConfig
 
 
 def q4_weight(rows=48, cols=64, seed=0):
@@ -315,3 +316,72 @@ def test_the_cached_pack_is_the_fresh_pack(loaded_fast, loaded):
         a = fresh(ids, ContextCache.full(loaded.model.config))
         b = cached(ids, ContextCache.full(loaded.model.config))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_the_rope_table_is_transformers_rotary_module(rope):
+    """The lean decoder's cos/sin table (from the frequencies the pack stores) against the rotary
+    module transformers builds from the config: the same values, scaled ropes included (yarn also
+    scales the table)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = {"rope_parameters": {"rope_theta": 5e5, **rope}} if rope else {}
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **settings)
+    model = LlamaForCausalLM(config)
+    lean = LeanDecoder.from_state(config, LeanDecoder.from_model(model, WeightFormat.dense, torch.float32).state(),
+                                  torch.float32)
+    positions = torch.arange(5000)[None]
+    cos, sin = model.model.rotary_emb(torch.empty(1), positions)
+    table_cos, table_sin = lean._rotary(0, 5000, torch.device("cpu"))
+    torch.testing.assert_close(table_cos, cos[0], atol=1e-7, rtol=0)
+    torch.testing.assert_close(table_sin, sin[0], atol=1e-7, rtol=0)
+    assert rope is None or rope["rope_type"] != "yarn" or float(lean.rope_scale) > 1.0
+
+
+def test_ropes_that_change_with_length_run_on_transformers():
+    from transformers import LlamaConfig
+
+    from ra_cli.engine.forward import supports
+
+    assert supports(LlamaConfig())
+    assert not supports(LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}))
+    assert not supports(PlainConfig({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
+
+
+def test_a_packed_model_starts_without_transformers_model_code(loaded_fast, model_cache_dir):
+    """Later starts read the config from the pack: the same config hash as transformers' own config
+    class (stored contexts stay valid), and none of the model modules whose import cost ~1.2 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    from ra_cli.model.fingerprint import config_sha256
+
+    assert isinstance(loaded_fast.model.config, PlainConfig)
+    converted = next(p for p in model_cache_dir.iterdir() if p.name.startswith("gguf-") and p.is_dir())
+    assert loaded_fast.fingerprint.config_sha256 == config_sha256(AutoConfig.from_pretrained(converted))
+    assert loaded_fast.eos_token_id == 2 and loaded_fast.model.ra_lean._host_weights() is not None
+    script = ("import sys, json; from ra_cli.model import load_model; m = load_model(None, device='cpu'); "
+              "print(json.dumps([m.fingerprint.digest, sorted(n for n in sys.modules if n.startswith("
+              "('transformers.models.llama', 'transformers.modeling_utils', 'transformers.core_model_loading')))]))")
+    env = {**os.environ, "RA_CACHE_DIR": str(model_cache_dir.parent / "ra-session-cache")}
+    digest, modules = json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                                text=True, check=True).stdout.splitlines()[-1])
+    assert digest == loaded_fast.fingerprint.digest
+    assert modules == []
+
+
+def test_a_damaged_pack_is_one_line_that_says_what_to_do(tmp_path):
+    from ra_cli.errors import RaError
+    from ra_cli.model.pack import read_pack
+
+    pack = tmp_path / "damaged.safetensors"
+    pack.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(RaError, match="damaged .*delete that file"):
+        read_pack(pack, torch.bfloat16, torch.float32, torch.device("cpu"))

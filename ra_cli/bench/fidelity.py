@@ -106,7 +106,7 @@ def forced_logits(loaded, cache, prompt_tokens: list[int], continuation: list[in
 def run_eval(loaded, store, config: EvalConfig, status=print) -> dict:
     layout = PromptLayout.from_dict(store.manifest["prompt"])
     prompter = Prompter(loaded.tokenizer, layout)
-    stop_ids = prompter.stop_ids(loaded.model.generation_config.eos_token_id)
+    stop_ids = prompter.stop_ids(loaded.eos_token_id)
     agreements, kls = [], []
     full_seconds, retrieval_seconds = [], []
     auditor = Auditor()

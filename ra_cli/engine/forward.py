@@ -25,10 +25,17 @@ from ra_cli.engine.linear import PackedLinear, fused
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
+# Rope types whose frequencies change with the sequence's length: the table below is fixed.
+LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
 def supports(config) -> bool:
-    """Whether a transformers config describes a decoder this forward computes exactly."""
+    """Whether a config (transformers' or the plain one of a pack) describes a decoder this forward
+    computes exactly."""
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
     return (config.model_type in SUPPORTED and getattr(config, "hidden_act", "silu") == "silu"
-            and not getattr(config, "mlp_bias", False))
+            and not getattr(config, "mlp_bias", False) and rope_type not in LENGTH_DEPENDENT_ROPE)
 
 
 class LeanDecoder(torch.nn.Module):
@@ -36,7 +43,7 @@ class LeanDecoder(torch.nn.Module):
     a transformers model (`from_model`: packing costs seconds) and then reloaded from the packed
     tensors (`from_state`)."""
 
-    def __init__(self, config, rotary, dtype: torch.dtype = torch.bfloat16, cache_dtype: torch.dtype | None = None):
+    def __init__(self, config, dtype: torch.dtype = torch.bfloat16, cache_dtype: torch.dtype | None = None):
         super().__init__()
         self.kv_dtype = dtype  # precision of keys and values (what a store keeps)
         self.cache_dtype = cache_dtype or dtype  # dtype of the query handed to the cache layers
@@ -46,7 +53,6 @@ class LeanDecoder(torch.nn.Module):
         self.scaling = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
         self.hidden = config.hidden_size
-        object.__setattr__(self, "rotary", rotary)  # the model's own module; not part of the packed state
         self.blocks = torch.nn.ModuleList()
         self._cos = self._sin = None
         self._host = None  # per block, the arrays fused_decode reads (built on the first decode step)
@@ -55,7 +61,10 @@ class LeanDecoder(torch.nn.Module):
     def from_model(cls, model, decode: WeightFormat, dtype: torch.dtype = torch.bfloat16,
                    cache_dtype: torch.dtype | None = None) -> "LeanDecoder":
         base = model.model
-        lean = cls(model.config, base.rotary_emb, dtype, cache_dtype)
+        lean = cls(model.config, dtype, cache_dtype)
+        # the frequencies transformers' rotary module made from the config (any static rope scaling)
+        lean.register_buffer("rope_inv_freq", base.rotary_emb.inv_freq.detach().float().clone())
+        lean.register_buffer("rope_scale", torch.tensor(float(base.rotary_emb.attention_scaling)))
         lean.register_buffer("embed", base.embed_tokens.weight.detach().to(dtype))
         for layer in base.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -72,10 +81,11 @@ class LeanDecoder(torch.nn.Module):
         return lean
 
     @classmethod
-    def from_state(cls, config, rotary, state: dict, dtype: torch.dtype, cache_dtype: torch.dtype | None = None):
+    def from_state(cls, config, state: dict, dtype: torch.dtype, cache_dtype: torch.dtype | None = None):
         """The decoder `state()` saved: no packing, no transformers weights."""
-        lean = cls(config, rotary, dtype, cache_dtype)
-        lean.register_buffer("embed", state["embed"])
+        lean = cls(config, dtype, cache_dtype)
+        for name in ("rope_inv_freq", "rope_scale", "embed"):
+            lean.register_buffer(name, state[name])
         for i in range(config.num_hidden_layers):
             prefix = f"blocks.{i}."
             block = torch.nn.Module()
@@ -98,15 +108,15 @@ class LeanDecoder(torch.nn.Module):
         return sum(m.decode_bytes for m in linears)
 
     def _rotary(self, start: int, count: int, device):
-        """cos, sin [count, D] float32 for positions start.. (the model's own rotary module fills a
-        table that doubles as needed, so any rope scaling it implements is honoured)."""
+        """cos, sin [count, D] float32 for positions start.., from a table that doubles as needed;
+        computed as transformers' rotary module computes them (float32 products, then cos and sin
+        scaled), so the values are the same bits."""
         end = start + count
         if self._cos is None or self._cos.shape[0] < end:
             size = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)
-            positions = torch.arange(size, device=device)[None]
-            probe = torch.empty(1, dtype=torch.float32, device=device)
-            cos, sin = self.rotary(probe, positions)
-            self._cos, self._sin = cos[0].float(), sin[0].float()
+            freqs = torch.arange(size, device=device)[:, None].float() * self.rope_inv_freq.to(device)
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
         return self._cos[start:end], self._sin[start:end]
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), …: the arrays viewed before may be gone

@@ -20,13 +20,14 @@ from ra_cli.choices import ComputeDtype, WeightFormat
 from ra_cli.errors import RaError
 from ra_cli.model.convert import converted_gguf
 from ra_cli.model.fingerprint import Fingerprint, config_sha256, tokenizer_sha256, weights_id_for_dir
+from ra_cli.model.pack import PlainConfig, read_pack, write_pack
 from ra_cli.model.resolve import ModelSpec, resolve_model
 
 
 
 @dataclass
 class LoadedModel:
-    model: object  # transformers PreTrainedModel (its decoder layers dropped when `lean` runs it)
+    model: object  # model/pack.py's LeanModel when the lean forward runs it, else transformers' PreTrainedModel
     tokenizer: object
     spec: ModelSpec
     fingerprint: Fingerprint
@@ -35,6 +36,7 @@ class LoadedModel:
     load_seconds: float
     weights: WeightFormat = WeightFormat.dense
     trained_context: int | None = None  # tokens the model was trained on, from its config
+    eos_token_id: object = None  # the generation config's end-of-sequence id or ids
 
     @property
     def cache_dtype(self):
@@ -103,7 +105,7 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-LEAN_VERSION = 2  # bump when the packed layout changes: cached packs are then rebuilt
+LEAN_VERSION = 3  # bump when the packed layout changes: cached packs are then rebuilt
 
 
 def load_model(name: str | None = None, device: str = "auto", dtype: ComputeDtype | str = "auto",
@@ -122,18 +124,19 @@ def load_model(name: str | None = None, device: str = "auto", dtype: ComputeDtyp
     lean_ok = quantize is None and supports(source.config)
     torch_dtype, weight_format = plan(dtype, weights, torch_device, lean_ok)
     if weight_format is not WeightFormat.dense:
-        model = _lean_model(source, weight_format, torch_dtype, torch_device)
+        model, eos_token_id = _lean_model(source, weight_format, torch_dtype, torch_device)
     else:
         model = _transformers_model(spec, source.location, torch.float32 if quantize else torch_dtype, torch_device,
                                     quantize)
-    model.eval()
-    install(model)
+        model.eval()
+        install(model)
+        eos_token_id = model.generation_config.eos_token_id
     label = dtype_name(torch_dtype) + ("" if weight_format is WeightFormat.dense else f"+{weight_format.value}")
     label += f"-{quantize}" if quantize else ""
     fingerprint = Fingerprint(source=source.name, weights_id=source.weights_id, config_sha256=config_sha256(model.config),
                               tokenizer_sha256=tokenizer_sha256(source.tokenizer), dtype=label)
     return LoadedModel(model, source.tokenizer, spec, fingerprint, torch_device, torch_dtype,
-                       time.perf_counter() - started, weight_format, trained_context(model.config))
+                       time.perf_counter() - started, weight_format, trained_context(model.config), eos_token_id)
 
 
 @dataclass
@@ -141,7 +144,8 @@ class _Source:
     name: str
     location: str  # what transformers loads from: a directory, or a hub id in the local cache
     weights_id: str
-    config: object
+    config: object  # transformers' config, or the plain one of a converted GGUF's config.json
+    config_id: str  # what names the config in a pack's file name
     tokenizer: object
 
 
@@ -151,8 +155,10 @@ def _open_source(spec: ModelSpec) -> _Source:
 
     if spec.kind == "gguf":
         converted, record = converted_gguf(spec.path)  # dequantized once to float32: exact for every format
-        return _Source(spec.path.name, str(converted), record["weights_id"], AutoConfig.from_pretrained(converted),
-                       AutoTokenizer.from_pretrained(converted))
+        # Files ra wrote itself: read without transformers' config classes (see model/pack.py).
+        config = PlainConfig(json.loads((converted / "config.json").read_text()))
+        return _Source(spec.path.name, str(converted), record["weights_id"], config, record["config_sha256"],
+                       _saved_tokenizer(converted))
     location = str(spec.path) if spec.kind == "dir" else spec.hub_id
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=spec.kind == "hub")
@@ -168,43 +174,36 @@ def _open_source(spec: ModelSpec) -> _Source:
         raise RaError(f"cannot load model from {location}: {str(exc).splitlines()[0][:200]}")
     weights_id = (weights_id_for_dir(spec.path) if spec.kind == "dir"
                   else "hub:" + spec.hub_id + ":" + str(getattr(config, "_commit_hash", "") or ""))
-    return _Source(spec.name, location, weights_id, config, tokenizer)
+    return _Source(spec.name, location, weights_id, config, config_sha256(config), tokenizer)
+
+
+def _saved_tokenizer(directory):
+    """The tokenizer class a directory's tokenizer_config.json names, loaded as AutoTokenizer
+    would; without AutoTokenizer's look at the model config, which imports the model's code."""
+    import transformers
+
+    name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if name == "TokenizersBackend":
+        name = "PreTrainedTokenizerFast"  # the same class, under the name transformers exports
+    return getattr(transformers, name or "AutoTokenizer", transformers.AutoTokenizer).from_pretrained(directory)
 
 
 def _lean_model(source: _Source, weight_format: WeightFormat, dtype, device):
-    """The transformers model as a shell (config and generation settings; weights on the meta device)
-    carrying the lean decoder, loaded from its cached pack or packed now and cached."""
+    """The lean decoder and the end-of-sequence id(s), from the model's cached pack (packed now
+    and cached the first time)."""
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from ra_cli.engine.forward import LeanDecoder
     from ra_cli.files import exclusive
     from ra_cli.paths import models_dir
 
     cache_dtype = torch.float32 if device.type == "cpu" else dtype
-    key = json.dumps([source.weights_id, config_sha256(source.config), weight_format.value, dtype_name(dtype), LEAN_VERSION])
+    key = json.dumps([source.weights_id, source.config_id, weight_format.value, dtype_name(dtype), LEAN_VERSION])
     pack = models_dir() / "packed" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(source.config)
-    try:
-        shell.generation_config = GenerationConfig.from_pretrained(source.location)
-    except OSError:
-        pass  # the config's defaults
-    rotary = type(shell.model.rotary_emb)(config=source.config)
     if not pack.is_file():
         with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}"):
             if not pack.is_file():
-                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-                lean = LeanDecoder.from_model(model, weight_format, dtype, cache_dtype)
-                staging = pack.with_name(f"{pack.name}.tmp{os.getpid()}")
-                save_file(lean.state(), str(staging))
-                os.replace(staging, pack)
-                del model
-    lean = LeanDecoder.from_state(source.config, rotary, load_file(str(pack)), dtype, cache_dtype)
-    shell.ra_lean = lean.to(device)
-    shell.model.layers = torch.nn.ModuleList()  # the shell's own decoder layers are never run
-    return shell
+                write_pack(source.location, pack, weight_format, dtype, cache_dtype)
+    return read_pack(pack, dtype, cache_dtype, device)
 
 
 def _transformers_model(spec: ModelSpec, location: str, dtype, device, quantize: str | None):
