@@ -385,3 +385,36 @@ def test_a_damaged_pack_is_one_line_that_says_what_to_do(tmp_path):
     pack.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(RaError, match="damaged .*delete that file"):
         read_pack(pack, torch.bfloat16, torch.float32, torch.device("cpu"))
+
+
+def test_a_pack_reads_back_its_model_and_replaces_packs_of_another_layout(tmp_path):
+    """write_pack/read_pack on a small saved model: the config (hash included), end-of-sequence
+    ids and logits come back; packs of another layout version (older ra: no version in the
+    header) are deleted when a new pack is written, since this ra never reads them."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from ra_cli.model.fingerprint import config_sha256
+    from ra_cli.model.pack import LAYOUT_VERSION, read_pack, write_pack
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    GenerationConfig(eos_token_id=[5, 7]).save_pretrained(tmp_path / "model")
+    packs = tmp_path / "packed"
+    packs.mkdir()
+    save_file({"x": torch.zeros(1)}, str(packs / "older.safetensors"))  # an older layout: no version
+    save_file({"x": torch.zeros(1)}, str(packs / "current.safetensors"), metadata={"layout_version": str(LAYOUT_VERSION)})
+    (packs / "unreadable.safetensors").write_bytes(b"not a pack")
+    pack = packs / "model.safetensors"
+    write_pack(str(tmp_path / "model"), pack, WeightFormat.dense, torch.float32, torch.float32)
+    assert sorted(p.name for p in packs.iterdir()) == ["current.safetensors", "model.safetensors", "unreadable.safetensors"]
+    loaded, eos = read_pack(pack, torch.float32, torch.float32, torch.device("cpu"))
+    assert eos == [5, 7]
+    assert config_sha256(loaded.config) == config_sha256(LlamaForCausalLM.from_pretrained(tmp_path / "model").config)
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.get_text_config(decoder=True) is loaded.config
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_lean_logits(loaded.ra_lean, loaded.config, ids),
+                               _transformers_logits(model, ids)[PREFILL - 1:], atol=1e-4, rtol=0)

@@ -110,7 +110,7 @@ class LeanDecoder(torch.nn.Module):
     def _rotary(self, start: int, count: int, device):
         """cos, sin [count, D] float32 for positions start.., from a table that doubles as needed;
         computed as transformers' rotary module computes them (float32 products, then cos and sin
-        scaled), so the values are the same bits."""
+        scaled by the rope's attention factor)."""
         end = start + count
         if self._cos is None or self._cos.shape[0] < end:
             size = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)

@@ -20,7 +20,7 @@ from ra_cli.choices import ComputeDtype, WeightFormat
 from ra_cli.errors import RaError
 from ra_cli.model.convert import converted_gguf
 from ra_cli.model.fingerprint import Fingerprint, config_sha256, tokenizer_sha256, weights_id_for_dir
-from ra_cli.model.pack import PlainConfig, read_pack, write_pack
+from ra_cli.model.pack import LAYOUT_VERSION, PlainConfig, read_pack, write_pack
 from ra_cli.model.resolve import ModelSpec, resolve_model
 
 
@@ -103,9 +103,6 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-LEAN_VERSION = 3  # bump when the packed layout changes: cached packs are then rebuilt
 
 
 def load_model(name: str | None = None, device: str = "auto", dtype: ComputeDtype | str = "auto",
@@ -197,7 +194,7 @@ def _lean_model(source: _Source, weight_format: WeightFormat, dtype, device):
     from ra_cli.paths import models_dir
 
     cache_dtype = torch.float32 if device.type == "cpu" else dtype
-    key = json.dumps([source.weights_id, source.config_id, weight_format.value, dtype_name(dtype), LEAN_VERSION])
+    key = json.dumps([source.weights_id, source.config_id, weight_format.value, dtype_name(dtype), LAYOUT_VERSION])
     pack = models_dir() / "packed" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
     if not pack.is_file():
         with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}"):

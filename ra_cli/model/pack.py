@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ra_cli.errors import RaError
 
+LAYOUT_VERSION = 3  # bump when the packed layout changes: packs of other versions are rebuilt, then deleted
+
 
 class PlainConfig:
     """A model config as attributes over the dict transformers' config class gave (`to_dict()`,
@@ -64,10 +66,26 @@ def write_pack(location: str, pack: Path, weight_format, dtype, cache_dtype) -> 
         generation = model.generation_config  # the config's defaults
     lean = LeanDecoder.from_model(model, weight_format, dtype, cache_dtype)
     metadata = {"config": json.dumps(model.config.to_dict(), default=str),
-                "eos_token_id": json.dumps(generation.eos_token_id)}
+                "eos_token_id": json.dumps(generation.eos_token_id), "layout_version": str(LAYOUT_VERSION)}
     staging = pack.with_name(f"{pack.name}.tmp{os.getpid()}")
     save_file(lean.state(), str(staging), metadata=metadata)
     os.replace(staging, pack)
+    _remove_other_layouts(pack.parent)
+
+
+def _remove_other_layouts(folder: Path) -> None:
+    """Delete packs of another layout version: this ra never reads them again (each is hundreds of
+    MB to GB). Their headers alone are read; a file that cannot be read is left alone."""
+    from safetensors import SafetensorError, safe_open
+
+    for other in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(other), framework="pt") as packed:
+                version = (packed.metadata() or {}).get("layout_version")
+        except (SafetensorError, OSError):
+            continue
+        if version != str(LAYOUT_VERSION):
+            other.unlink(missing_ok=True)
 
 
 def read_pack(pack: Path, dtype, cache_dtype, device) -> tuple[LeanModel, object]:
