@@ -44,7 +44,11 @@ def page_progress(description: str = "reading"):
 
 
 class TokenProgress:
-    """Progress bar for prefill; the rate counts only tokens prefilled in this run."""
+    """Progress bar for prefill; the rate counts only tokens prefilled in this run. A bar is drawn
+    only on a terminal: when stderr is a file or a pipe (a log, nohup, CI) a plain line reports
+    progress every LOG_SECONDS instead, so a long ingest is not silent there for minutes."""
+
+    LOG_SECONDS = 30.0
 
     def __init__(self, description: str = "prefill"):
         import time
@@ -54,6 +58,7 @@ class TokenProgress:
         self.bar = progress("tok")
         self.task = None
         self.started = None
+        self.logged = None  # when the last plain line was written
         self.first_done = 0
 
     def __enter__(self):
@@ -64,12 +69,23 @@ class TokenProgress:
         return self.bar.__exit__(*exc)
 
     def __call__(self, done: int, total: int, reused: int) -> None:
+        now = self._clock()
         if self.task is None:
             self.task = self.bar.add_task(self.description, total=total)
-            self.started, self.first_done = self._clock(), done
-        elapsed = self._clock() - self.started
+            self.started = self.logged = now
+            self.first_done = done
+        elapsed = now - self.started
         rate = (done - self.first_done) / elapsed if elapsed > 0 and done > self.first_done else None
         self.bar.update(self.task, completed=done, total=total, rate=rate)
+        if not stderr.is_terminal and done < total and now - self.logged >= self.LOG_SECONDS:
+            self.logged = now
+            left = f", about {_minutes((total - done) / rate)} left" if rate else ""
+            status(f"{self.description}: {done:,}/{total:,} tokens ({done / total:.0%}), "
+                   f"{rate or 0:,.0f} tok/s{left}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class LayerProgress:

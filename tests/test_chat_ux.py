@@ -254,3 +254,28 @@ def test_terminal_multiline_ctrl_c_and_history(needle_context, isolated_cache):
     again.expect(pexpect.EOF)
     again.close()
     assert again.exitstatus == 0
+
+
+def test_a_long_prefill_logs_plain_progress_lines_when_stderr_is_not_a_terminal(monkeypatch):
+    """In a log file no bar is drawn, so a 10-minute ingest would say nothing until it ended:
+    a plain line every LOG_SECONDS instead (none on a terminal, where the bar shows it)."""
+    import io
+
+    from rich.console import Console
+
+    from ra_cli import ui
+
+    for terminal, expected in ((False, 2), (True, 0)):
+        log = io.StringIO()
+        monkeypatch.setattr(ui, "stderr", Console(file=log, force_terminal=terminal, width=200))
+        clock = iter([0.0, 10.0, 31.0, 45.0, 62.0, 70.0])
+        bar = ui.TokenProgress()
+        bar._clock = lambda: next(clock)
+        with bar:
+            for done in (0, 1000, 3100, 4500, 6200, 7000):
+                bar(done, 7000, 0)
+        lines = [line for line in log.getvalue().splitlines() if line.startswith("prefill:")]
+        assert len(lines) == expected, log.getvalue()
+        if expected:
+            assert lines[0] == "prefill: 3,100/7,000 tokens (44%), 100 tok/s, about 39 s left"
+            assert lines[1] == "prefill: 6,200/7,000 tokens (89%), 100 tok/s, about 8 s left"
