@@ -179,7 +179,10 @@ def _saved_tokenizer(directory):
     would; without AutoTokenizer's look at the model config, which imports the model's code."""
     import transformers
 
-    name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    try:
+        name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        name = None  # AutoTokenizer finds the class, or says what is missing
     if name == "TokenizersBackend":
         name = "PreTrainedTokenizerFast"  # the same class, under the name transformers exports
     return getattr(transformers, name or "AutoTokenizer", transformers.AutoTokenizer).from_pretrained(directory)

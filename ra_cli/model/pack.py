@@ -21,8 +21,9 @@ LAYOUT_VERSION = 3  # bump when the packed layout changes: packs of other versio
 
 
 class PlainConfig:
-    """A model config as attributes over the dict transformers' config class gave (`to_dict()`,
-    defaults included), so a config hash and every attribute read equal the class's own."""
+    """A model config as attributes over a dict. A pack stores what transformers' config class
+    gave (`to_dict()`, defaults included), so its hash and every attribute read equal the class's
+    own; before packing, a converted GGUF's config.json is read this way for `supports()`."""
 
     def __init__(self, values: dict):
         self.__dict__["_values"] = dict(values)
