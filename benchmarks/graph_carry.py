@@ -1,13 +1,15 @@
 """What the previous decode step's answer buys a graph search, and when a search has found its
 answer: the evidence behind "the previous step's answer as entry points" in docs/benchmarks.md.
 
-    python benchmarks/graph_carry.py WORK_DIR carry [LAYERS]         # e.g. 0,8,16
+    python benchmarks/graph_carry.py WORK_DIR overlap [LAYERS]       # e.g. 0,8,16
+    python benchmarks/graph_carry.py WORK_DIR carry [LAYERS]
     python benchmarks/graph_carry.py WORK_DIR found LAYER [EF] [PATIENCE]
 
 WORK_DIR is what `benchmarks/graph_variants.py` leaves (prefill lists, keys and 256 held-out
 decode queries per layer). The first 128 decode queries are searched *in order*, one decode step
 at a time, as a chat decodes them:
 
+- overlap: the share of a query head's exact top-100 that the previous step's exact top-100 holds;
 - carry: evaluations per query head for Recall@100 0.95 (ef swept as `ra bench --recall` sweeps
   it; one query head at a time and lockstep) when each step's search also starts from nothing
   more, from the previous step's best 8 keys, or from its whole top-100;
@@ -57,6 +59,16 @@ def step_search(index, queries, ef, extra, alone: bool, kv_heads: int):
                               extra=None if extra is None else np.ascontiguousarray(extra[rows]))
         ids[rows], evaluations[rows] = result.ids, result.evaluations
     return ids, evaluations
+
+
+def overlap(work: Path, layers: list[int]) -> None:
+    for layer in layers:
+        keys = np.load(work / f"keys_{layer:03d}.npy")
+        decode = np.ascontiguousarray(np.load(work / f"decode_queries_{layer:03d}.npy")[:, :STEPS])
+        truth = FlatLayerIndex(keys).search(decode, K).ids
+        shared = [len(np.intersect1d(truth[h, t], truth[h, t - 1])) / K
+                  for h in range(truth.shape[0]) for t in range(1, truth.shape[1])]
+        print(json.dumps({"layer": layer, "previous_step_share_of_the_top_100": round(float(np.mean(shared)), 3)}))
 
 
 def carry(work: Path, layers: list[int]) -> None:
@@ -149,8 +161,9 @@ def found(work: Path, layer: int, ef: int, patience: int) -> None:
 
 if __name__ == "__main__":
     work_dir = Path(sys.argv[1])
-    if sys.argv[2] == "carry":
-        carry(work_dir, [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0,8,16").split(",")])
+    if sys.argv[2] in ("carry", "overlap"):
+        chosen = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0,8,16").split(",")]
+        (carry if sys.argv[2] == "carry" else overlap)(work_dir, chosen)
     else:
         found(work_dir, int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 256,
               int(sys.argv[5]) if len(sys.argv) > 5 else 10**9)
