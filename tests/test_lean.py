@@ -361,10 +361,12 @@ def test_a_packed_model_starts_without_transformers_model_code(loaded_fast, mode
 
     from transformers import AutoConfig
 
+    from ra_cli.model.convert import converted_gguf
     from ra_cli.model.fingerprint import config_sha256
+    from ra_cli.model.resolve import resolve_model
 
     assert isinstance(loaded_fast.model.config, PlainConfig)
-    converted = next(p for p in model_cache_dir.iterdir() if p.name.startswith("gguf-") and p.is_dir())
+    converted, _ = converted_gguf(resolve_model(None).path)  # the embedded model's, converted by the fixture
     assert loaded_fast.fingerprint.config_sha256 == config_sha256(AutoConfig.from_pretrained(converted))
     assert loaded_fast.eos_token_id == 2 and loaded_fast.model.ra_lean._host_weights() is not None
     script = ("import sys, json; from ra_cli.model import load_model; m = load_model(None, device='cpu'); "
