@@ -67,3 +67,24 @@ def exclusive(lock_file: Path, doing: str, on_wait=None):
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def try_exclusive(lock_file: Path):
+    """The lock of `exclusive` if no other process holds it: yields True (held for the block) or
+    False (another process holds it; nothing to undo)."""
+    from filelock import FileLock, Timeout
+
+    if not lock_file.parent.is_dir():
+        yield True  # nothing was ever locked there
+        return
+    lock = FileLock(str(lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()

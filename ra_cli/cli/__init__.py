@@ -7,6 +7,7 @@ from __future__ import annotations
 import typer
 
 from ra_cli.cli.bench import bench_command, eval_command
+from ra_cli.cli.cache import cache_app
 from ra_cli.cli.boundary import OneLineErrors
 from ra_cli.cli.chat import chat_command
 from ra_cli.cli.info import info_command, sessions_command
@@ -23,5 +24,6 @@ app.command("eval")(eval_command)
 app.command("info")(info_command)
 app.command("sessions")(sessions_command)
 app.add_typer(models_app, name="models")
+app.add_typer(cache_app, name="cache")
 
 __all__ = ["app", "parse_tokens"]

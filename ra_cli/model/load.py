@@ -202,7 +202,7 @@ def _lean_model(source: _Source, weight_format: WeightFormat, dtype, device):
     if not pack.is_file():
         with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}"):
             if not pack.is_file():
-                write_pack(source.location, pack, weight_format, dtype, cache_dtype)
+                write_pack(source.location, source.name, pack, weight_format, dtype, cache_dtype)
     return read_pack(pack, dtype, cache_dtype, device)
 
 
