@@ -38,7 +38,9 @@ def cache_clear(
     older_than: Optional[float] = typer.Option(None, "--older-than", min=0, help="Only what has not changed for this many days."),
     as_json: bool = opt.Json,
 ):
-    """Remove cached contexts, converted models or fetched models; never a context saved with --save."""
+    """Remove cached contexts, converted models or fetched models; never a context saved with --save.
+
+    A conversation saved with /save over a removed context cannot be resumed."""
     from ra_cli.cached import CONTEXT, CONVERTED, DOWNLOAD, LEFTOVER, PACKED, cached_items, older_than as older, remove
     from ra_cli.ui import status, warn
 
