@@ -64,6 +64,9 @@ def remove(items: list[Cached]) -> tuple[list[Cached], list[Cached]]:
     is held) is left alone."""
     removed, busy = [], []
     for item in items:
+        if item.kind == LEFTOVER and _writer_alive(item.path):
+            busy.append(item)
+            continue
         with try_exclusive(_lock_of(item.path)) as held:
             if not held:
                 busy.append(item)
@@ -84,6 +87,21 @@ def older_than(items: list[Cached], days: float) -> list[Cached]:
 
 def _entries(folder: Path, pattern: str) -> list[Path]:
     return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process that is writing a staging file (NAME.tmpPID: ra's writers put their
+    process id there) still runs: then the file is a write in progress, not a leftover."""
+    pid = path.name.rpartition(".tmp")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
 
 
 def _lock_of(path: Path) -> Path:

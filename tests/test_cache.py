@@ -40,7 +40,8 @@ def cache(tmp_path, monkeypatch):
     save_file({"w": torch.zeros(4)}, str(models / "packed" / "new.safetensors"),
               metadata={"layout_version": "3", "source": "tiny.gguf", "weights": "bfloat16+int4"})
     save_file({"w": torch.zeros(4)}, str(models / "packed" / "old.safetensors"))
-    (models / "packed" / "new.safetensors.tmp999").write_bytes(b"x" * 7)
+    (models / "packed" / "new.safetensors.tmp999999999").write_bytes(b"x" * 7)  # no such process: a leftover
+    (models / "packed" / f"other.safetensors.tmp{os.getpid()}").write_bytes(b"x" * 5)  # a live writer's
     (models / "downloads").mkdir()
     (models / "downloads" / "named.gguf").write_bytes(b"g" * 300)
     return root
@@ -63,11 +64,12 @@ def test_the_cache_is_listed_with_what_each_item_holds_and_its_size(cache):
         ("packed weights", "bfloat16+int4", "tiny.gguf"): pack_bytes,
         ("packed weights", "packed (older layout: unused)", ""): (cache / "models" / "packed" / "old.safetensors").stat().st_size,
         ("fetched model", "GGUF", "named.gguf"): 300,
-        ("unfinished write", "new.safetensors.tmp999", ""): 7,
+        ("unfinished write", "new.safetensors.tmp999999999", ""): 7,
+        ("unfinished write", f"other.safetensors.tmp{os.getpid()}", ""): 5,
     }
     assert found["bytes"] == sum(rows.values()) and found["root"] == str(cache)
     table = CliRunner().invoke(app, ["cache"], env={"COLUMNS": "200"})
-    assert "book.pdf (12,345 tokens)" in table.stdout and "7 item(s)" in table.stdout
+    assert "book.pdf (12,345 tokens)" in table.stdout and "8 item(s)" in table.stdout
 
 
 def test_clear_removes_only_what_is_asked_for(cache):
@@ -75,14 +77,18 @@ def test_clear_removes_only_what_is_asked_for(cache):
     assert result.exit_code == 2 and "say what to clear" in result.output
     result = CliRunner().invoke(app, ["cache", "clear", "--contexts", "--json"])
     assert result.exit_code == 0, result.output
-    assert {item["kind"] for item in json.loads(result.stdout)["removed"]} == {"context", "unfinished write"}
+    report = json.loads(result.stdout)
+    assert {item["kind"] for item in report["removed"]} == {"context", "unfinished write"}
+    assert [item["name"] for item in report["kept_in_use"]] == [f"other.safetensors.tmp{os.getpid()}"]  # being written
     assert not any((cache / "contexts").iterdir())  # lock files too
-    assert {item["kind"] for item in listing()["items"]} == {"converted model", "packed weights", "fetched model"}
+    assert {item["kind"] for item in listing()["items"]} == {"converted model", "packed weights", "fetched model",
+                                                             "unfinished write"}
     CliRunner().invoke(app, ["cache", "clear", "--models"])
-    assert [item["kind"] for item in listing()["items"]] == ["fetched model"]
+    assert [item["kind"] for item in listing()["items"]] == ["fetched model", "unfinished write"]
     result = CliRunner().invoke(app, ["cache", "clear", "--all"])
     assert result.exit_code == 0 and "removed 1 item(s), 300 B freed" in result.output
-    assert listing()["items"] == [] and not (cache / "models" / "downloads" / "named.gguf").exists()
+    assert [item["kind"] for item in listing()["items"]] == ["unfinished write"]
+    assert not (cache / "models" / "downloads" / "named.gguf").exists()
 
 
 def test_clear_older_than_keeps_what_changed_recently(cache):
@@ -104,7 +110,8 @@ def test_clear_keeps_a_context_another_process_is_writing(cache):
         assert holder.stdout.readline().strip() == "held"
         result = CliRunner().invoke(app, ["cache", "clear", "--contexts", "--json"])
         report = json.loads(result.stdout)
-        assert [item["name"] for item in report["kept_in_use"]] == ["book.pdf (12,345 tokens)"]
+        assert [item["name"] for item in report["kept_in_use"]] == ["book.pdf (12,345 tokens)",
+                                                                    f"other.safetensors.tmp{os.getpid()}"]
         assert "another ra process is writing it" in result.stderr
         assert (cache / "contexts" / "book-0123456789abcdef.idx" / "kv.bin").exists()
     finally:
