@@ -32,7 +32,7 @@ def cache_list(ctx: typer.Context, as_json: bool = opt.Json):
 @cache_app.command("clear")
 def cache_clear(
     contexts: bool = typer.Option(False, "--contexts", help="Contexts `ra chat DOCUMENT` saved (made again on the next chat)."),
-    models: bool = typer.Option(False, "--models", help="Converted models and packed weights (made again on next use, seconds)."),
+    models: bool = typer.Option(False, "--models", help="Converted models and packed weights (made again on next use: a minute at most)."),
     downloads: bool = typer.Option(False, "--downloads", help="Fetched models (`ra models fetch` needs the network again)."),
     everything: bool = typer.Option(False, "--all", help="All of the above."),
     older_than: Optional[float] = typer.Option(None, "--older-than", min=0, help="Only what has not changed for this many days."),
