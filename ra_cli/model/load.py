@@ -195,13 +195,16 @@ def _lean_model(source: _Source, weight_format: WeightFormat, dtype, device):
 
     from ra_cli.files import exclusive
     from ra_cli.paths import models_dir
+    from ra_cli.ui import status
 
     cache_dtype = torch.float32 if device.type == "cpu" else dtype
     key = json.dumps([source.weights_id, source.config_id, weight_format.value, dtype_name(dtype), LAYOUT_VERSION])
     pack = models_dir() / "packed" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
     if not pack.is_file():
-        with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}"):
+        with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}", status):
             if not pack.is_file():
+                status(f"packing the weights of {source.name} for this CPU once ({weight_format.value}; later "
+                       "starts load them in a moment)…")
                 write_pack(source.location, source.name, pack, weight_format, dtype, cache_dtype)
     return read_pack(pack, dtype, cache_dtype, device)
 
