@@ -42,7 +42,7 @@ class Cached:
 
 
 def cached_items() -> list[Cached]:
-    """Everything in the cache directory that ra made, largest kinds first, newest first within."""
+    """Everything in the cache directory that ra made: contexts, then models, newest first within a kind."""
     items = []
     for path in _entries(contexts_dir(), "*.idx"):
         items.append(_item(CONTEXT, *_context_names(path), path))
