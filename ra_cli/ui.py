@@ -124,3 +124,11 @@ def report(message: str) -> None:
     """One line on stderr: `error: ...`. Text, not markup: file names like "notes[draft].pdf"
     must print as they are."""
     stderr.print(Text.assemble(("error:", "bold red"), " ", message.replace("\n", " ")), soft_wrap=True)
+
+
+def byte_size(count: float) -> str:
+    """1,234 B, 12.3 MiB, 3.9 GiB: sizes as `ra info` and `ra cache` print them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024

@@ -42,7 +42,7 @@ def cache_clear(
 
     A conversation saved with /save over a removed context cannot be resumed."""
     from ra_cli.cached import CONTEXT, CONVERTED, DOWNLOAD, LEFTOVER, PACKED, cached_items, older_than as older, remove
-    from ra_cli.ui import status, warn
+    from ra_cli.ui import byte_size, status, warn
 
     kinds = ({CONTEXT} if contexts or everything else set()) | ({CONVERTED, PACKED} if models or everything else set()) \
         | ({DOWNLOAD} if downloads or everything else set())
@@ -59,7 +59,7 @@ def cache_clear(
         print(json.dumps({"removed": [item.as_dict() for item in removed], "kept_in_use": [item.as_dict() for item in busy],
                           "bytes_freed": freed}))
         return
-    status(f"removed {len(removed)} item(s), {_size(freed)} freed" if removed else "nothing to remove")
+    status(f"removed {len(removed)} item(s), {byte_size(freed)} freed" if removed else "nothing to remove")
 
 
 def _print_table(items, title: str) -> None:
@@ -68,23 +68,14 @@ def _print_table(items, title: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ra_cli.ui import stdout
+    from ra_cli.ui import byte_size, stdout
 
     table = Table(title=Text(title), title_justify="left")
     for column in ("kind", "what", "model", "size", "changed"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for item in items:
         changed = datetime.datetime.fromtimestamp(item.modified).strftime("%Y-%m-%d %H:%M")
-        table.add_row(item.kind, Text(item.name), Text(item.model), _size(item.bytes), changed)
+        table.add_row(item.kind, Text(item.name), Text(item.model), byte_size(item.bytes), changed)
     stdout.print(table)
-    stdout.print(f"{len(items)} item(s), {_size(sum(item.bytes for item in items))}; "
+    stdout.print(f"{len(items)} item(s), {byte_size(sum(item.bytes for item in items))}; "
                  "`ra cache clear --contexts/--models/--downloads/--all [--older-than DAYS]` removes them", markup=False)
-
-
-def _size(count: float) -> str:
-    unit = "B"
-    for bigger in ("KB", "MB", "GB"):
-        if count < 1000:
-            break
-        count, unit = count / 1000, bigger
-    return f"{count:,.0f} B" if unit == "B" else f"{count:,.1f} {unit}"

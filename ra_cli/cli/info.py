@@ -44,7 +44,7 @@ def print_summary(summary: dict) -> None:
     from rich.text import Text
 
     from ra_cli.document import citation_unit, extent
-    from ra_cli.ui import stdout
+    from ra_cli.ui import byte_size, stdout
 
     document, index = summary["document"], summary.get("index")
     parts = document.get("parts") if isinstance(document.get("parts"), list) else []
@@ -60,11 +60,11 @@ def print_summary(summary: dict) -> None:
         ("tokens", f"{summary['tokens']:,}"),
         ("model", f"{summary['model']} ({summary['model_dtype']}; {summary['layers']} layers, {summary['heads']} query / "
                   f"{summary['kv_heads']} KV heads, head dim {summary['head_dim']})"),
-        ("KV", f"{summary['kv_dtype']}, {_size(summary['kv_bytes'])}"),
+        ("KV", f"{summary['kv_dtype']}, {byte_size(summary['kv_bytes'])}"),
     ]
     if index:
         rows += [
-            ("index", f"{index['kind']}, {_size(index['bytes'])}: keys {index['lo']:,}..{index['hi']:,} indexed, "
+            ("index", f"{index['kind']}, {byte_size(index['bytes'])}: keys {index['lo']:,}..{index['hi']:,} indexed, "
                       f"{index['sinks']} sinks and {summary['tokens'] - index['hi']:,} recent tokens kept whole"),
             ("budgets", ", ".join(f"{k}×{n}" for k, n in sorted(index["budget_counts"].items(), key=lambda kv: int(kv[0])))
              + " layers (top-k per layer, coverage 0.97)"),
@@ -72,7 +72,7 @@ def print_summary(summary: dict) -> None:
         ]
     else:
         rows.append(("index", "none (full attention only)"))
-    rows += [("on disk", _size(summary["bytes"])), ("created", summary.get("created", "?")),
+    rows += [("on disk", byte_size(summary["bytes"])), ("created", summary.get("created", "?")),
              ("ingest", f"{summary['ingest'].get('prefill', '?')} prefill in {summary['ingest'].get('seconds', 0):.1f} s"),
              ("checked", ("every file's full sha256" if summary["verified"]["full_sha256"] else
                           "sizes and sampled digests (--verify hashes everything)")
@@ -80,13 +80,6 @@ def print_summary(summary: dict) -> None:
     for key, value in rows:
         table.add_row(key, Text(value))  # Text: names like "notes[draft].pdf" are not markup
     stdout.print(table)
-
-
-def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
-        count /= 1024
 
 
 def sessions_command(as_json: bool = opt.Json):
