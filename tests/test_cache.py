@@ -89,6 +89,9 @@ def test_clear_removes_only_what_is_asked_for(cache):
     assert result.exit_code == 0 and "removed 1 item(s), 300 B freed" in result.output
     assert [item["kind"] for item in listing()["items"]] == ["unfinished write"]
     assert not (cache / "models" / "downloads" / "named.gguf").exists()
+    (cache / "models" / "packed" / f"other.safetensors.tmp{os.getpid()}").unlink()
+    result = CliRunner().invoke(app, ["cache"])
+    assert result.exit_code == 0 and "ra's cache is empty" in result.stderr and result.stdout == ""
 
 
 def test_clear_older_than_keeps_what_changed_recently(cache):

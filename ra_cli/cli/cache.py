@@ -26,6 +26,11 @@ def cache_list(ctx: typer.Context, as_json: bool = opt.Json):
         print(json.dumps({"root": str(cache_root()), "items": [item.as_dict() for item in items],
                           "bytes": sum(item.bytes for item in items)}))
         return
+    if not items:
+        from ra_cli.ui import status
+
+        status(f"ra's cache is empty ({cache_root()})")
+        return
     _print_table(items, f"ra's cache: {cache_root()}")
 
 
