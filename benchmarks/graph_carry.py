@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ra_cli.bench.recall import EF_SWEEP, K, evaluations_at
+from ra_cli.bench.recall import EF_SWEEP, K, HeadsAlone, evaluations_at
 from ra_cli.index import IndexParams
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.index.graph import RECENT_ENTRIES, GraphLayerIndex, build_graph_layer
@@ -44,23 +44,6 @@ def load(work: Path, layer: int):
     return keys, decode, index, FlatLayerIndex(keys).search(decode, K).ids
 
 
-def step_search(index, queries, ef, extra, alone: bool, kv_heads: int):
-    """One decode step [H, 1, D]: lockstep (a KV head's query heads together), or each query head
-    alone (groups of one), each with its own extra entry points [H, X]."""
-    if not alone:
-        result = index.search(queries, K, ef, extra=extra)
-        return result.ids, result.evaluations
-    groups = queries.shape[0] // kv_heads
-    ids = np.empty((queries.shape[0], 1, K), np.int64)
-    evaluations = np.empty((queries.shape[0], 1))
-    for j in range(groups):  # head g * groups + j is row g of search j
-        rows = slice(j, None, groups)
-        result = index.search(np.ascontiguousarray(queries[rows]), K, ef,
-                              extra=None if extra is None else np.ascontiguousarray(extra[rows]))
-        ids[rows], evaluations[rows] = result.ids, result.evaluations
-    return ids, evaluations
-
-
 def overlap(work: Path, layers: list[int]) -> None:
     for layer in layers:
         keys = np.load(work / f"keys_{layer:03d}.npy")
@@ -75,7 +58,7 @@ def carry(work: Path, layers: list[int]) -> None:
     for layer in layers:
         keys, decode, index, truth = load(work, layer)
         heads = decode.shape[0]
-        for protocol in ("heads_alone", "lockstep"):
+        for protocol, searcher in (("heads_alone", HeadsAlone(index, keys.shape[0])), ("lockstep", index)):
             for name, width in CARRIED.items():
                 curve = []
                 for ef in EF_SWEEP:
@@ -83,11 +66,10 @@ def carry(work: Path, layers: list[int]) -> None:
                     for t in range(decode.shape[1]):
                         extra = None if not width or previous is None else np.ascontiguousarray(previous[:, 0, :width],
                                                                                                 dtype=np.int32)
-                        ids, evals = step_search(index, np.ascontiguousarray(decode[:, t:t + 1]), ef, extra,
-                                                 protocol == "heads_alone", keys.shape[0])
-                        previous = ids
+                        result = searcher.search(np.ascontiguousarray(decode[:, t:t + 1]), K, ef, extra)
+                        previous = ids = result.ids
                         hits += sum(len(np.intersect1d(ids[h, 0], truth[h, t])) for h in range(heads))
-                        evaluations += evals.sum()
+                        evaluations += result.evaluations.sum()
                     steps = heads * decode.shape[1]
                     curve.append({"ef": ef, "recall": hits / (steps * K), "evaluations": evaluations / steps})
                 found = evaluations_at(0.95, curve)

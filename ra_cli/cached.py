@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ra_cli.files import try_exclusive
+from ra_cli.files import lock_file, try_exclusive
 from ra_cli.paths import contexts_dir, models_dir
 
 CONTEXT = "context"
@@ -67,7 +67,7 @@ def remove(items: list[Cached]) -> tuple[list[Cached], list[Cached]]:
         if item.kind == LEFTOVER and _writer_alive(item.path):
             busy.append(item)
             continue
-        with try_exclusive(_lock_of(item.path)) as held:
+        with try_exclusive(item.path) as held:
             if not held:
                 busy.append(item)
                 continue
@@ -75,7 +75,7 @@ def remove(items: list[Cached]) -> tuple[list[Cached], list[Cached]]:
                 shutil.rmtree(item.path, ignore_errors=True)
             else:
                 item.path.unlink(missing_ok=True)
-        _lock_of(item.path).unlink(missing_ok=True)  # an empty file; a lock dies with its process
+        lock_file(item.path).unlink(missing_ok=True)  # an empty file; a lock dies with its process
         removed.append(item)
     return removed, busy
 
@@ -102,11 +102,6 @@ def _writer_alive(path: Path) -> bool:
     except OSError:
         return True  # it exists, under another user
     return True
-
-
-def _lock_of(path: Path) -> Path:
-    # the lock files ra's writers take: CONTEXT.idx.lock, gguf-….lock, PACK.lock, MODEL.gguf.lock
-    return path.with_suffix(".lock") if path.suffix == ".safetensors" else path.with_name(path.name + ".lock")
 
 
 def _item(kind: str, name: str, model: str, path: Path) -> Cached:

@@ -48,15 +48,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def lock_file(target: Path) -> Path:
+    """The lock ra's writers take for a file or folder they write: TARGET.lock beside it."""
+    return target.with_name(target.name + ".lock")
+
+
 @contextlib.contextmanager
-def exclusive(lock_file: Path, doing: str, on_wait=None):
-    """Hold an exclusive lock on `lock_file` for the block: a second ra process that wants it says
-    so through `on_wait` and waits (Ctrl-C stops the wait). The lock is the OS's (flock): it dies
-    with its process, so a killed process leaves no stale lock behind — only the empty file."""
+def exclusive(target: Path, doing: str, on_wait=None):
+    """Hold the exclusive lock on `target` (`lock_file`) for the block: a second ra process that
+    wants it says so through `on_wait` and waits (Ctrl-C stops the wait). The lock is the OS's
+    (flock): it dies with its process, so a killed process leaves no stale lock behind — only the
+    empty file."""
     from filelock import FileLock, Timeout
 
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_file))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file(target)))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -70,15 +76,15 @@ def exclusive(lock_file: Path, doing: str, on_wait=None):
 
 
 @contextlib.contextmanager
-def try_exclusive(lock_file: Path):
-    """The lock of `exclusive` if no other process holds it: yields True (held for the block) or
-    False (another process holds it; nothing to undo)."""
+def try_exclusive(target: Path):
+    """The lock of `exclusive` on `target` if no other process holds it: yields True (held for the
+    block) or False (another process holds it; nothing to undo)."""
     from filelock import FileLock, Timeout
 
-    if not lock_file.parent.is_dir():
+    if not target.parent.is_dir():
         yield True  # nothing was ever locked there
         return
-    lock = FileLock(str(lock_file))
+    lock = FileLock(str(lock_file(target)))
     try:
         lock.acquire(timeout=0)
     except Timeout:

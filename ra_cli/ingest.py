@@ -159,7 +159,7 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
     if options.chunk_size < 1:
         raise RaError("--chunk-size must be at least 1")
     out = Path(out)
-    with exclusive(out.with_name(out.name + ".lock"), f"writing {out.name}", on_notice):
+    with exclusive(out, f"writing {out.name}", on_notice):
         done = _complete_with(out, header, len(tokens))
         if done is not None:
             return done

@@ -411,7 +411,8 @@ def test_a_pack_reads_back_its_model_and_replaces_packs_of_another_layout(tmp_pa
     save_file({"x": torch.zeros(1)}, str(packs / "current.safetensors"), metadata={"layout_version": str(LAYOUT_VERSION)})
     (packs / "unreadable.safetensors").write_bytes(b"not a pack")
     pack = packs / "model.safetensors"
-    write_pack(str(tmp_path / "model"), "tiny llama", pack, WeightFormat.dense, torch.float32, torch.float32)
+    write_pack(str(tmp_path / "model"), pack, WeightFormat.dense, torch.float32, torch.float32,
+               {"source": "tiny llama", "weights": "float32+dense"})
     assert sorted(p.name for p in packs.iterdir()) == ["current.safetensors", "model.safetensors", "unreadable.safetensors"]
     loaded, eos = read_pack(pack, torch.float32, torch.float32, torch.device("cpu"))
     assert eos == [5, 7]

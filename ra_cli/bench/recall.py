@@ -104,9 +104,12 @@ class HeadsAlone:
     def __init__(self, index, kv_heads: int):
         self.index, self.kv_heads = index, kv_heads
 
-    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None, extra: np.ndarray | None = None) -> SearchResult:
+        """extra [H, X]: each query head's own extra entry points (as the index's search takes them)."""
         groups = queries.shape[0] // self.kv_heads
-        results = [self.index.search(np.ascontiguousarray(queries[j::groups]), k, ef) for j in range(groups)]
+        results = [self.index.search(np.ascontiguousarray(queries[j::groups]), k, ef,
+                                     None if extra is None else np.ascontiguousarray(extra[j::groups]))
+                   for j in range(groups)]
         fields = []
         for name in ("ids", "scores", "evaluations"):
             parts = [getattr(result, name) for result in results]

@@ -49,8 +49,8 @@ def cache_clear(
     from ra_cli.cached import CONTEXT, CONVERTED, DOWNLOAD, LEFTOVER, PACKED, cached_items, older_than as older, remove
     from ra_cli.ui import byte_size, status, warn
 
-    kinds = ({CONTEXT} if contexts or everything else set()) | ({CONVERTED, PACKED} if models or everything else set()) \
-        | ({DOWNLOAD} if downloads or everything else set())
+    asked = {(CONTEXT,): contexts, (CONVERTED, PACKED): models, (DOWNLOAD,): downloads}
+    kinds = {kind for group, wanted in asked.items() if wanted or everything for kind in group}
     if not kinds:
         raise typer.BadParameter("say what to clear: --contexts, --models, --downloads or --all")
     chosen = [item for item in cached_items() if item.kind in kinds or item.kind == LEFTOVER]

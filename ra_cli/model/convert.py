@@ -47,7 +47,7 @@ def converted_gguf(gguf: Path) -> tuple[Path, dict]:
     converted = models_dir() / f"gguf-{digest[:24]}-v{CONVERSION_VERSION}"
     record = converted / "ra-fingerprint.json"
     if not record.is_file():
-        with exclusive(converted.with_name(converted.name + ".lock"), f"converting {gguf.name}", status):
+        with exclusive(converted, f"converting {gguf.name}", status):
             if not record.is_file():  # the other process may have finished it meanwhile
                 _convert(gguf, converted, digest)
     return converted, json.loads(record.read_text())

@@ -31,7 +31,7 @@ def fetch(name: str, status=print) -> Path:
         status(f"{name} is already fetched and verified: {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(target.with_name(target.name + ".lock"), f"fetching {name}", status):
+    with exclusive(target, f"fetching {name}", status):
         if target.is_file() and _digest(target) == named.sha256:
             status(f"{name} was fetched by another ra process: {target}")
             return target

@@ -148,14 +148,14 @@ class _Source:
 
 def _open_source(spec: ModelSpec) -> _Source:
     """Config, tokenizer and identity of a model, its weights not loaded yet."""
-    from transformers import AutoConfig, AutoTokenizer
-
     if spec.kind == "gguf":
         converted, record = converted_gguf(spec.path)  # dequantized once to float32: exact for every format
         # Files ra wrote itself: read without transformers' config classes (see model/pack.py).
         config = PlainConfig(json.loads((converted / "config.json").read_text()))
         return _Source(spec.path.name, str(converted), record["weights_id"], config, record["config_sha256"],
                        _saved_tokenizer(converted))
+    from transformers import AutoConfig, AutoTokenizer
+
     location = str(spec.path) if spec.kind == "dir" else spec.hub_id
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=spec.kind == "hub")
@@ -201,11 +201,12 @@ def _lean_model(source: _Source, weight_format: WeightFormat, dtype, device):
     key = json.dumps([source.weights_id, source.config_id, weight_format.value, dtype_name(dtype), LAYOUT_VERSION])
     pack = models_dir() / "packed" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
     if not pack.is_file():
-        with exclusive(pack.with_suffix(".lock"), f"packing the weights of {source.name}", status):
+        with exclusive(pack, f"packing the weights of {source.name}", status):
             if not pack.is_file():
                 status(f"packing the weights of {source.name} for this CPU once ({weight_format.value}; later "
                        "starts load them in a moment)…")
-                write_pack(source.location, source.name, pack, weight_format, dtype, cache_dtype)
+                write_pack(source.location, pack, weight_format, dtype, cache_dtype,
+                           {"source": source.name, "weights": f"{dtype_name(dtype)}+{weight_format.value}"})
     return read_pack(pack, dtype, cache_dtype, device)
 
 

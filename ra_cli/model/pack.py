@@ -52,9 +52,9 @@ class LeanModel:
     ra_lean: object  # engine.forward.LeanDecoder (generate._forward runs it)
 
 
-def write_pack(location: str, name: str, pack: Path, weight_format, dtype, cache_dtype) -> None:
-    """Pack the model at `location` (a transformers directory or cached hub id; `name` says which
-    model it is to `ra cache`) into `pack`."""
+def write_pack(location: str, pack: Path, weight_format, dtype, cache_dtype, about: dict[str, str]) -> None:
+    """Pack the model at `location` (a transformers directory or cached hub id) into `pack`;
+    `about` ({"source": model name, "weights": format}) is what `ra cache` shows of it."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -68,8 +68,7 @@ def write_pack(location: str, name: str, pack: Path, weight_format, dtype, cache
         generation = model.generation_config  # the config's defaults
     lean = LeanDecoder.from_model(model, weight_format, dtype, cache_dtype)
     metadata = {"config": json.dumps(model.config.to_dict(), default=str),
-                "eos_token_id": json.dumps(generation.eos_token_id), "layout_version": str(LAYOUT_VERSION),
-                "source": name, "weights": f"{str(dtype).removeprefix('torch.')}+{weight_format.value}"}
+                "eos_token_id": json.dumps(generation.eos_token_id), "layout_version": str(LAYOUT_VERSION), **about}
     staging = pack.with_name(f"{pack.name}.tmp{os.getpid()}")
     save_file(lean.state(), str(staging), metadata=metadata)
     os.replace(staging, pack)
