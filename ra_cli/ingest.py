@@ -176,16 +176,27 @@ def _complete_with(out: Path, header: dict, n: int) -> IngestResult | None:
     return IngestResult(out, n, n, 0, 0.0) if same else None
 
 
+def kv_in_store(loaded: LoadedModel, kv_dtype: str) -> bool:
+    """Whether the prefill's cache can be the store's memory map itself: on a CPU, when the store
+    keeps the KV in the dtype the model makes it in. KV is then held once, not also as float32
+    copies (5.6 GiB at 128K tokens for the embedded model), and widened exactly where attention
+    reads it — what is stored and indexed is the same either way (tested)."""
+    return loaded.device.type == "cpu" and kv_dtype == dtype_name(loaded.dtype)
+
+
 def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lines: list[int] | None, header: dict,
                    out: Path, options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
     kv_dtype = header["params"]["kv_dtype"]
     shapes = layer_shapes(loaded.model.config)
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype, lines)
     n = len(tokens)
-    # float32 copies on a CPU: the collector ranks prefill queries against these keys exactly
+    # float32 on a CPU: the collector ranks prefill queries against these keys exactly
     cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
-    for layer in cache.layers:
+    in_store = kv_in_store(loaded, kv_dtype)
+    for index, layer in enumerate(cache.layers):
         layer.kernels = False  # a resumed ingest stores exactly what an uninterrupted one does
+        if in_store:
+            layer.adopt(*writer.kv_tensors(index), writer.tokens_done, loaded.cache_dtype)
     mode = options.prefill_mode(n, loaded.device)
     if mode == "sparse":
         cache.use_sparse_prefill(sparse_policy(options))
@@ -197,7 +208,7 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
                                      shape["kv_heads"], shape["head_dim"], options.index, resume=start > 0)
         for layer in cache.layers:
             layer.observer = collector.observe
-    if start:
+    if start and not in_store:
         for index, layer in enumerate(cache.layers):
             keys = kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.cache_dtype)[None]
             values = kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.cache_dtype)[None]
@@ -216,7 +227,7 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
         while start < n:
             end = min(n, start + options.chunk_size)
             prefill(loaded.model, cache, tokens[start:end], want_logits=False)
-            for index, layer in enumerate(cache.layers):
+            for index, layer in enumerate(cache.layers if not in_store else ()):
                 writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], kv_dtype),
                              kv_to_numpy(layer.values[0, :, start:end], kv_dtype))
             start = end

@@ -176,6 +176,18 @@ class StoreWriter:
         self.keys[layer][:, start:end] = keys
         self.values[layer][:, start:end] = values
 
+    def kv_tensors(self, layer: int):
+        """The layer's KV files as writable torch views [1, kv_heads, n_tokens, head_dim] in the
+        store's dtype (bfloat16 from its bits): a prefill can write its KV here directly."""
+        import torch
+
+        def view(array):
+            if self.kv_dtype == "bfloat16":
+                return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)[None]
+            return torch.from_numpy(array)[None]
+
+        return view(self.keys[layer]), view(self.values[layer])
+
     def commit(self, tokens_done: int) -> None:
         """Record that every layer holds tokens [0, tokens_done): after a crash, resume from there."""
         for array in (*self.keys, *self.values):

@@ -4,6 +4,7 @@ everything, and the graph's training lists drawn from the attended keys."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import LIGHTHOUSE
@@ -92,3 +93,30 @@ def test_sparse_ingest_with_a_full_budget_stores_exactly_the_full_prefill(tmp_pa
     c = ContextStore.open(narrow.path)
     assert not np.array_equal(np.asarray(a.keys(29)), np.asarray(c.keys(29)))  # a narrow budget really is sparse
     np.testing.assert_array_equal(np.asarray(a.keys(29))[:, :128], np.asarray(c.keys(29))[:, :128])  # not before it starts
+
+
+@pytest.mark.parametrize("prefill", ["full", "sparse"])
+def test_an_ingest_holding_its_kv_in_the_store_stores_and_indexes_exactly_what_a_float32_cache_does(
+        tmp_path, loaded_fast, monkeypatch, prefill):
+    """The default CPU model (bf16 KV): the store's bf16 KV, widened where attention reads it,
+    gives the bits a float32 copy of it gave — KV and every index file."""
+    from ra_cli import ingest as ingest_module
+    from ra_cli.document import load_document
+    from ra_cli.ingest import IngestOptions, ingest
+    from ra_cli.store import ContextStore
+
+    path = tmp_path / "doc.txt"
+    path.write_text(LIGHTHOUSE * 8)
+    monkeypatch.setattr(ingest_module, "sparse_policy", lambda options: SparsePrefill(sinks=32, window=64, block=16,
+                                                                                      blocks=2, sub_chunk=16))
+    options = IngestOptions(chunk_size=64, prefill=prefill)
+    loaded = loaded_fast
+    assert ingest_module.kv_in_store(loaded, "bfloat16")
+    in_store = ingest(loaded, load_document(path), tmp_path / "store.idx", options)
+    monkeypatch.setattr(ingest_module, "kv_in_store", lambda loaded, kv_dtype: False)
+    copied = ingest(loaded, load_document(path), tmp_path / "copy.idx", options)
+    a, b = ContextStore.open(in_store.path), ContextStore.open(copied.path)
+    assert a.manifest["ingest"]["prefill"] == prefill and a.n_tokens > 256
+    digests = {name: entry["sha256"] for name, entry in a.manifest["files"].items()}
+    assert digests == {name: entry["sha256"] for name, entry in b.manifest["files"].items()}
+    assert any(name.startswith("index/graph_") for name in digests) and any(name.startswith("kv/") for name in digests)

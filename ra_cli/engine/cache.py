@@ -83,6 +83,9 @@ class DeviceKVLayer(AttentionLayer):
         # on the build: a kernel compiled afresh and one loaded from numba's cache can round
         # differently (measured: 1e-7), and a resumed ingest must store exactly what an uninterrupted one does
         self.kernels = True
+        # dtype attention computes in when the buffers hold a narrower one (an ingest's KV kept in
+        # the store's bf16 memory map): keys and values are widened, exactly, before they are used
+        self.compute_dtype = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -110,6 +113,19 @@ class DeviceKVLayer(AttentionLayer):
         self.lazy_initialization(keys, values)
         self.update(keys, values)
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int, compute_dtype) -> None:
+        """Use `keys`/`values` [B,KVH,capacity,D] (views of a store's memory map) as this layer's
+        buffers, their first `length` tokens already written: new tokens are written into them,
+        and attention widens them to `compute_dtype`. An ingest keeps its KV once, in the store,
+        instead of also in a float32 copy twice its size."""
+        self.device = keys.device
+        self.keys, self.values, self.length = keys, values, length
+        self.compute_dtype = compute_dtype
+        self.is_initialized = True
+
+    def _widened(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.compute_dtype is None else tensor.to(self.compute_dtype)
+
     def attend(self, query, scaling, sliding_window=None, softcap=None):
         q_offset = self.length - query.shape[2]
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
@@ -120,6 +136,7 @@ class DeviceKVLayer(AttentionLayer):
             keys, values = keys[:, :, kv_offset:], values[:, :, kv_offset:]
         began = time.perf_counter()
         if self.sparse is not None and query.shape[2] > SMALL_QUERY and kv_offset == 0 and softcap is None:
+            # the chunk's selection is widened, not the whole cache: linear work per chunk
             out, positions = sparse_chunk_attention(query, keys, values, scaling, q_offset, self.block_means, self.sparse)
             if out is not None:
                 if self.observer is not None:
@@ -127,6 +144,7 @@ class DeviceKVLayer(AttentionLayer):
                 if self.timer is not None:
                     self.timer.seconds += time.perf_counter() - began
                 return out
+        keys, values = self._widened(keys), self._widened(values)
         if self.observer is not None:
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
         out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap,

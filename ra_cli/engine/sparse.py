@@ -92,8 +92,9 @@ def sparse_chunk_attention(query, keys, values, scaling: float, q_offset: int, m
     tail = torch.arange(last_block * config.block, q_offset + count, device=device).expand(kv_heads, -1)
     index = torch.cat([head, picked, tail], dim=1)  # [KVH, L], ascending
     gather = index[None, :, :, None]
-    chosen_keys = torch.gather(keys, 2, gather.expand(1, -1, -1, keys.shape[3]))
-    chosen_values = torch.gather(values, 2, gather.expand(1, -1, -1, values.shape[3]))
+    # in the query's dtype: KV held narrower (an ingest's bf16 store) is widened exactly, and only the selection
+    chosen_keys = torch.gather(keys, 2, gather.expand(1, -1, -1, keys.shape[3])).to(query.dtype)
+    chosen_values = torch.gather(values, 2, gather.expand(1, -1, -1, values.shape[3])).to(query.dtype)
     # causal: head and chosen blocks precede every query; the tail is the same for every KV head
     query_positions = torch.arange(q_offset, q_offset + count, device=device)
     mask = index[0][None, :] <= query_positions[:, None]

@@ -119,6 +119,7 @@ class PrefillCollector:
             first, stop = np.searchsorted(row, [self.lo, self.hi])
             index = attended[:, first:stop]
             candidates = torch.gather(keys, 1, index[:, :, None].expand(-1, -1, keys.shape[2]).to(keys.device))
+            candidates = candidates.to(query.dtype)  # a sparse chunk's keys may be held narrower (bf16 store)
             visible = np.searchsorted(row[first:stop], self.positions[begin:end], side="right")
         take = min(self.params.list_size, candidates.shape[1])
         rows = grouped_rows(sampled, self.kv_heads)  # [KVH, G*s, D]
