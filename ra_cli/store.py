@@ -35,7 +35,6 @@ PROGRESS = "progress.json"
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
-
 def numpy_storage_dtype(dtype_name: str):
     try:
         return _NUMPY_DTYPES[dtype_name]
@@ -56,14 +55,16 @@ def kv_to_numpy(tensor, kv_dtype: str) -> np.ndarray:
 
 def kv_to_tensor(array: np.ndarray, kv_dtype: str, device, dtype):
     """Stored (possibly memory-mapped, read-only) KV -> a tensor of its own on `device`."""
+    return torch_view(np.array(array, copy=True), kv_dtype).to(device=device, dtype=dtype)
+
+
+def torch_view(array: np.ndarray, kv_dtype: str):
+    """A store's KV array as a torch tensor sharing its memory (bfloat16 from its bits)."""
     import torch
 
-    owned = np.array(array, copy=True)
     if kv_dtype == "bfloat16":
-        tensor = torch.from_numpy(owned.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = torch.from_numpy(owned)
-    return tensor.to(device=device, dtype=dtype)
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def host_kv(array: np.ndarray, kv_dtype: str) -> np.ndarray:
@@ -177,16 +178,8 @@ class StoreWriter:
         self.values[layer][:, start:end] = values
 
     def kv_tensors(self, layer: int):
-        """The layer's KV files as writable torch views [1, kv_heads, n_tokens, head_dim] in the
-        store's dtype (bfloat16 from its bits): a prefill can write its KV here directly."""
-        import torch
-
-        def view(array):
-            if self.kv_dtype == "bfloat16":
-                return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)[None]
-            return torch.from_numpy(array)[None]
-
-        return view(self.keys[layer]), view(self.values[layer])
+        """The layer's KV files as writable torch views [1, kv_heads, n_tokens, head_dim] (a prefill's cache)."""
+        return torch_view(self.keys[layer], self.kv_dtype)[None], torch_view(self.values[layer], self.kv_dtype)[None]
 
     def commit(self, tokens_done: int) -> None:
         """Record that every layer holds tokens [0, tokens_done): after a crash, resume from there."""
