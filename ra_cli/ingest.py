@@ -11,7 +11,7 @@ from typing import Callable
 
 from ra_cli.collection import load_collection
 from ra_cli.document import Document, load_document
-from ra_cli.engine.cache import ContextCache, layer_windows
+from ra_cli.engine.cache import ContextCache, WideningScratch, layer_windows
 from ra_cli.engine.generate import prefill
 from ra_cli.engine.sparse import SparsePrefill
 from ra_cli.errors import RaError
@@ -193,10 +193,11 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     # float32 on a CPU: the collector ranks prefill queries against these keys exactly
     cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
     in_store = kv_in_store(loaded, kv_dtype)
+    widening = WideningScratch(loaded.cache_dtype, n) if in_store else None
     for index, layer in enumerate(cache.layers):
         layer.kernels = False  # a resumed ingest stores exactly what an uninterrupted one does
         if in_store:
-            layer.adopt(*writer.kv_tensors(index), writer.tokens_done, loaded.cache_dtype)
+            layer.adopt(*writer.kv_tensors(index), writer.tokens_done, widening)
     mode = options.prefill_mode(n, loaded.device)
     if mode == "sparse":
         cache.use_sparse_prefill(sparse_policy(options))

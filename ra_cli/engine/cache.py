@@ -83,9 +83,9 @@ class DeviceKVLayer(AttentionLayer):
         # on the build: a kernel compiled afresh and one loaded from numba's cache can round
         # differently (measured: 1e-7), and a resumed ingest must store exactly what an uninterrupted one does
         self.kernels = True
-        # dtype attention computes in when the buffers hold a narrower one (an ingest's KV kept in
-        # the store's bf16 memory map): keys and values are widened, exactly, before they are used
-        self.compute_dtype = None
+        # an ingest's KV kept in the store's bf16 memory map: keys and values are widened, exactly,
+        # into a WideningScratch shared by the layers before attention reads them
+        self.widening = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -113,18 +113,15 @@ class DeviceKVLayer(AttentionLayer):
         self.lazy_initialization(keys, values)
         self.update(keys, values)
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int, compute_dtype) -> None:
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int, widening: "WideningScratch") -> None:
         """Use `keys`/`values` [B,KVH,capacity,D] (views of a store's memory map) as this layer's
         buffers, their first `length` tokens already written: new tokens are written into them,
-        and attention widens them to `compute_dtype`. An ingest keeps its KV once, in the store,
+        and attention reads them widened by `widening`. An ingest keeps its KV once, in the store,
         instead of also in a float32 copy twice its size."""
         self.device = keys.device
         self.keys, self.values, self.length = keys, values, length
-        self.compute_dtype = compute_dtype
+        self.widening = widening
         self.is_initialized = True
-
-    def _widened(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.compute_dtype is None else tensor.to(self.compute_dtype)
 
     def attend(self, query, scaling, sliding_window=None, softcap=None):
         q_offset = self.length - query.shape[2]
@@ -144,7 +141,8 @@ class DeviceKVLayer(AttentionLayer):
                 if self.timer is not None:
                     self.timer.seconds += time.perf_counter() - began
                 return out
-        keys, values = self._widened(keys), self._widened(values)
+        if self.widening is not None:
+            keys, values = self.widening.widen(keys, values)
         if self.observer is not None:
             self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling)
         out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap,
@@ -159,6 +157,29 @@ class DeviceKVLayer(AttentionLayer):
 
     def reset(self) -> None:
         self.length = 0
+
+
+class WideningScratch:
+    """float32 copies of one layer's KV at a time, for the layers of a cache whose buffers are
+    narrower (bf16): written into buffers kept from layer to layer, laid out as a float32 cache
+    buffer is, so the attention reading them computes exactly what it does over a float32 cache —
+    and fresh arrays per layer and chunk would page-fault their way in (measured: 1.5 s of an
+    83 s prefill at 16K)."""
+
+    def __init__(self, dtype, capacity: int):
+        self.dtype, self.capacity = dtype, capacity
+        self.keys = self.values = None
+
+    def widen(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [B, KVH, n, D] -> float32 views [B, KVH, n, D], valid until the next call."""
+        if self.keys is None or self.keys.shape[:2] != keys.shape[:2] or self.keys.shape[3] != keys.shape[3]:
+            shape = (*keys.shape[:2], self.capacity, keys.shape[3])
+            self.keys, self.values = keys.new_empty(shape, dtype=self.dtype), keys.new_empty(shape, dtype=self.dtype)
+        count = keys.shape[2]
+        wide_keys, wide_values = self.keys[:, :, :count], self.values[:, :, :count]
+        wide_keys.copy_(keys)
+        wide_values.copy_(values)
+        return wide_keys, wide_values
 
 
 class HostKVLayer(DeviceKVLayer):
