@@ -193,7 +193,8 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     # float32 on a CPU: the collector ranks prefill queries against these keys exactly
     cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
     in_store = kv_in_store(loaded, kv_dtype)
-    widening = WideningScratch(loaded.cache_dtype, n) if in_store else None
+    # bf16 KV read by float32 attention is widened; a float32 model's store is read as it is
+    widening = WideningScratch(loaded.cache_dtype, n) if in_store and loaded.cache_dtype != loaded.dtype else None
     for index, layer in enumerate(cache.layers):
         layer.kernels = False  # a resumed ingest stores exactly what an uninterrupted one does
         if in_store:

@@ -113,11 +113,11 @@ class DeviceKVLayer(AttentionLayer):
         self.lazy_initialization(keys, values)
         self.update(keys, values)
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int, widening: "WideningScratch") -> None:
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int, widening: "WideningScratch | None") -> None:
         """Use `keys`/`values` [B,KVH,capacity,D] (views of a store's memory map) as this layer's
         buffers, their first `length` tokens already written: new tokens are written into them,
-        and attention reads them widened by `widening`. An ingest keeps its KV once, in the store,
-        instead of also in a float32 copy twice its size."""
+        and attention reads them widened by `widening` (None: as they are). An ingest keeps its KV
+        once, in the store, instead of also in a float32 copy twice its size."""
         self.device = keys.device
         self.keys, self.values, self.length = keys, values, length
         self.widening = widening
