@@ -67,23 +67,6 @@ def torch_view(array: np.ndarray, kv_dtype: str):
     return torch.from_numpy(array)
 
 
-def host_kv(array: np.ndarray, kv_dtype: str) -> np.ndarray:
-    """Stored KV [KVH, n, D] as a RAM copy the numba kernels read: bfloat16 as its bits (uint16,
-    widened exactly in the kernels: half the bytes of float32), any other dtype as float32."""
-    if kv_dtype == "bfloat16":
-        return np.array(array, dtype=np.uint16)
-    return np.array(float32_keys(array, kv_dtype), dtype=np.float32)
-
-
-def as_host_dtype(array: np.ndarray, dtype) -> np.ndarray:
-    """float32 KV (e.g. evicted from the device window) in a host array's dtype (uint16: bf16 bits)."""
-    import torch
-
-    if dtype == np.uint16:
-        return kv_to_numpy(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), "bfloat16")
-    return np.asarray(array, dtype=dtype)
-
-
 def widened(array: np.ndarray) -> np.ndarray:
     """A host KV array as float32 (for torch): bf16 bits widened, float32 as it is."""
     return float32_keys(array, "bfloat16") if array.dtype == np.uint16 else array
@@ -296,10 +279,21 @@ class ContextStore:
         return cls(path, manifest)
 
     def keys(self, layer: int) -> np.ndarray:
-        return self._keys[layer]
+        return self._mapped(self._keys, layer, "keys")
 
     def values(self, layer: int) -> np.ndarray:
-        return self._values[layer]
+        return self._mapped(self._values, layer, "values")
+
+    def _mapped(self, arrays: list, layer: int, kind: str) -> np.ndarray:
+        if arrays[layer] is None:  # released: map it again
+            arrays[layer] = _load_array(self.path, self.manifest["layers"][layer][kind], mmap=True)
+        return arrays[layer]
+
+    def release(self, layer: int) -> None:
+        """Unmap a layer's KV once a chat has copied it out: its pages leave this process's resident
+        set (the kernel keeps them as reclaimable file cache) instead of counting a second time
+        beside the copy. `keys`/`values` map it again if asked."""
+        self._keys[layer] = self._values[layer] = None
 
     def file(self, relative: str) -> Path:
         return self.path / relative

@@ -490,7 +490,8 @@ def test_question_budget_is_the_smallest_whose_exact_mass_reaches_the_coverage(b
     """question_budget against a float64 softmax: the question's last 8 queries, the static set
     causally masked (the window holds the question itself), indexed keys in float32 or bf16 bits."""
     from ra_cli.retrieval.budget import question_budget
-    from ra_cli.store import as_host_dtype, widened
+    from ra_cli.retrieval.layer import as_host_dtype
+    from ra_cli.store import widened
 
     rng = np.random.default_rng(7)
     heads, kv_heads, dim, lo, n_indexed, window = 6, 2, 16, 4, 900, 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,23 @@ def test_save_refuses_to_overwrite_a_foreign_directory(tmp_path, lighthouse_txt,
     result = runner.invoke(app, ["ingest", str(lighthouse_txt), "--save", str(target)])
     assert result.exit_code == 1 and "is not an ra context" in result.stderr
     assert (target / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("mode", ["retrieval", "full"])
+def test_a_chat_cache_unmaps_the_kv_it_copied(context, loaded, mode):
+    """Once a layer's KV is copied into the cache, the store's map of it is gone: its pages would
+    count a second time in the process's resident set. Read again, it maps again."""
+    from ra_cli.retrieval.modes import open_cache
+
+    store = ContextStore.open(context, loaded.fingerprint)
+    kv_dir = str(context / "kv")
+
+    def mapped() -> list[str]:
+        return [line for line in Path("/proc/self/maps").read_text().splitlines() if kv_dir in line]
+
+    assert len(mapped()) >= 2 * len(store.layers)  # every layer's keys and values, mapped on open
+    cache = open_cache(loaded, store, mode)
+    assert cache.length == store.n_tokens and mapped() == []
+    np.testing.assert_array_equal(store.keys(7), np.load(context / "kv" / "k_007.npy"))
+    assert mapped()

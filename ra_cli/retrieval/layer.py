@@ -27,7 +27,7 @@ from ra_cli.index.base import kv_head_of
 from ra_cli.retrieval.budget import question_budget
 from ra_cli.retrieval.host_path import HostMemoryAttention
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved
-from ra_cli.store import as_host_dtype, widened
+from ra_cli.store import float32_keys, kv_to_numpy, widened
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 
@@ -77,10 +77,25 @@ class RetrievalStats:
         }
 
 
+def host_kv(array: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """Stored KV [KVH, n, D] as a RAM copy the numba kernels read: bfloat16 as its bits (uint16,
+    widened exactly in the kernels: half the bytes of float32), any other dtype as float32."""
+    if kv_dtype == "bfloat16":
+        return np.array(array, dtype=np.uint16)
+    return np.array(float32_keys(array, kv_dtype), dtype=np.float32)
+
+
+def as_host_dtype(array: np.ndarray, dtype) -> np.ndarray:
+    """float32 KV (e.g. evicted from the device window) in a host array's dtype (uint16: bf16 bits)."""
+    if dtype == np.uint16:
+        return kv_to_numpy(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), "bfloat16")
+    return np.asarray(array, dtype=dtype)
+
+
 class HostKV:
     """The indexed part of one layer's KV in CPU memory, positions [lo, n_stored) and conversation
     tokens evicted later: [KVH, n, D] in the dtype the kernels read (bf16 bits as uint16 for a
-    bf16 store, else float32; store.host_kv)."""
+    bf16 store, else float32; host_kv)."""
 
     def __init__(self, keys: np.ndarray, values: np.ndarray):
         self.keys = keys

@@ -21,9 +21,9 @@ from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.retrieval.cost import expected_reads, search_is_cheaper
 from ra_cli.retrieval.budget import layer_budget, measured_budgets
-from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats
+from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats, host_kv
 from ra_cli.retrieval.token_seeds import TokenSeeds
-from ra_cli.store import ContextStore, host_kv, kv_to_tensor
+from ra_cli.store import ContextStore, kv_to_tensor
 
 CONVERSATION_ROOM = 4096  # tokens reserved on the device for the conversation after the document
 
@@ -65,6 +65,7 @@ def full_attention_cache(loaded, store: ContextStore) -> ContextCache:
     cache = ContextCache.full(loaded.model.config, capacity=store.n_tokens + CONVERSATION_ROOM)
     for index, layer in enumerate(cache.layers):
         layer.load(_dense_kv(loaded, store, store.keys(index)), _dense_kv(loaded, store, store.values(index)))
+        store.release(index)
     return cache
 
 
@@ -81,6 +82,7 @@ def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
     for index, layer in enumerate(cache.layers):
         layer.load(kv_to_tensor(store.keys(index), store.kv_dtype, "cpu", loaded.dtype)[None],
                    kv_to_tensor(store.values(index), store.kv_dtype, "cpu", loaded.dtype)[None])
+        store.release(index)
     return cache
 
 
@@ -135,6 +137,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         if shape.sliding_window is not None or i in dense:
             layer = DeviceKVLayer(i, shape.sliding_window, capacity=n + CONVERSATION_ROOM)
             layer.load(_dense_kv(loaded, store, store.keys(i)), _dense_kv(loaded, store, store.values(i)))
+            store.release(i)  # copied: its pages would count twice
             layers.append(layer)
             continue
         # Every search touches keys at random: a RAM copy (numpy asks for transparent huge pages)
@@ -147,6 +150,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
                                _device_kv(loaded, store, store.values(i)[:, :lo]),
                                _device_kv(loaded, store, store.keys(i)[:, hi:n]),
                                _device_kv(loaded, store, store.values(i)[:, hi:n]), settings, stats, seeds)
+        store.release(i)
         if settings.top_k is None:
             layer.top_k = layer.ingest_top_k = layer_budget(section["layers"][str(i)], settings.coverage)
             layer.budgets = measured_budgets(section["layers"][str(i)])
