@@ -190,7 +190,7 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     shapes = layer_shapes(loaded.model.config)
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype, lines)
     n = len(tokens)
-    # float32 on a CPU: the collector ranks prefill queries against these keys exactly
+    # its own buffers (float32 on a CPU, as the collector ranks against) unless it adopts the store's below
     cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
     in_store = kv_in_store(loaded, kv_dtype)
     # bf16 KV read by float32 attention is widened; a float32 model's store is read as it is
@@ -229,9 +229,10 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
         while start < n:
             end = min(n, start + options.chunk_size)
             prefill(loaded.model, cache, tokens[start:end], want_logits=False)
-            for index, layer in enumerate(cache.layers if not in_store else ()):
-                writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], kv_dtype),
-                             kv_to_numpy(layer.values[0, :, start:end], kv_dtype))
+            if not in_store:  # else the forward wrote it there
+                for index, layer in enumerate(cache.layers):
+                    writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], kv_dtype),
+                                 kv_to_numpy(layer.values[0, :, start:end], kv_dtype))
             start = end
             # syncing every file to disk per chunk cost ~2% of ingest: do it every few seconds
             if end == n or time.perf_counter() - committed >= COMMIT_SECONDS:
