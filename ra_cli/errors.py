@@ -2,6 +2,7 @@
 explanation of any other failure a user can meet."""
 
 import errno
+import re
 
 
 class RaError(Exception):
@@ -36,6 +37,8 @@ def explain(exc: BaseException) -> tuple[str, int]:
             return f"no space left on the disk{where}; free some space and run the same command again", 1
         if exc.errno in (errno.EACCES, errno.EPERM):
             return f"permission denied{where}; check the file's permissions or choose another path", 1
+        if exc.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(exc)):  # numpy's short write
+            return "a file could not be written whole (the disk is probably full); free some space and run the same command again", 1
         if exc.errno == errno.EROFS:
             return f"read-only file system{where}; choose a writable location (e.g. RA_CACHE_DIR)", 1
         return f"{exc.strerror or exc}{where}", 1

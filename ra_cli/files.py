@@ -94,3 +94,25 @@ def try_exclusive(target: Path):
         yield True
     finally:
         lock.release()
+
+
+def array_file(path: Path, mode: str, dtype=None, shape=None):
+    """A .npy file memory-mapped for writing (numpy's open_memmap, `mode` "w+" or "r+"), its disk
+    blocks reserved first. numpy makes a sparse file, and a memory map writing into a page the
+    disk has no room for kills the process (SIGBUS: measured, `ra ingest` onto a full disk died
+    with "Bus error"); reserved, a full disk is an OSError here, which the CLI says in one line."""
+    import errno
+
+    import numpy as np
+
+    array = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        descriptor = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot reserve: as before
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+        finally:
+            os.close(descriptor)
+    return array

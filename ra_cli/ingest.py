@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,8 +207,13 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     collector = None
     if options.index.kind == "graph":
         shape = header["model_shape"]
-        collector = PrefillCollector(writer.dir / "work", n, [s.sliding_window for s in shapes], shape["heads"],
-                                     shape["kv_heads"], shape["head_dim"], options.index, resume=start > 0)
+        try:
+            collector = PrefillCollector(writer.dir / "work", n, [s.sliding_window for s in shapes], shape["heads"],
+                                         shape["kv_heads"], shape["head_dim"], options.index, resume=start > 0)
+        except OSError:
+            if start == 0:  # e.g. a full disk (files.array_file): nothing done yet, leave the disk as it was
+                shutil.rmtree(writer.dir, ignore_errors=True)
+            raise
         for layer in cache.layers:
             layer.observer = collector.observe
     if start and not in_store:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ra_cli.errors import RaError
-from ra_cli.files import file_sha256, sample_sha256, write_json_atomic
+from ra_cli.files import array_file, file_sha256, sample_sha256, write_json_atomic
 from ra_cli.manifest import MANIFEST, validate_manifest
 
 FORMAT_NAME = "ra-context"
@@ -119,12 +119,17 @@ class StoreWriter:
             if token_lines is not None:
                 np.save(self.dir / "token_lines.npy", np.asarray(token_lines, dtype=np.int32))
             mode = "w+"
-        self.keys = []
-        self.values = []
-        for index, shape in enumerate(layers):
-            full = (shape.kv_heads, self.n_tokens, shape.head_dim)
-            self.keys.append(np.lib.format.open_memmap(self._kv_path("k", index), mode=mode, dtype=storage, shape=full if mode == "w+" else None))
-            self.values.append(np.lib.format.open_memmap(self._kv_path("v", index), mode=mode, dtype=storage, shape=full if mode == "w+" else None))
+        self.keys, self.values = [], []
+        try:
+            for index, shape in enumerate(layers):
+                full = (shape.kv_heads, self.n_tokens, shape.head_dim) if mode == "w+" else None
+                self.keys.append(array_file(self._kv_path("k", index), mode, storage, full))
+                self.values.append(array_file(self._kv_path("v", index), mode, storage, full))
+        except OSError:
+            if mode == "w+":  # nothing done yet: leave the disk as it was, not full of reserved files
+                self.keys, self.values = [], []
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         if mode == "w+":
             self.commit(0)
 

@@ -108,6 +108,22 @@ def test_os_errors_are_explained(errno_, words):
     assert words in message and "/some/file" in message and code == 1
 
 
+def test_a_full_disk_is_one_line_and_leaves_the_disk_as_it_was(tmp_path, lighthouse_txt, reuse_loaded_model, monkeypatch):
+    """numpy writes a .npy memory map as a sparse file, and a map writing into a page the disk has
+    no room for kills the process (SIGBUS, "Bus error"); ra reserves the blocks first."""
+    def full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    out = tmp_path / "ctx.idx"
+    result = run("ingest", lighthouse_txt, "--save", out)
+    one_line_error(result, 1, "no space left on the disk")
+    assert "k_000.npy" in result.stderr and "free some space" in result.stderr
+    assert not out.exists() and not (tmp_path / "ctx.idx.partial").exists()  # nothing left holding the disk
+    # numpy's own short write (np.save onto a full disk) has no errno
+    assert "disk is probably full" in explain(OSError("416160 requested and 116672 written"))[0]
+
+
 def test_memory_and_device_errors_are_explained():
     assert "out of memory" in explain(MemoryError())[0]
     assert "accelerator ran out of memory" in explain(RuntimeError("CUDA out of memory. Tried to allocate"))[0]

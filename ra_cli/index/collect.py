@@ -17,7 +17,7 @@ import torch
 
 from ra_cli.engine.attention import grouped_rows
 from ra_cli.errors import RaError
-from ra_cli.files import write_json_atomic
+from ra_cli.files import array_file, write_json_atomic
 from ra_cli.index.base import IndexParams, indexed_range
 from ra_cli.index.build_kernels import top_k_rows
 
@@ -57,14 +57,14 @@ class PrefillCollector:
         path = self.dir / name
         if mode == "r+" and path.is_file():
             try:
-                array = np.lib.format.open_memmap(path, mode="r+")
+                array = array_file(path, "r+")
             except ValueError:
                 array = None
             if array is None or array.shape != shape or array.dtype != dtype:
                 raise RaError(f"{path}: this resumed ingest's work file does not match it; remove {self.dir.parent} "
                               "and ingest again")
             return array
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        array = array_file(path, "w+", dtype, shape)
         array[...] = fill
         return array
 
