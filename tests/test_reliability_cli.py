@@ -120,8 +120,29 @@ def test_a_full_disk_is_one_line_and_leaves_the_disk_as_it_was(tmp_path, lightho
     one_line_error(result, 1, "no space left on the disk")
     assert "k_000.npy" in result.stderr and "free some space" in result.stderr
     assert not out.exists() and not (tmp_path / "ctx.idx.partial").exists()  # nothing left holding the disk
-    # numpy's own short write (np.save onto a full disk) has no errno
-    assert "disk is probably full" in explain(OSError("416160 requested and 116672 written"))[0]
+
+
+def test_a_disk_full_at_the_index_build_keeps_the_prefill_for_the_rerun(tmp_path, lighthouse_txt, reuse_loaded_model,
+                                                                        monkeypatch):
+    from ra_cli import ingest as ingest_module
+    from ra_cli.store import ContextStore
+
+    build = ingest_module.build_store_indexes
+
+    def short_write(*args, **kwargs):  # numpy's np.save onto a full disk: an OSError without errno
+        raise OSError("416160 requested and 116672 written")
+
+    monkeypatch.setattr(ingest_module, "build_store_indexes", short_write)
+    out = tmp_path / "ctx.idx"
+    one_line_error(run("ingest", lighthouse_txt, "--save", out), 1, "disk is probably full", "free some space")
+    assert not out.exists() and (tmp_path / "ctx.idx.partial").is_dir()
+    monkeypatch.setattr(ingest_module, "build_store_indexes", build)
+    rerun = run("ingest", lighthouse_txt, "--save", out)
+    said = " ".join(rerun.stderr.split())  # as one line, however the console wrapped it
+    assert rerun.exit_code == 0 and "the prefill was already done" in said and "index built in" in said
+    assert ContextStore.open(out).manifest["ingest"]["prefilled_tokens"] == 0
+    again = run("ingest", lighthouse_txt, "--save", out)
+    assert again.exit_code == 0 and "nothing to do" in " ".join(again.stderr.split())
 
 
 def test_memory_and_device_errors_are_explained():

@@ -57,9 +57,13 @@ def ingest_command(
     if as_json:
         print(json.dumps(summary))
         return
-    if result.prefilled_tokens == 0:
+    if result.prefilled_tokens == 0 and result.index_seconds == 0:
         stderr.print(f"{result.path} already holds {doc.name} ({result.n_tokens:,} tokens) from the same model and "
                      "options; nothing to do", markup=False, highlight=False)
+        return
+    if result.prefilled_tokens == 0:  # an earlier run prefilled everything and stopped before the index was saved
+        stderr.print(f"saved {result.n_tokens:,} tokens from {doc.name} to {result.path}: the prefill was already done "
+                     f"(kept from the earlier run), index built in {result.index_seconds:.1f} s", markup=False, highlight=False)
         return
     resumed = f" (resumed after {result.reused_tokens:,})" if result.reused_tokens else ""
     size = extent(doc.unit, len(doc.pages), len(doc.parts))
