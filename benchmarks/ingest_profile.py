@@ -1,5 +1,6 @@
 """Ingest TOKENS tokens of DOC (default: the shipped sample, repeated) with `graph` or `flat`;
-print total / prefill / index seconds and the time of each graph-building step."""
+print total / prefill / index seconds and the time of each graph-building step (and of widening
+the store's bf16 KV for attention, `widen`)."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ra_cli.engine.cache as cache
 import ra_cli.index.collect as collect
 import ra_cli.index.graph as graph
 import ra_cli.index.stored as stored
@@ -33,7 +35,7 @@ def timed(owner, name):
     setattr(owner, name, wrapper)
 
 
-for owner, name in ((collect.PrefillCollector, "_record_lists"), (collect.PrefillCollector, "_record_neighbours"),
+for owner, name in ((cache.WideningScratch, "widen"), (collect.PrefillCollector, "_record_lists"), (collect.PrefillCollector, "_record_neighbours"),
                     (collect.PrefillCollector, "flush"), (graph, "co_selection"), (graph, "assemble_adjacency"),
                     (graph, "kmeans_router"), (graph, "calibrate_ef"), (stored, "attention_coverage")):
     timed(owner, name)
