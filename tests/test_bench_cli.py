@@ -169,6 +169,9 @@ def test_context_bench_reports_every_field_at_a_tiny_context(tmp_path):
         runs["retrieval"]["dense_layers"])
     assert runs["search-all"]["cheaper_dense_layers"] == [] and len(runs["search-all"]["dense_layers"]) < len(
         runs["retrieval"]["dense_layers"])
+    # searched layers timed slower than reading every key: never one already dense; search-all times nothing
+    assert set(runs["retrieval"]["measured_dense_layers"]).isdisjoint(runs["retrieval"]["dense_layers"])
+    assert runs["search-all"]["measured_dense_layers"] == []
     assert runs["search-all"]["search_ms"] > 0 and runs["search-all"]["keys_scanned"] > 0
     assert runs["full"]["search_ms"] == 0 and runs["full"]["keys_scanned"] is None
     assert runs["full"]["retrieval_ms"] == 0 and runs["full"]["dense_attention_ms"] == runs["full"]["attention_ms"] > 0

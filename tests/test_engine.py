@@ -139,7 +139,8 @@ def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups, dim):
         # host arrays (bf16 as uint16 bits): the same attention and its log-sum-exp, for merging
         host_k, host_v = (x.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else x.numpy()
                           for x in (buffer_k.contiguous(), buffer_v.contiguous()))
-        out, lse = host_attention_with_lse(rows.numpy(), host_k, host_v, n, 0.125)
+        out, lse, host_weights = host_attention_with_lse(rows.numpy(), host_k, host_v, n, 0.125, want_weights=True)
+        torch.testing.assert_close(torch.from_numpy(host_weights).double(), reference_weights, atol=1e-7, rtol=1e-5)
         torch.testing.assert_close(torch.from_numpy(out).double(), reference, atol=2e-6, rtol=1e-5)
         reference_lse = torch.logsumexp(rows.double() @ buffer_k[:, :n].double().transpose(1, 2) * 0.125, -1)
         torch.testing.assert_close(torch.from_numpy(lse).double(), reference_lse, atol=1e-5, rtol=1e-6)

@@ -552,3 +552,94 @@ def test_a_question_sets_each_layers_answer_budget_from_its_own_attention(small_
         before = {layer.layer_idx: layer.top_k for layer in cache.layers if isinstance(layer, RetrievalLayer)}
         prefill(loaded.model, cache, tokens)
         assert before == {layer.layer_idx: layer.top_k for layer in cache.layers if isinstance(layer, RetrievalLayer)}
+
+
+def test_a_measured_choice_times_both_ways_and_keeps_the_faster():
+    """After its warm-up steps a layer alternates its search with reading every key, and after
+    PAIRS of each keeps the faster by median; a question that changes the budget measures again,
+    unless reading every key won (that does not depend on the budget)."""
+    from ra_cli.retrieval.cost import PAIRS, WARM_UP_STEPS, MeasuredChoice
+
+    def run(choice, search_seconds, every_key_seconds):
+        ways = []
+        while choice.reads_every_key is None:
+            every_key = choice.every_key_next()
+            ways.append("every key" if every_key else "search")
+            choice.record(every_key, every_key_seconds if every_key else search_seconds)
+        return ways
+
+    choice = MeasuredChoice()
+    assert run(choice, 0.002, 0.001) == ["search"] * WARM_UP_STEPS + ["search", "every key"] * PAIRS
+    assert choice.reads_every_key and choice.every_key_next()
+    choice.restart()
+    assert choice.reads_every_key and choice.every_key_next()  # kept: the budget does not change it
+    choice = MeasuredChoice()
+    assert run(choice, 0.001, 0.002)[-1] == "every key" and choice.reads_every_key is False
+    assert not choice.every_key_next()
+    choice.restart()
+    assert choice.reads_every_key is None and len(run(choice, 0.003, 0.002)) == WARM_UP_STEPS + 2 * PAIRS
+    assert choice.reads_every_key
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_layer_reading_every_key_is_full_attention_and_cites_every_key(small_context, small_context_fast, loaded,
+                                                                         loaded_fast, fast):
+    """A searched layer whose search was timed slower reads every key at decode: its attention and
+    the attention weights it collects for citations are full attention's (float32 store, and the
+    CPU default's bf16 KV), and end to end the logits match the full cache's."""
+    from ra_cli.engine.mass import AttentionMass
+    from ra_cli.retrieval.cost import MeasuredChoice
+
+    loaded, store = (loaded_fast, small_context_fast) if fast else (loaded, small_context)
+    searched = RetrievalSettings(top_k=8, ef=16, window=64, dense_when_cheaper=False, exact_margin=0)
+    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, "retrieval", searched)
+    for layer in cache.layers:
+        if isinstance(layer, RetrievalLayer):
+            layer.choice = MeasuredChoice(reads_every_key=True)
+    generator = torch.Generator().manual_seed(5)
+    n = store.n_tokens + 1
+    for index in (0, 11, 29):
+        key, value = (torch.randn(1, 3, 1, 64, generator=generator).bfloat16() for _ in range(2))
+        query = torch.randn(1, 9, 1, 64, generator=generator) * 3
+        for layer in (full.layers[index], cache.layers[index]):
+            layer.update(key, value)
+        dense, layer = full.layers[index], cache.layers[index]
+        keys, values = (t[0, :, : dense.length].double().repeat_interleave(3, 0) for t in (dense.keys, dense.values))
+        weights = torch.softmax(torch.einsum("hd,hnd->hn", query[0, :, 0].double(), keys) * 0.125, -1)  # [H, n]
+        reference = torch.einsum("hn,hnd->hd", weights, values)
+        layer.mass = AttentionMass(9, n, sinks=1)
+        searches = cache.retrieval_stats.searches
+        torch.testing.assert_close(layer.attend(query, 0.125)[0, :, 0].double(), reference, atol=1e-5, rtol=1e-5)
+        assert cache.retrieval_stats.searches == searches  # it read every key, searched nothing
+        expected = np.zeros((9, n))
+        for g in range(3):  # each KV head's weights gather in the row of its first query head
+            expected[3 * g] = weights[3 * g: 3 * g + 3].sum(0).numpy()
+        expected[:, :1] = 0.0
+        np.testing.assert_allclose(layer.mass.rows, expected, atol=1e-6, rtol=1e-4)
+        layer.mass = None
+    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, "retrieval", searched)
+    for layer in cache.layers:
+        if isinstance(layer, RetrievalLayer):
+            layer.choice = MeasuredChoice(reads_every_key=True)
+    for token in (100, 200, 300):  # decode steps only: a question of several tokens would be searched
+        torch.testing.assert_close(prefill(loaded.model, cache, [token]), prefill(loaded.model, full, [token]),
+                                   atol=2e-3, rtol=1e-4)
+
+
+def test_a_cpu_chat_times_its_searched_layers_and_reports_the_ones_reading_every_key(small_context, loaded,
+                                                                                       monkeypatch):
+    """The default on a CPU: every searched layer decides within its first decode steps, and the
+    stats name those that now read every key."""
+    from ra_cli.retrieval import modes
+    from ra_cli.retrieval.cost import PAIRS, WARM_UP_STEPS
+
+    monkeypatch.setattr(modes, "search_is_cheaper", lambda *args: True)  # at 1K tokens dense is predicted cheaper
+    cache = open_cache(loaded, small_context, "retrieval", RetrievalSettings(top_k=8, ef=16, exact_margin=0))
+    searched = [layer for layer in cache.layers if isinstance(layer, RetrievalLayer)]
+    assert searched and all(layer.choice is not None for layer in searched)
+    prefill(loaded.model, cache, question_tokens(loaded, small_context))
+    for token in range(100, 100 + WARM_UP_STEPS + 2 * PAIRS):
+        prefill(loaded.model, cache, [token])
+    assert all(layer.choice.reads_every_key is not None for layer in searched)
+    stats = cache.retrieval_stats.as_dict()
+    assert stats["measured_dense_layers"] == [layer.layer_idx for layer in searched if layer.choice.reads_every_key]

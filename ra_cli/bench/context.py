@@ -130,10 +130,18 @@ def print_table(report: dict) -> None:
                       number(run["peak_rss_bytes"] and run["peak_rss_bytes"] / 2**30, "{:.1f}G"),
                       number(run.get("disk_bytes") and run["disk_bytes"] / 2**30, "{:.2f}G"),
                       number(run.get("keys_scanned"), "{:,.0f}"),
-                      "-" if run.get("dense_layers") is None else str(len(run["dense_layers"])))
+                      dense_count(run))
     # into a log or a pipe (80 columns by default) the 15 columns would be squeezed to "1…"
     console = stderr if stderr.is_terminal else Console(stderr=True, highlight=False, width=170)
     console.print(table)
+
+
+def dense_count(run: dict) -> str:
+    """Dense layers of a run: chosen when the chat opened, + those whose search was timed slower."""
+    if run.get("dense_layers") is None:
+        return "-"
+    measured = run.get("measured_dense_layers")
+    return str(len(run["dense_layers"])) + (f"+{len(measured)}" if measured else "")
 
 
 def plot(report: dict, path: Path) -> None:

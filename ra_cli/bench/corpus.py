@@ -83,7 +83,7 @@ def cached_tokens(loaded, name: str, tokens: list[int], layout: dict, context: i
     path = contexts_dir() / f"bench-{Path(name).stem[:24]}-{context}-{key}.idx"
     result = None
     if not (path / "manifest.json").is_file():
-        document = Document(name=f"{name} (bench, {context} tokens)", sha256=key, kind="text", text="")
+        document = Document(name=f"{name} (bench)", sha256=key, kind="text", text="")
         header = store_header(loaded, document, options, layout)
         result = write_context(loaded, prefix, [0] * len(prefix), header, path, options, on_progress, on_index)
     return BenchContext(ContextStore.open(path, loaded.fingerprint), continuation, result)

@@ -113,7 +113,8 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         "disk_bytes": directory_bytes(store.path),
         "keys_scanned": round(stats.evaluations / stats.searches, 1) if stats and stats.searches else None,
         "dense_layers": stats.dense_layers if stats else None,
-        "cheaper_dense_layers": stats.cheaper_dense_layers if stats else None, "model": loaded.fingerprint.source,
+        "cheaper_dense_layers": stats.cheaper_dense_layers if stats else None,
+        "measured_dense_layers": stats.measured_dense_layers if stats else None, "model": loaded.fingerprint.source,
         "dtype": loaded.fingerprint.dtype, "steps": count,
     }
 

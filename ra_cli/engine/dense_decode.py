@@ -214,12 +214,13 @@ def cpu_decode_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.T
     return torch.from_numpy(out), (torch.from_numpy(weights) if want_weights else None)
 
 
-def host_attention_with_lse(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, scaling: float):
+def host_attention_with_lse(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, scaling: float,
+                            want_weights: bool = False):
     """Attention of rows [KVH, R, D] float32 over the first n rows of host arrays keys/values
     [KVH, capacity, D] (float32 or bf16 bits as uint16, C-contiguous) with this module's kernel:
-    (out [KVH, R, D], log-sum-exp [KVH, R]), to merge with attention over other keys."""
-    out, lse, _ = _attend(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n, scaling, False)
-    return out, lse
+    (out [KVH, R, D], log-sum-exp [KVH, R], softmax weights [KVH, R, n] or an empty array), to
+    merge with attention over other keys."""
+    return _attend(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n, scaling, want_weights)
 
 
 def _attend(queries, flat_keys, flat_values, head_stride: int, n: int, scaling: float, want_weights: bool,

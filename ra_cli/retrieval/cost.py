@@ -24,9 +24,17 @@ the dev box with the current kernels, per thread:
   --exact-margin 0`).
 How many keys a search reads was measured at ingest (the ef calibration), and grows about
 linearly with ef.
+
+That prediction can miss: a decode query may read twice the keys the calibration's held-out
+prefill queries did (Qwen2.5 at 63K tokens, layers whose calibration never reached its recall).
+So a layer the prediction lets search also times itself while it decodes (MeasuredChoice): its
+first steps alternate its search with reading every key, and the slower way is dropped.
 """
 
 from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
 
 DENSE_KEY_NS, DENSE_HEAD_NS = 10.7, 2.6  # dense attention, per key and KV head: + per query head
 READ_NS, READ_HEAD_NS = 151.0, 5.0  # one key read by the graph search: + per query head scoring it
@@ -54,3 +62,46 @@ def expected_reads(entry: dict, ef: int | None) -> float | None:
     if measured is None or not calibrated:
         return None
     return measured * (ef / calibrated if ef else 1.0)
+
+
+# Decode steps a layer runs before it is timed: the first after a question run cold (caches, numba
+# dispatch); then PAIRS steps of its search alternated with as many reading every key (alternated,
+# so a burst of load elsewhere on the machine slows both ways alike).
+WARM_UP_STEPS, PAIRS = 2, 3
+
+
+@dataclass
+class MeasuredChoice:
+    """A searched layer's choice between its search and reading every key, from timings of both on
+    this machine during its first decode steps. Reading every key is exact, so either way is a
+    correct attention; only the time differs."""
+
+    search: list = field(default_factory=list)  # seconds of timed steps, each way
+    every_key: list = field(default_factory=list)
+    warm_up: int = WARM_UP_STEPS
+    reads_every_key: bool | None = None  # None: still measuring
+
+    def every_key_next(self) -> bool:
+        """Whether the next decode step reads every key."""
+        if self.reads_every_key is not None:
+            return self.reads_every_key
+        return self.warm_up == 0 and len(self.every_key) < len(self.search)
+
+    def record(self, every_key: bool, seconds: float) -> bool:
+        """Note one decode step's time; True when this step decided that the layer reads every key."""
+        if self.reads_every_key is not None:
+            return False
+        if self.warm_up:
+            self.warm_up -= 1
+            return False
+        (self.every_key if every_key else self.search).append(seconds)
+        if len(self.every_key) < PAIRS:
+            return False
+        self.reads_every_key = statistics.median(self.every_key) < statistics.median(self.search)
+        return self.reads_every_key
+
+    def restart(self) -> None:
+        """Measure again (a question changed what the search reads), unless reading every key won:
+        it does not depend on the budget."""
+        if not self.reads_every_key:
+            self.search, self.every_key, self.warm_up, self.reads_every_key = [], [], WARM_UP_STEPS, None

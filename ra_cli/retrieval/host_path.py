@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from ra_cli.engine.dense_decode import host_attention_with_lse
 from ra_cli.index.base import SearchResult
 from ra_cli.retrieval.kernels import CARRY, attend_static_and_retrieved, search_and_attend
 from ra_cli.retrieval.token_seeds import LIMIT as SEED_LIMIT, NO_SEEDS
@@ -31,6 +32,7 @@ class HostMemoryAttention:
         self._static_views = None
         self._entry_buffer = None  # carried keys and token seeds for search_and_attend (_carried_and_seeds)
         self._seeded = None  # the token seeds copied into it
+        self.choice = None  # a retrieval/cost.py MeasuredChoice: this layer times its search against reading every key
 
     def static_visible(self, q_len: int, q_offset: int) -> np.ndarray:
         """How many static keys each query position sees: the sinks, then window tokens up to it."""
@@ -39,6 +41,44 @@ class HostMemoryAttention:
         return np.minimum(self.static, self.lo + q_offset + np.arange(1, q_len + 1) - self.window_start).astype(np.int64)
 
     def _attend_in_host_memory(self, host_query: np.ndarray, q_offset: int, scaling: float) -> torch.Tensor:
+        """The layer's attention: searched, or for a decode step of a layer whose search was timed
+        slower than reading every key here (self.choice, retrieval/cost.py), every key read."""
+        choice = self.choice
+        if choice is None or host_query.shape[1] != 1 or not self._searching():
+            return self._search_and_attend(host_query, q_offset, scaling)
+        every_key = choice.every_key_next()
+        began = time.perf_counter()
+        out = self._attend_every_key(host_query, scaling) if every_key else \
+            self._search_and_attend(host_query, q_offset, scaling)
+        if choice.record(every_key, time.perf_counter() - began):
+            self.stats.measured_dense_layers.append(self.layer_idx)
+        return out
+
+    def _attend_every_key(self, host_query: np.ndarray, scaling: float) -> torch.Tensor:
+        """One decode step's exact attention: dense_decode's kernel over the indexed keys and over
+        the static set, merged by log-sum-exp (a decode step sees every key of both)."""
+        began = time.perf_counter()
+        heads, _, dim = host_query.shape
+        kv_heads = self.host.keys.shape[0]
+        rows = host_query.reshape(kv_heads, -1, dim)
+        weighing = self.mass is not None
+        static_keys, static_values = self._static_arrays()
+        indexed = host_attention_with_lse(rows, self.host.keys, self.host.values, self.n_indexed, scaling, weighing)
+        static = host_attention_with_lse(rows, static_keys, static_values, self.static, scaling, weighing)
+        lse = np.logaddexp(indexed[1], static[1])
+        shares = [np.exp(part[1] - lse) for part in (indexed, static)]  # [KVH, G] each
+        out = indexed[0] * shares[0][..., None] + static[0] * shares[1][..., None]
+        if weighing:
+            groups = heads // kv_heads
+            for g in range(kv_heads):  # positions: the sinks from 0, indexed keys from lo, the window from window_start
+                static_weights = static[2][g] * shares[1][g][:, None]
+                self.mass.add_dense(g * groups, torch.from_numpy(static_weights[:, : self.lo]), 0)
+                self.mass.add_dense(g * groups, torch.from_numpy(indexed[2][g] * shares[0][g][:, None]), self.lo)
+                self.mass.add_dense(g * groups, torch.from_numpy(static_weights[:, self.lo:]), self.window_start)
+        self.stats.attention_seconds += time.perf_counter() - began
+        return torch.from_numpy(out.reshape(heads, 1, dim))[None]
+
+    def _search_and_attend(self, host_query: np.ndarray, q_offset: int, scaling: float) -> torch.Tensor:
         heads, q_len, _ = host_query.shape
         out = np.empty((heads, q_len, self.values.shape[3]), np.float32)
         # whole C-contiguous buffers (the visible counts bound what is read): numba vectorizes those

@@ -65,6 +65,7 @@ class RetrievalStats:
     indexed_keys: int = 0
     dense_layers: list = field(default_factory=list)  # every layer attending densely, of which:
     cheaper_dense_layers: list = field(default_factory=list)  # those dense because it is faster here
+    measured_dense_layers: list = field(default_factory=list)  # searched ones that read every key: timed faster
     budgets: dict = field(default_factory=dict)
     per_layer_evaluations: dict = field(default_factory=dict)
 
@@ -73,7 +74,7 @@ class RetrievalStats:
             "keys_scanned_per_search": round(self.evaluations / self.searches, 1) if self.searches else 0.0,
             "retrieval_ms_per_token": round(1000 * self.retrieval_seconds / self.steps, 3) if self.steps else 0.0,
             "searches": self.searches, "evicted_into_index": self.evicted, "dense_layers": self.dense_layers,
-            "cheaper_dense_layers": self.cheaper_dense_layers,
+            "cheaper_dense_layers": self.cheaper_dense_layers, "measured_dense_layers": self.measured_dense_layers,
         }
 
 
@@ -309,15 +310,18 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
             return static_out
         larger = tuple(k for k in self.budgets if k >= self.ingest_top_k)
         if len(larger) > 1 and query.shape[2] > 1:  # a question: its attention sets the answer's budget
+            asked = self.top_k
             self.top_k = question_budget(query, self.keys[:, :, : self.static], self.static_positions(), q_offset,
                                          self.host.keys, self.n_indexed, scaling, larger, self.settings.coverage)
             self.stats.budgets[self.layer_idx] = self.top_k
+            if self.choice is not None and self.top_k != asked:  # the search reads more or less: time it again
+                self.choice.restart()
         keys, values = self.host.keys, self.host.values
         _, heads, q_len, dim = query.shape
         kv_heads = keys.shape[0]
         if softcap is None and keys.shape == values.shape and keys.flags.c_contiguous and values.flags.c_contiguous:
             rows = np.ascontiguousarray(query[0].detach().float().cpu().numpy()).reshape(kv_heads, -1, dim)
-            out, lse = host_attention_with_lse(rows, keys, values, self.n_indexed, scaling)
+            out, lse, _ = host_attention_with_lse(rows, keys, values, self.n_indexed, scaling)
             indexed_out = torch.from_numpy(out).reshape(1, heads, q_len, -1).to(self.device)
             indexed_lse = torch.from_numpy(lse).reshape(1, heads, q_len).to(self.device)
         else:  # a softcap (or unusual layout): torch over the widened keys

@@ -19,7 +19,7 @@ from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
 from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
-from ra_cli.retrieval.cost import expected_reads, search_is_cheaper
+from ra_cli.retrieval.cost import MeasuredChoice, expected_reads, search_is_cheaper
 from ra_cli.retrieval.budget import layer_budget, measured_budgets
 from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats, host_kv
 from ra_cli.retrieval.token_seeds import TokenSeeds
@@ -151,6 +151,8 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
                                _device_kv(loaded, store, store.keys(i)[:, hi:n]),
                                _device_kv(loaded, store, store.values(i)[:, hi:n]), settings, stats, seeds)
         store.release(i)
+        if settings.dense_when_cheaper and not exact and loaded.device.type == "cpu":
+            layer.choice = MeasuredChoice()  # the prediction above can miss: the layer times both ways
         if settings.top_k is None:
             layer.top_k = layer.ingest_top_k = layer_budget(section["layers"][str(i)], settings.coverage)
             layer.budgets = measured_budgets(section["layers"][str(i)])
