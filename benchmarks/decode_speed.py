@@ -1,8 +1,9 @@
-"""Whole-model decode ms/token with full attention, with retrieval attention as a CPU chat runs it
-by default (layers predicted cheaper to read whole read densely, the others time their search
-against reading every key and keep the faster: retrieval/cost.py) and with every retrievable layer
-searched, on saved contexts, 20 steps after 4 warm-up (the default's timing steps fall in those
-20), and where a searched step's time goes: search and
+"""Whole-model decode ms/token on saved contexts, 60 steps after 4 warm-up (the continuation below,
+repeated), with full attention; with retrieval attention as a CPU chat runs it by default (layers
+predicted cheaper to read whole read densely, the others time their search against reading every
+key in their first steps and keep the faster: retrieval/cost.py), and the same without the timing
+(the prediction alone); and with every retrievable layer searched — and where a searched step's
+time goes: search and
 attention over the answered + static keys, per token over all layers (on a CPU one call does
 both: its time is split by the cycles its workers spent on each), and the retrieval part with
 its Python glue.
@@ -30,13 +31,18 @@ model = None
 if args[:1] == ["--model"]:
     model, args = args[1], args[2:]
 loaded = load_model(model)
-tokens = loaded.tokenizer(CONTINUATION, add_special_tokens=False).input_ids[:24]
+tokens = (loaded.tokenizer(CONTINUATION, add_special_tokens=False).input_ids[:24] * 3)[:64]
 for path in args:
     store = ContextStore.open(path)
     row = {"context": path, "context_tokens": store.n_tokens}
-    for mode, settings in (("full", None), ("default", RetrievalSettings(exact_margin=0)),
+    for mode, settings in (("full", None), ("predicted", RetrievalSettings(exact_margin=0)),
+                           ("default", RetrievalSettings(exact_margin=0)),
                            ("retrieval", RetrievalSettings(dense_when_cheaper=False, exact_margin=0))):
         cache = open_cache(loaded, store, "full" if settings is None else "retrieval", settings or RetrievalSettings())
+        if mode == "predicted":  # the cost model's choice alone: no layer times itself
+            for layer in cache.layers:
+                if isinstance(layer, RetrievalLayer):
+                    layer.choice = None
         for token in tokens[:4]:
             prefill(loaded.model, cache, [token])
         stats = getattr(cache, "retrieval_stats", None)
@@ -50,7 +56,7 @@ for path in args:
         if mode == "default":
             row["default_dense_layers"] = {"predicted": stats.cheaper_dense_layers, "too_diffuse": sorted(
                 set(stats.dense_layers) - set(stats.cheaper_dense_layers)), "timed": stats.measured_dense_layers}
-        elif stats:
+        elif mode == "retrieval" and stats:
             row["search_ms_per_token"] = round(stats.search_seconds / steps * 1000, 2)
             row["retrieved_attention_ms_per_token"] = round(stats.attention_seconds / steps * 1000, 2)
             row["retrieval_ms_per_token"] = round(stats.retrieval_seconds / steps * 1000, 2)  # with the glue
