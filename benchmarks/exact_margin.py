@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ra_cli.bench.fidelity import DEFAULT_PROMPTS, forced_logits, reference_continuation
-from ra_cli.ingest import IngestOptions, open_source, resolve_source
+from ra_cli.ingest import IngestOptions
+from ra_cli.sources import open_source, resolve_source
 from ra_cli.model import load_model
 from ra_cli.prompt import Prompter, PromptLayout
 from ra_cli.retrieval.modes import open_cache, settings_for

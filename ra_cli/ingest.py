@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ra_cli.collection import load_collection
-from ra_cli.document import Document, load_document
+from ra_cli.document import Document
 from ra_cli.engine.cache import ContextCache, WideningScratch, layer_windows
 from ra_cli.engine.generate import prefill
 from ra_cli.engine.sparse import SparsePrefill
@@ -96,11 +95,16 @@ def store_header(loaded: LoadedModel, document: Document, options: IngestOptions
     }
 
 
-def cached_context_path(loaded: LoadedModel, document: Document, options: IngestOptions) -> Path:
-    """Where `ra chat DOCUMENT` keeps its context: keyed by document + model + stored parameters."""
-    key = json.dumps({"doc": document.sha256, "model": loaded.fingerprint.digest,
+def cached_context_path(loaded: LoadedModel, name: str, sha256: str, options: IngestOptions) -> Path:
+    """Where `ra chat DOCUMENT` keeps its context: keyed by the document's name and file sha256,
+    the model and the stored parameters."""
+    key = json.dumps({"doc": sha256, "model": loaded.fingerprint.digest,
                       "params": options.content_params(dtype_name(loaded.dtype))}, sort_keys=True)
-    return contexts_dir() / (Path(document.name).stem[:40] + "-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".idx")
+    return contexts_dir() / (cached_context_stem(name) + "-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".idx")
+
+
+def cached_context_stem(name: str) -> str:
+    return Path(name).stem[:40]
 
 
 def sparse_policy(options: IngestOptions) -> SparsePrefill:
@@ -265,57 +269,6 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     return IngestResult(path, n, writer.resumed_from, n - writer.resumed_from, seconds, prefill_seconds, index_seconds)
 
 
-@dataclass
-class Source:
-    """What `ra chat` / `ra eval` were pointed at: a saved context, or a document to ingest (read
-    before any model loads, so that a bad document fails fast)."""
-
-    context: Path | None = None
-    document: Document | None = None
-
-
-def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=None) -> Source:
-    """A context (saved, or an ingest's partial one), a document, or a folder of documents (one
-    collection; `on_skip` hears of files in it that cannot be read)."""
-    path = Path(path)
-    if is_context(path):
-        return Source(context=path)
-    if path.is_dir():
-        return Source(document=load_collection([path], encoding, on_skip, on_page))
-    if not path.exists():
-        raise RaError(f"{path}: no such file or context")
-    return Source(document=load_document(path, encoding, on_page))
-
-
 def is_context(path: Path) -> bool:
     """A context made by `ra ingest`, finished or not (a file of that name is a document)."""
     return not path.is_file() and ((path / MANIFEST).exists() or partial_path(path).exists())
-
-
-def open_source(loaded: LoadedModel, source: Source, options: IngestOptions | None = None, on_progress=None,
-                on_index=None, on_notice=None) -> tuple[ContextStore, IngestResult | None]:
-    """The store behind a source: the saved context itself, or the document's cached context
-    (ingested, or an interrupted ingest finished, when needed). The result is None when nothing
-    was prefilled. `on_notice` hears when the context is longer than the model's trained context."""
-    if source.context is not None:
-        store, result = ContextStore.open(source.context, loaded.fingerprint), None
-    else:
-        store, result = ensure_context(loaded, source.document, options, on_progress, on_index, on_notice)
-    notice = context_limit_notice(loaded, store.n_tokens)
-    if notice and on_notice is not None and result is None:  # an ingest already said it
-        on_notice(notice)
-    return store, result
-
-
-def ensure_context(loaded: LoadedModel, document: Document, options: IngestOptions | None = None,
-                   on_progress=None, on_index=None, on_notice=None) -> tuple[ContextStore, IngestResult | None]:
-    """The cached context for `document`, ingesting (or finishing an ingest) when needed."""
-    options = options or IngestOptions()
-    path = cached_context_path(loaded, document, options)
-    if (path / "manifest.json").is_file():
-        try:
-            return ContextStore.open(path, loaded.fingerprint), None
-        except RaError:
-            pass  # damaged cache entry: rebuild it below
-    result = ingest(loaded, document, path, options, on_progress, on_index, on_notice)
-    return ContextStore.open(path, loaded.fingerprint), result

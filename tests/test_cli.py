@@ -129,3 +129,29 @@ def test_sampling_is_reproducible_with_a_seed(lighthouse_txt, reuse_loaded_model
             "--max-new-tokens", 12, "--json")
     first = json.loads(invoke(*args, "--seed", 7).stdout)["answer"]
     assert json.loads(invoke(*args, "--seed", 7).stdout)["answer"] == first
+
+
+def test_a_document_chatted_with_before_is_not_read_again(tmp_path, reuse_loaded_model, monkeypatch):
+    """`ra chat book.pdf` again finds its cached context by the file's sha256 and answers without
+    extracting the PDF again; a file whose content changed is read (and ingested) afresh, and so
+    is one whose cached context was made with other parameters (read then, not before the model)."""
+    import ra_cli.document
+    import ra_cli.sources
+
+    pdf = make_text_pdf(tmp_path / "book.pdf", [["Chapter one is about apples."], ["Chapter two is about pears."]])
+    args = ("chat", pdf, "--ask", "What is chapter two about?", "-n", 8, "--json")
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    reads = []
+    for module in (ra_cli.sources, ra_cli.document):
+        real = module.load_document
+        monkeypatch.setattr(module, "load_document", lambda path, *rest, real=real: reads.append(path) or real(path, *rest))
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert reads == [] and "reused" in again.stderr and "reading" not in again.stderr
+    assert json.loads(again.stdout)["answer"] == json.loads(first.stdout)["answer"]
+    other_parameters = invoke(*args, "--sinks", 16)
+    assert other_parameters.exit_code == 0 and reads == [pdf] and "prefilled" in other_parameters.stderr
+    make_text_pdf(pdf, [["Chapter one is about plums."], ["Chapter two is about figs."]])
+    changed = invoke(*args)
+    assert changed.exit_code == 0 and reads == [pdf, pdf] and "prefilled" in changed.stderr

@@ -11,7 +11,7 @@ from conftest import REPO
 LAYERS = ["base", "store", "document", "prompt", "engine", "model", "index", "retrieval", "ingest", "chat", "bench",
           "cli"]
 BASE = {"errors", "paths", "files", "buffers", "ui", "choices", "intrinsics", "__init__"}
-ALSO = {"manifest": "store", "markup": "document", "word": "document", "collection": "document", "citations": "chat", "sessions": "chat", "cached": "ingest"}  # modules whose layer is not their name
+ALSO = {"manifest": "store", "markup": "document", "word": "document", "collection": "document", "citations": "chat", "sessions": "chat", "cached": "ingest", "sources": "ingest"}  # modules whose layer is not their name
 PACKAGE = REPO / "ra_cli"
 
 

@@ -42,7 +42,7 @@ def ingest_command(
     loaded = load_model(model, device, dtype, weights.value, opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     options = IngestOptions(chunk_size=chunk_size, kv_dtype=kv_dtype.value, prefill=prefill.value,
                             index=IndexParams(kind=index.value, sinks=sinks, window=window))
-    out = save or cached_context_path(loaded, doc, options)
+    out = save or cached_context_path(loaded, doc.name, doc.sha256, options)
     from ra_cli.ui import warn
 
     result = ingest_with_progress(lambda bar, layers: ingest(loaded, doc, out, options, bar, layers, warn), index.value,

@@ -57,7 +57,7 @@ def model_for(source, model: str | None) -> str | None:
 def read_source(path: Path, encoding: str):
     """A saved context, a document or a folder of documents, read (with a page bar for PDFs)
     before any model loads."""
-    from ra_cli.ingest import resolve_source
+    from ra_cli.sources import resolve_source
     from ra_cli.ui import page_progress, warn
 
     with page_progress(f"reading {path.name}") as on_page:
@@ -97,7 +97,7 @@ def ingest_with_progress(run, kind: str, interrupted: str):
 
 def open_store(loaded, source, options):
     """The store behind a chat/eval source, ingesting the document into the cache when needed."""
-    from ra_cli.ingest import open_source
+    from ra_cli.sources import open_source
     from ra_cli.ui import status, warn
 
     store, result = ingest_with_progress(lambda bar, layers: open_source(loaded, source, options, bar, layers, warn),
@@ -106,7 +106,7 @@ def open_store(loaded, source, options):
     if source.context is not None:
         status(f"context {source.context}: {store.n_tokens:,} tokens of {store.manifest['document']['name']}")
     elif result is None:
-        status(f"reused {store.n_tokens:,}/{store.n_tokens:,} tokens of {source.document.name} from the cache")
+        status(f"reused {store.n_tokens:,}/{store.n_tokens:,} tokens of {source.name} from the cache")
     else:
         status(f"reused {result.reused_tokens:,}/{result.n_tokens:,} tokens; prefilled {result.prefilled_tokens:,} "
                f"in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s)")

@@ -1,0 +1,104 @@
+"""What `ra chat` and `ra eval` are pointed at, and the context store behind it: a saved context,
+or a document (or a folder of them) whose context ra keeps in its cache, ingested when needed.
+
+A document is read before any model loads, so a bad one fails fast — unless it was chatted with
+before: its file's sha256 then names a cached context, and reading it again (a PDF's text
+extraction takes seconds per hundred pages) is put off until the context turns out to be missing
+for this model and these parameters."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ra_cli.collection import load_collection
+from ra_cli.document import Document, load_document
+from ra_cli.errors import RaError
+from ra_cli.files import file_sha256
+from ra_cli.ingest import (IngestOptions, IngestResult, cached_context_path, cached_context_stem, context_limit_notice,
+                           ingest, is_context)
+from ra_cli.manifest import MANIFEST
+from ra_cli.model import LoadedModel
+from ra_cli.paths import contexts_dir
+from ra_cli.store import ContextStore
+
+
+@dataclass
+class Source:
+    context: Path | None = None  # a saved context
+    document: Document | None = None  # a document read, to ingest unless its context is cached
+    unread: Path | None = None  # a document file with a cached context, not read (yet)
+    unread_sha256: str = ""
+    encoding: str = "utf-8"
+
+    @property
+    def name(self) -> str:
+        return self.context.name if self.context else self.document.name if self.document else self.unread.name
+
+
+def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=None) -> Source:
+    """A context (saved, or an ingest's partial one), a document, or a folder of documents (one
+    collection; `on_skip` hears of files in it that cannot be read)."""
+    path = Path(path)
+    if is_context(path):
+        return Source(context=path)
+    if path.is_dir():
+        return Source(document=load_collection([path], encoding, on_skip, on_page))
+    if not path.exists():
+        raise RaError(f"{path}: no such file or context")
+    if path.is_file():
+        sha256 = file_sha256(path)
+        if cached_for_file(path.name, sha256):
+            return Source(unread=path, unread_sha256=sha256, encoding=encoding)
+    return Source(document=load_document(path, encoding, on_page))
+
+
+def cached_for_file(name: str, sha256: str) -> bool:
+    """Whether ra's cache holds a finished context of a document file of this name and sha256
+    (made by any model: which one is asked for is known only once it loads)."""
+    for path in contexts_dir().glob(glob.escape(cached_context_stem(name)) + "-*.idx"):
+        try:
+            document = json.loads((path / MANIFEST).read_text())["document"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(document, dict) and document.get("name") == name and document.get("sha256") == sha256:
+            return True
+    return False
+
+
+def open_source(loaded: LoadedModel, source: Source, options: IngestOptions | None = None, on_progress=None,
+                on_index=None, on_notice=None) -> tuple[ContextStore, IngestResult | None]:
+    """The store behind a source: the saved context itself, or the document's cached context
+    (ingested, or an interrupted ingest finished, when needed). The result is None when nothing
+    was prefilled. `on_notice` hears when the context is longer than the model's trained context."""
+    options = options or IngestOptions()
+    if source.context is not None:
+        store, result = ContextStore.open(source.context, loaded.fingerprint), None
+    else:
+        store, result = ensure_context(loaded, source, options, on_progress, on_index, on_notice)
+    notice = context_limit_notice(loaded, store.n_tokens)
+    if notice and on_notice is not None and result is None:  # an ingest already said it
+        on_notice(notice)
+    return store, result
+
+
+def ensure_context(loaded: LoadedModel, source: Source, options: IngestOptions, on_progress=None, on_index=None,
+                   on_notice=None) -> tuple[ContextStore, IngestResult | None]:
+    """The cached context of a source's document, ingesting (or finishing an ingest) when needed;
+    an unread document is read only then."""
+    document = source.document
+    name, sha256 = (document.name, document.sha256) if document else (source.unread.name, source.unread_sha256)
+    path = cached_context_path(loaded, name, sha256, options)
+    if (path / MANIFEST).is_file():
+        try:
+            return ContextStore.open(path, loaded.fingerprint), None
+        except RaError:
+            pass  # damaged cache entry: rebuild it below
+    if document is None:
+        document = load_document(source.unread, source.encoding)
+        if document.sha256 != sha256:  # the file changed since it was hashed: key the context by what was read
+            return ensure_context(loaded, Source(document=document), options, on_progress, on_index, on_notice)
+    result = ingest(loaded, document, path, options, on_progress, on_index, on_notice)
+    return ContextStore.open(path, loaded.fingerprint), result
