@@ -56,6 +56,17 @@ def main(work: Path, layers: list[int], block: int, configs: list[tuple[int, int
         starts = np.arange(0, n, block)
         sizes = np.diff(np.append(starts, n))
         means = np.stack([np.add.reduceat(keys[g], starts, axis=0) / sizes[:, None] for g in range(kv_heads)])
+        # where the answers lie: how many blocks a query head's exact top-100 touches, and how much of
+        # it the best 16 blocks by mean key hold
+        touched, held = [], []
+        for h in range(heads):
+            counts = np.stack([np.bincount(truth[h, t] // block, minlength=len(starts)) for t in range(STEPS)])
+            best16 = np.argsort(-(decode[h] @ means[h // per_kv].T), 1)[:, :16]
+            touched.append((counts > 0).sum(1).mean())
+            held.append(np.take_along_axis(counts, best16, 1).sum(1).mean() / K)
+        print(json.dumps({"layer": layer, "block": block, "blocks": len(starts),
+                          "blocks_touched_by_a_top_100": round(float(np.mean(touched)), 1),
+                          "share_of_the_top_100_in_the_best_16_blocks": round(float(np.mean(held)), 3)}), flush=True)
         hubs = block_hubs(lists, keys, block, max(width for _, width in configs))
         searcher = HeadsAlone(index, kv_heads)
         for best, width in [(0, 0)] + configs:
