@@ -22,7 +22,7 @@ from ra_cli.manifest import MANIFEST
 from ra_cli.model import LoadedModel, dtype_name
 from ra_cli.paths import contexts_dir
 from ra_cli.prompt import Prompter, layout_for
-from ra_cli.store import ContextStore, LayerShape, StoreWriter, kv_to_numpy, kv_to_tensor, partial_path
+from ra_cli.store import LayerShape, StoreWriter, kv_to_numpy, kv_to_tensor, partial_path
 
 
 COMMIT_SECONDS = 2.0  # how much prefill a crash may cost: progress is synced to disk this often
