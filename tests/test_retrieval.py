@@ -581,6 +581,16 @@ def test_a_measured_choice_times_both_ways_and_keeps_the_faster():
     assert choice.reads_every_key
 
 
+def reading_every_key(cache):
+    """A retrieval cache whose searched layers were all timed slower than reading every key."""
+    from ra_cli.retrieval.cost import MeasuredChoice
+
+    for layer in cache.layers:
+        if isinstance(layer, RetrievalLayer):
+            layer.choice = MeasuredChoice(reads_every_key=True)
+    return cache
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_a_layer_reading_every_key_is_full_attention_and_cites_every_key(small_context, small_context_fast, loaded,
                                                                          loaded_fast, fast):
@@ -588,14 +598,10 @@ def test_a_layer_reading_every_key_is_full_attention_and_cites_every_key(small_c
     the attention weights it collects for citations are full attention's (float32 store, and the
     CPU default's bf16 KV), and end to end the logits match the full cache's."""
     from ra_cli.engine.mass import AttentionMass
-    from ra_cli.retrieval.cost import MeasuredChoice
 
     loaded, store = (loaded_fast, small_context_fast) if fast else (loaded, small_context)
     searched = RetrievalSettings(top_k=8, ef=16, window=64, dense_when_cheaper=False, exact_margin=0)
-    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, "retrieval", searched)
-    for layer in cache.layers:
-        if isinstance(layer, RetrievalLayer):
-            layer.choice = MeasuredChoice(reads_every_key=True)
+    full, cache = open_cache(loaded, store, "full"), reading_every_key(open_cache(loaded, store, "retrieval", searched))
     generator = torch.Generator().manual_seed(5)
     n = store.n_tokens + 1
     for index in (0, 11, 29):
@@ -617,10 +623,7 @@ def test_a_layer_reading_every_key_is_full_attention_and_cites_every_key(small_c
         expected[:, :1] = 0.0
         np.testing.assert_allclose(layer.mass.rows, expected, atol=1e-6, rtol=1e-4)
         layer.mass = None
-    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, "retrieval", searched)
-    for layer in cache.layers:
-        if isinstance(layer, RetrievalLayer):
-            layer.choice = MeasuredChoice(reads_every_key=True)
+    full, cache = open_cache(loaded, store, "full"), reading_every_key(open_cache(loaded, store, "retrieval", searched))
     for token in (100, 200, 300):  # decode steps only: a question of several tokens would be searched
         torch.testing.assert_close(prefill(loaded.model, cache, [token]), prefill(loaded.model, full, [token]),
                                    atol=2e-3, rtol=1e-4)

@@ -47,6 +47,9 @@ class HostMemoryAttention:
         if choice is None or host_query.shape[1] != 1 or not self._searching():
             return self._search_and_attend(host_query, q_offset, scaling)
         every_key = choice.every_key_next()
+        if choice.reads_every_key is not None:  # decided: nothing more to time
+            return self._attend_every_key(host_query, scaling) if every_key else \
+                self._search_and_attend(host_query, q_offset, scaling)
         began = time.perf_counter()
         out = self._attend_every_key(host_query, scaling) if every_key else \
             self._search_and_attend(host_query, q_offset, scaling)
