@@ -5,9 +5,10 @@ Each document keeps its own units (a PDF's pages, a book's sections, a text file
 starts with its file name on a line of its own ("File: lease.pdf"), so that the model reads
 which document says what; the collection's pages are its documents' pages in order, numbered on
 (a text file: one page), and `parts` maps them back, so that answers cite "lease.pdf p. 3".
-Files in a folder are taken in natural order (ch2 before ch10), hidden files and saved contexts
-left out; one that cannot be read is skipped with a warning (a folder rarely holds only good
-files), while a file named on the command line must be read.
+Files in a folder (documents and source code, by suffix) are taken in natural order (ch2 before
+ch10), hidden files, saved contexts and what tools put beside code (node_modules, __pycache__,
+virtual environments) left out; one that cannot be read is skipped with a warning (a folder rarely
+holds only good files), while a file named on the command line must be read.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ra_cli.document import (EPUB_SUFFIXES, HTML_SUFFIXES, PAGE_SEPARATOR, PDF_SUFFIXES, READ, TEXT_SUFFIXES,
-                             WORD_SUFFIXES, Document, Page, load_document)
+from ra_cli.document import (CODE_SUFFIXES, EPUB_SUFFIXES, HTML_SUFFIXES, PAGE_SEPARATOR, PDF_SUFFIXES, READ,
+                             TEXT_SUFFIXES, WORD_SUFFIXES, Document, Page, load_document)
 from ra_cli.errors import RaError
 
-READABLE = PDF_SUFFIXES | WORD_SUFFIXES | EPUB_SUFFIXES | HTML_SUFFIXES | TEXT_SUFFIXES
+READABLE = PDF_SUFFIXES | WORD_SUFFIXES | EPUB_SUFFIXES | HTML_SUFFIXES | TEXT_SUFFIXES | CODE_SUFFIXES
 MAX_DOCUMENTS = 10_000
+NOT_WRITTEN_BY_HAND = {"node_modules", "__pycache__"}  # folders of installed or generated code
 HEADER = "File: {name}\n\n"  # before each document's text, so the model reads whose text follows
 
 
@@ -74,7 +76,8 @@ def _readable_files(folder: Path) -> list[Path]:
     files = []
     for root, dirs, names in os.walk(folder):
         # hidden folders, and contexts saved inside the folder (their manifest marks them), are not documents
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / "manifest.json").exists()]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in NOT_WRITTEN_BY_HAND
+                   and not any((Path(root) / d / marker).exists() for marker in ("manifest.json", "pyvenv.cfg"))]
         files.extend(Path(root) / name for name in names
                      if not name.startswith(".") and Path(name).suffix.lower() in READABLE)
     return sorted(files, key=lambda file: _natural(file.relative_to(folder).as_posix()))

@@ -34,8 +34,16 @@ PDF_SUFFIXES = {".pdf"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 EPUB_SUFFIXES = {".epub"}
 WORD_SUFFIXES = {".docx"}
+# source code and its build files, which a folder's walk takes besides documents (a file named on
+# the command line is read as text whatever its suffix, when it is text)
+CODE_SUFFIXES = {
+    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cu", ".rs", ".go", ".java", ".kt",
+    ".scala", ".swift", ".m", ".cs", ".fs", ".js", ".mjs", ".ts", ".tsx", ".jsx", ".vue", ".rb", ".php",
+    ".pl", ".lua", ".r", ".jl", ".hs", ".ml", ".ex", ".exs", ".erl", ".clj", ".dart", ".zig", ".nim",
+    ".sh", ".bash", ".zsh", ".ps1", ".sql", ".proto", ".cmake", ".toml", ".ini", ".cfg",
+}
 PAGE_SEPARATOR = "\n\n"
-READ = ".pdf, .docx, .epub, .html, .txt and .md (also .rst, .adoc, .org, .tex)"
+READ = ".pdf, .docx, .epub, .html, .txt and .md (also .rst, .adoc, .org, .tex), and other plain text such as source code"
 UNITS = ("page", "section", "line")
 
 
@@ -107,10 +115,9 @@ def load_document(
                     "docx": "no text (only images or drawings?)"}[kind]
             raise RaError(f"{path}: no text to read — it holds {what}; ra needs the document's text")
     else:
-        raise RaError(
-            f"{path}: unsupported file type '{suffix or '(none)'}'; ra reads {READ} "
-            "(convert other formats to text or PDF first)"
-        )
+        text = _read_other_as_text(path, suffix, encoding)
+        pages = [Page(1, 0, len(text))]
+        kind, unit = "text", "line"
     if not text.strip():
         raise RaError(f"{path}: the document is empty; nothing to chat about")
     return Document(name=path.name, sha256=file_sha256(path), kind=kind, text=text, pages=pages, unit=unit)
@@ -138,6 +145,30 @@ def _joined(sections: list[Section]) -> tuple[str, list[Page]]:
     return PAGE_SEPARATOR.join(section.text for section in sections), pages
 
 
+class BinaryData(RaError):
+    """A file that is not text: NUL bytes, or too many control characters once decoded."""
+
+
+class NotDecodable(RaError):
+    """A file whose bytes are not text in the encoding asked for."""
+
+
+def _read_other_as_text(path: Path, suffix: str, encoding: str) -> str:
+    """A file of a kind ra does not know by its name (source code, a log, a config file, a README
+    or LICENSE without a suffix) is plain text to read, cited by line, when it is text."""
+    raw = path.read_bytes()
+    try:
+        return _read_text(path, encoding, raw)
+    except (BinaryData, NotDecodable) as exc:
+        # bytes that do not decode are text in another encoding only if few of them are controls
+        binary = isinstance(exc, BinaryData) or _control_fraction(raw[:65536].decode("latin-1")) > 0.05
+        why = "binary, not text" if binary else f"not {encoding} text; if it is text, pass --encoding"
+        raise RaError(
+            f"{path}: unsupported file type '{suffix or '(none)'}' ({why}); ra reads {READ} "
+            "(convert other formats to text or PDF first)"
+        ) from None
+
+
 def _read_text(path: Path, encoding: str, raw: bytes | None = None) -> str:
     raw = path.read_bytes() if raw is None else raw
     if not raw:
@@ -145,7 +176,7 @@ def _read_text(path: Path, encoding: str, raw: bytes | None = None) -> str:
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding = "utf-16"
     elif b"\x00" in raw[:65536]:
-        raise RaError(f"{path}: looks like binary data, not text (it contains NUL bytes)")
+        raise BinaryData(f"{path}: looks like binary data, not text (it contains NUL bytes)")
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -153,13 +184,13 @@ def _read_text(path: Path, encoding: str, raw: bytes | None = None) -> str:
     try:
         text = raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") == "utf-8" else encoding)
     except UnicodeDecodeError as exc:
-        raise RaError(
+        raise NotDecodable(
             f"{path}: not valid {encoding} (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
             "pass --encoding (e.g. --encoding latin-1) or convert the file to UTF-8"
         )
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if _control_fraction(text) > 0.05:
-        raise RaError(f"{path}: looks like binary data, not text (too many control characters)")
+        raise BinaryData(f"{path}: looks like binary data, not text (too many control characters)")
     return text
 
 

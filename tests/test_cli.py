@@ -36,7 +36,7 @@ def test_bad_documents_fail_before_any_model_work(tmp_path, command, monkeypatch
         raise AssertionError("model must not load for a bad document")
 
     monkeypatch.setattr(ra_cli.model, "load_model", no_model)
-    (tmp_path / "a.odt").write_bytes(b"PK")
+    (tmp_path / "a.odt").write_bytes(b"PK\x03\x04\x14\x00\x00\x00")  # a zip archive, as an OpenDocument is
     (tmp_path / "a.docx").write_bytes(b"PK")
     if command == "ingest":
         assert_one_line_error(invoke("ingest", tmp_path / "a.odt"), "unsupported file type '.odt'")

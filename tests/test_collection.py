@@ -66,6 +66,23 @@ def test_what_a_collection_is_made_of_changes_its_identity(tmp_path):
     assert len({first, amended, load_collection([root]).sha256}) == 3
 
 
+def test_a_folder_of_code_takes_its_sources_but_not_installed_or_generated_ones(tmp_path):
+    root = tmp_path / "project"
+    for folder_of_tools in ("node_modules/left-pad", "__pycache__", "venv"):
+        (root / folder_of_tools).mkdir(parents=True)
+        (root / folder_of_tools / "index.js").write_text("module.exports = 1\n")
+    (root / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (root / "src").mkdir()
+    (root / "src" / "main.py").write_text("print('hello')\n")
+    (root / "src" / "util.rs").write_text("fn main() {}\n")
+    (root / "pyproject.toml").write_text("[project]\nname = 'demo'\n")
+    (root / "data.json").write_text("{}\n")  # data, not code: not taken from a folder
+    (root / "README.md").write_text("# Demo\n")
+    doc = load_collection([root])
+    assert [p["name"] for p in doc.parts] == ["pyproject.toml", "README.md", "src/main.py", "src/util.rs"]
+    assert "File: src/main.py\n\nprint('hello')" in doc.text
+
+
 def test_unreadable_files_in_a_folder_are_skipped_aloud_but_named_ones_must_read(tmp_path):
     root = folder(tmp_path)
     (root / "scan.pdf").write_bytes(b"%PDF-1.4\n garbage")

@@ -64,13 +64,25 @@ def test_explicit_encoding(tmp_path):
     ("letter.docx", b"\xd0\xcf\x11\xe0 an old .doc renamed", "not a valid .docx (it is not a zip archive)"),
     ("book.epub", b"PK\x03\x04 not really", "not a valid EPUB (it is not a zip archive)"),
     ("page.html", b"<html><body><script>x()</script><img src=a.png></body></html>", "no text outside its markup"),
-    ("noext", b"hello", "unsupported file type '(none)'"),
+    ("noext", b"\x7fELF\x02\x01\x01\x00" * 8, "unsupported file type '(none)' (binary, not text)"),
+    ("data.bin", b"\x89PNG\r\n\x1a\n\x01\x02\x03\x04\x05\x06", "unsupported file type '.bin' (binary, not text)"),
+    ("old.log", b"caf\xe9 au lait", "unsupported file type '.log' (not utf-8 text; if it is text, pass --encoding)"),
 ])
 def test_bad_text_inputs(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(RaError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         load_document(tmp_path / name)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["README", "LICENSE", "solver.py", "server.log", "notes.csv"])
+def test_other_plain_text_files_are_read_as_text_cited_by_line(tmp_path, name):
+    content = "def solve(x):\n\treturn x * 2  # doubles\n"
+    (tmp_path / name).write_text(content)
+    doc = load_document(tmp_path / name)
+    assert (doc.kind, doc.unit, doc.text, len(doc.pages)) == ("text", "line", content, 1)
+    (tmp_path / "legacy.cfg").write_bytes("name = café\n".encode("latin-1"))
+    assert load_document(tmp_path / "legacy.cfg", encoding="latin-1").text == "name = café\n"
 
 
 def test_invalid_utf8_message_says_what_to_do(tmp_path):
