@@ -279,3 +279,23 @@ def test_a_long_prefill_logs_plain_progress_lines_when_stderr_is_not_a_terminal(
         if expected:
             assert lines[0] == "prefill: 3,100/7,000 tokens (44%), 100 tok/s, about 39 s left"
             assert lines[1] == "prefill: 6,200/7,000 tokens (89%), 100 tok/s, about 8 s left"
+
+
+def test_the_time_left_of_a_prefill_allows_for_tokens_getting_dearer_as_it_goes():
+    """A full prefill's token at position p attends to p earlier keys: a constant rate promised a
+    25K-token ingest "about 62 s left" a third of the way in, with three minutes to go. The
+    estimate fits a cost growing with the position (and none, for a sparse prefill's constant
+    cost), leaving out the first chunk's kernel compiling."""
+    from ra_cli.ui import prefill_seconds_left
+
+    def seconds(done, a, b):  # time to prefill tokens [0, done) at a + b * position each
+        return a * done + b * done * done / 2
+
+    for a, b in ((1e-3, 1e-6), (1e-2, 0.0), (0.0, 2e-6)):
+        samples = [(0.0, 0)] + [(5.0 + seconds(done, a, b), done) for done in range(1024, 8192, 1024)]
+        for seen in range(4, len(samples) + 1):
+            done = samples[seen - 1][1]
+            assert prefill_seconds_left(samples[:seen], 25_000) == pytest.approx(
+                seconds(25_000, a, b) - seconds(done, a, b), rel=1e-6)
+    assert prefill_seconds_left([(0.0, 0)], 25_000) is None
+    assert prefill_seconds_left([(0.0, 0), (10.0, 1000)], 25_000) == pytest.approx(240.0)
