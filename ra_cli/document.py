@@ -1,4 +1,5 @@
-"""Document -> text: read a .pdf, .docx, .epub, .html, .txt or .md file into one string plus a page map.
+"""Document -> text: read a .pdf, .docx, .epub, .html, .txt or .md file (any other text file as text; a
+document piped in by its first bytes) into one string plus a page map.
 
 Text policy (documented in docs/store-format.md):
 - .txt/.md are decoded as UTF-8 (a UTF-8 BOM is dropped, UTF-16 with a BOM is accepted). Invalid
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
+import io
 import logging
 import unicodedata
 import warnings
@@ -123,10 +126,42 @@ def load_document(
     return Document(name=path.name, sha256=file_sha256(path), kind=kind, text=text, pages=pages, unit=unit)
 
 
-def _html_sections(path: Path, encoding: str) -> list[Section]:
+PIPED = "-"  # the document argument that means "read it from stdin"
+
+
+def load_piped(raw: bytes, encoding: str = "utf-8") -> Document:
+    """A document piped in (`pdftotext book.pdf - | ra chat -`, `curl URL | ra chat -`): a PDF, an
+    HTML page or text, told apart by their first bytes since a pipe has no file name. Named
+    "stdin"; its context is cached by its bytes' sha256 like a file's, so piping the same document
+    again reuses it. A zip (.docx, .epub) needs its member names: it is refused."""
+    label = Path("stdin")
+    if not raw:
+        raise RaError("stdin: nothing was piped in; pipe a document (cat notes.txt | ra chat -) or give its path")
+    head = raw[:1024].lstrip(codecs.BOM_UTF8 + b" \t\r\n").lower()
+    if raw.startswith(b"%PDF-"):
+        text, pages = _read_pdf(label, None, raw)
+        kind, unit = "pdf", "page"
+    elif raw.startswith(b"PK\x03\x04"):
+        raise RaError("stdin: a zip archive (a .docx or .epub?) cannot be read from a pipe; save it to a file and give its path")
+    elif head.startswith((b"<!doctype html", b"<html")):
+        text, pages = _joined(_html_sections(label, encoding, raw))
+        kind, unit = "html", "section"
+        if not text.strip():
+            raise RaError("stdin: no text to read — the page holds no text outside its markup; ra needs the document's text")
+    else:
+        text = _read_text(label, encoding, raw)
+        pages = [Page(1, 0, len(text))]
+        kind, unit = "text", "line"
+    if not text.strip():
+        raise RaError("stdin: the document is empty; nothing to chat about")
+    return Document(name=label.name, sha256=hashlib.sha256(raw).hexdigest(), kind=kind, text=text, pages=pages,
+                    unit=unit)
+
+
+def _html_sections(path: Path, encoding: str, raw: bytes | None = None) -> list[Section]:
     """A saved web page or HTML manual: decoded as it declares (unless --encoding says otherwise),
     cut at its headings; text before the first heading is titled by the page's <title>."""
-    raw = path.read_bytes()
+    raw = path.read_bytes() if raw is None else raw
     declared = declared_charset(raw) if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else None
     title, sections = html_sections(_read_text(path, declared or encoding, raw))
     if sections and not sections[0].title:
@@ -216,13 +251,13 @@ def _quiet_pypdf():
         logger.setLevel(previous)
 
 
-def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None) -> tuple[str, list[Page]]:
+def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None, raw: bytes | None = None) -> tuple[str, list[Page]]:
     import pypdf
     from pypdf.errors import PyPdfError
 
     with _quiet_pypdf():
         try:
-            reader = pypdf.PdfReader(path)
+            reader = pypdf.PdfReader(path if raw is None else io.BytesIO(raw))
             if reader.is_encrypted:
                 # Many PDFs are "encrypted" with an empty user password only (print restrictions).
                 try:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ra_cli.collection import load_collection
-from ra_cli.document import Document, load_document
+from ra_cli.document import PIPED, Document, load_document, load_piped
 from ra_cli.errors import RaError
 from ra_cli.files import file_sha256
 from ra_cli.ingest import (IngestOptions, IngestResult, cached_context_path, cached_context_stem, context_limit_notice,
@@ -42,6 +43,8 @@ def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=No
     """A context (saved, or an ingest's partial one), a document, or a folder of documents (one
     collection; `on_skip` hears of files in it that cannot be read)."""
     path = Path(path)
+    if str(path) == PIPED:
+        return Source(document=read_piped(encoding))
     if is_context(path):
         return Source(context=path)
     if path.is_dir():
@@ -53,6 +56,13 @@ def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=No
         if cached_for_file(path.name, sha256):
             return Source(unread=path, unread_sha256=sha256, encoding=encoding)
     return Source(document=load_document(path, encoding, on_page))
+
+
+def read_piped(encoding: str = "utf-8") -> Document:
+    """The document piped in for `-`. A terminal on stdin pipes nothing: ra would wait for Ctrl-D."""
+    if sys.stdin.isatty():
+        raise RaError("-: nothing is piped in; pipe a document (cat notes.txt | ra chat -) or give its path")
+    return load_piped(sys.stdin.buffer.read(), encoding)
 
 
 def cached_for_file(name: str, sha256: str) -> bool:

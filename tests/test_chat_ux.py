@@ -224,6 +224,32 @@ def spawn_chat(context, *extra):
                          timeout=120, dimensions=(40, 120))
 
 
+def test_questions_to_a_piped_document_come_from_the_terminal(tmp_path, isolated_cache):
+    """`cat notes.txt | ra chat -` spends stdin on the document: the questions are read from the
+    terminal (as `less` does); with no terminal at all (a job, CI) it says to use --ask, before
+    any model loads."""
+    import subprocess
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text(NEEDLE + "\n")
+    command = [sys.executable, "-m", "ra_cli", "chat", "-", "--dtype", "float32", "--weights", "dense", "-n", "12"]
+    env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", COLUMNS="120")
+    chat = pexpect.spawn("bash", ["-c", f"cat {notes} | " + " ".join(command)], env=env, encoding="utf-8",
+                         timeout=120, dimensions=(40, 120))
+    chat.expect(">>>")
+    chat.sendline(QUESTION)
+    chat.expect("red-otter")
+    chat.expect(">>>")
+    chat.sendline("/bye")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+    alone = subprocess.run(command, input=notes.read_bytes(), capture_output=True, start_new_session=True, env=env)
+    assert alone.returncode == 1 and alone.stdout == b""
+    assert alone.stderr.decode().strip() == ("error: the document came through stdin, so the questions cannot: "
+                                             "give them with --ask (or give the document's path)")
+
+
 def test_terminal_multiline_ctrl_c_and_history(needle_context, isolated_cache):
     """On a pseudo-terminal: a \"\"\" message, Ctrl-C stopping a long reply (the chat goes on),
     a second Ctrl-C leaving with 130, and the history file recalled with the up arrow next time."""

@@ -155,3 +155,22 @@ def test_a_document_chatted_with_before_is_not_read_again(tmp_path, reuse_loaded
     make_text_pdf(pdf, [["Chapter one is about plums."], ["Chapter two is about figs."]])
     changed = invoke(*args)
     assert changed.exit_code == 0 and reads == [pdf, pdf] and "prefilled" in changed.stderr
+
+
+def test_a_document_piped_in_is_chatted_with_like_its_file(tmp_path, reuse_loaded_model):
+    """`cat notes.txt | ra chat - --ask ...` answers as `ra chat notes.txt` does; the same bytes
+    piped again reuse their context; `ra ingest -` saves it; nothing piped is one line."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Meeting notes.\nThe budget for the bridge is 40 million euros.\nThe vote is in June.\n")
+    args = ("--ask", "What is the budget for the bridge?", "-n", 10, "--json")
+    from_file = invoke("chat", notes, *args)
+    piped = invoke("chat", "-", *args, input=notes.read_bytes())
+    assert from_file.exit_code == 0 and piped.exit_code == 0, piped.output
+    assert json.loads(piped.stdout)["answer"] == json.loads(from_file.stdout)["answer"]
+    again = invoke("chat", "-", *args, input=notes.read_bytes())
+    assert again.exit_code == 0 and "reused" in again.stderr and "prefilled" not in again.stderr
+    saved = invoke("ingest", "-", "--save", tmp_path / "notes.idx", input=notes.read_bytes())
+    assert saved.exit_code == 0, saved.output
+    assert json.loads((tmp_path / "notes.idx" / "manifest.json").read_text())["document"]["name"] == "stdin"
+    assert_one_line_error(invoke("chat", "-", *args, input=b""), "stdin: nothing was piped in")
+    assert_one_line_error(invoke("ingest", "-", notes, input=b"x"), "is ingested alone", code=1)

@@ -294,3 +294,27 @@ def test_damaged_epub_word_and_html_files_fail_in_one_line(tmp_path, data):
         load_document(tmp_path / name)
     except RaError as exc:
         assert "\n" not in str(exc) and str(exc).startswith(str(tmp_path / name))
+
+
+def test_a_piped_document_is_told_apart_by_its_first_bytes(tmp_path):
+    """`... | ra chat -`: no file name says what the bytes are, so their start does; a piped
+    document's sha256 is its file's, so the same text piped again finds its context."""
+    from pdf_maker import make_text_pdf
+    from ra_cli.document import load_piped
+
+    text = "The river is called the Blau.\nIt floods in May.\n"
+    (tmp_path / "river.txt").write_text(text)
+    piped = load_piped(text.encode())
+    assert (piped.name, piped.kind, piped.unit, piped.text) == ("stdin", "text", "line", text)
+    assert piped.sha256 == load_document(tmp_path / "river.txt").sha256
+    pdf = make_text_pdf(tmp_path / "river.pdf", [["Page one."], ["The river is called the Blau."]])
+    piped = load_piped(pdf.read_bytes())
+    assert (piped.kind, piped.unit, piped.text, len(piped.pages)) == ("pdf", "page", load_document(pdf).text, 2)
+    page = b"\xef\xbb\xbf <!DOCTYPE html><html><body><h1>Rivers</h1><p>The Blau floods.</p></body></html>"
+    piped = load_piped(page)
+    assert (piped.kind, piped.unit, [p.title for p in piped.pages]) == ("html", "section", ["Rivers"])
+    assert "The Blau floods." in piped.text
+    for raw, message in ((b"", "stdin: nothing was piped in"), (b"PK\x03\x04\x14\x00", "cannot be read from a pipe"),
+                         (b" \n\t", "stdin: the document is empty"), (b"caf\xe9", "stdin: not valid utf-8")):
+        with pytest.raises(RaError, match=message):
+            load_piped(raw)

@@ -15,7 +15,8 @@ from ra_cli.choices import AttentionMode
 
 
 def chat_command(
-    source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, a document (.pdf, .docx, .epub, .html, .txt, .md) or a folder of them; "
+    source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, a document (.pdf, .docx, .epub, .html, .txt, .md, "
+                                                       "any text file), - for one piped in, or a folder of them; "
                                                        "with --resume, the session's own context."),
     ask: Optional[List[str]] = typer.Option(None, "--ask", "-a", help="Ask this and exit (repeatable; turns follow each other)."),
     resume: Optional[str] = typer.Option(None, "--resume", "-r", help="Continue a conversation saved with /save NAME (`ra sessions` lists them)."),
@@ -55,9 +56,10 @@ def chat_command(
 
     Each answer cites where its attention went: pages, sections (HTML, EPUB) or lines, by document in a folder."""
     from ra_cli.chat import start_chat
-    from ra_cli.cli.repl import ReplSettings, repl
+    from ra_cli.cli.repl import ReplSettings, questions_from_the_terminal, repl
+    from ra_cli.document import PIPED
     from ra_cli.engine.generate import Sampling
-    from ra_cli.errors import Interrupted
+    from ra_cli.errors import Interrupted, RaError
     from ra_cli.index import IndexParams
     from ra_cli.ingest import IngestOptions
     from ra_cli.retrieval.modes import settings_for
@@ -68,6 +70,9 @@ def chat_command(
     if source is None and saved is None:
         raise typer.BadParameter("give a context or document to chat with (or --resume NAME)", param_hint="'SOURCE'")
     found = read_source(source if source is not None else saved.context, encoding)
+    if str(source) == PIPED and not ask and not questions_from_the_terminal():
+        raise RaError("the document came through stdin, so the questions cannot: give them with --ask "
+                      "(or give the document's path)")
     loaded = load_model(model_for(found, model), device, dtype, weights.value,
                         opt.quantization(load_in_4bit, load_in_8bit), gpu_mem_gb)
     defaults = IndexParams()

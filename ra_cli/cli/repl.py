@@ -69,6 +69,19 @@ def _bounded(value, low, high, name):
     return value
 
 
+def questions_from_the_terminal() -> bool:
+    """After a piped document (`cat book.txt | ra chat -`) stdin is spent: the questions come from
+    the terminal instead, as `less` reads its keys. False when there is none (a job, CI)."""
+    try:
+        terminal = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:
+        return False
+    os.dup2(terminal, 0)
+    os.close(terminal)
+    sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
+    return True
+
+
 class LineReader:
     """Lines typed at a terminal (prompt_toolkit: editing, history in the cache) or piped in."""
 

@@ -67,10 +67,15 @@ def read_source(path: Path, encoding: str):
 def read_documents(paths: list[Path], encoding: str):
     """What `ra ingest` reads: one document, or several (files, folders) as one collection."""
     from ra_cli.collection import load_collection
-    from ra_cli.document import load_document
+    from ra_cli.document import PIPED, load_document
     from ra_cli.ingest import is_context
+    from ra_cli.sources import read_piped
     from ra_cli.ui import page_progress, warn
 
+    if any(str(path) == PIPED for path in paths):
+        if len(paths) > 1:
+            raise RaError("- (a document piped in) is ingested alone; give the other documents in a run of their own")
+        return read_piped(encoding)
     for path in paths:
         if is_context(path):
             raise RaError(f"{path} is a context made by `ra ingest`, not a document; chat with it: ra chat {path}")
