@@ -13,8 +13,8 @@ from ra_cli.cli.steps import ingest_with_progress, load_model, read_documents
 
 
 def ingest_command(
-    documents: List[Path] = typer.Argument(..., help="Document to ingest (.pdf, .docx, .epub, .html, .txt, .md); "
-                                                      "several, or a folder of them, make one collection."),
+    documents: List[Path] = typer.Argument(..., help="Document to ingest (.pdf, .docx, .epub, .html, .txt, .md, any text file; "
+                                                      "- for one piped in); several, or a folder of them, make one collection."),
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
     chunk_size: int = opt.ChunkSize,
     prefill: opt.PrefillMode = opt.Prefill,
