@@ -57,8 +57,8 @@ def page_progress(description: str = "reading"):
 def prefill_seconds_left(samples: list[tuple[float, int]], total: int) -> float | None:
     """Seconds left of a prefill of `total` tokens from its progress so far, (seconds, tokens done)
     pairs. A token costs a + b * its position: a full prefill's attention reads every earlier key,
-    so its tokens get dearer as it goes and a constant rate promises too soon (at 25K tokens on
-    Qwen2.5, "about 62 s left" at a third, four minutes in all); a sparse prefill's do not (b = 0).
+    so its tokens get dearer as it goes and a constant rate promises the end several times too
+    soon; a sparse prefill's do not (b = 0).
     a, b >= 0 are fitted by least squares to the time from the second sample on: the first chunk
     also pays for compiling kernels and warming caches."""
     if len(samples) >= 3:
