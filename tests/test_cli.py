@@ -174,3 +174,15 @@ def test_a_document_piped_in_is_chatted_with_like_its_file(tmp_path, reuse_loade
     assert json.loads((tmp_path / "notes.idx" / "manifest.json").read_text())["document"]["name"] == "stdin"
     assert_one_line_error(invoke("chat", "-", *args, input=b""), "stdin: nothing was piped in")
     assert_one_line_error(invoke("ingest", "-", notes, input=b"x"), "is ingested alone", code=1)
+
+
+def test_a_question_after_the_document_is_asked_as_with_ask(tmp_path, reuse_loaded_model):
+    """`ra chat notes.txt "question"` (as `ollama run` and `llm` take a prompt) answers and exits,
+    as --ask does; with --ask too, the positional question comes first."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The ferry leaves at nine.\nThe bridge opens in June.\n")
+    asked = invoke("chat", notes, "--ask", "When does the ferry leave?", "--ask", "When does the bridge open?", "-n", 8, "--json")
+    positional = invoke("chat", notes, "When does the ferry leave?", "--ask", "When does the bridge open?", "-n", 8, "--json")
+    assert asked.exit_code == 0 and positional.exit_code == 0, positional.output
+    answers = [json.loads(line)["answer"] for line in positional.stdout.splitlines()]
+    assert len(answers) == 2 and answers == [json.loads(line)["answer"] for line in asked.stdout.splitlines()]

@@ -18,6 +18,7 @@ def chat_command(
     source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, a document (.pdf, .docx, .epub, .html, .txt, .md, "
                                                        "any text file), - for one piped in, or a folder of them; "
                                                        "with --resume, the session's own context."),
+    question: Optional[str] = typer.Argument(None, help="Ask this and exit, as --ask does (`ra chat book.pdf \"Who signed it?\"`)."),
     ask: Optional[List[str]] = typer.Option(None, "--ask", "-a", help="Ask this and exit (repeatable; turns follow each other)."),
     resume: Optional[str] = typer.Option(None, "--resume", "-r", help="Continue a conversation saved with /save NAME (`ra sessions` lists them)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1, help="Most tokens per answer."),
@@ -52,7 +53,7 @@ def chat_command(
     gpu_mem_gb: Optional[float] = opt.GpuMemGb,
     encoding: str = opt.Encoding,
 ):
-    """Chat with a document: interactive, or scripted with --ask.
+    """Chat with a document: interactive, or one question (`ra chat book.pdf "Who signed it?"`, --ask for more).
 
     Each answer cites where its attention went: pages, sections (HTML, EPUB) or lines, by document in a folder."""
     from ra_cli.chat import start_chat
@@ -66,6 +67,7 @@ def chat_command(
     from ra_cli.sessions import load_session, resume as resume_session
     from ra_cli.ui import status
 
+    ask = ([question] if question is not None else []) + (ask or [])
     saved = load_session(resume) if resume else None
     if source is None and saved is None:
         raise typer.BadParameter("give a context or document to chat with (or --resume NAME)", param_hint="'SOURCE'")
