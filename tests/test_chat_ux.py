@@ -181,6 +181,9 @@ def test_piped_repl_commands_sessions_and_resume(needle_context, reuse_loaded_mo
     assert "resumed 'falcon': 2 turn(s)" in resumed.stderr and re.search(r"turns\s+2\n", resumed.stderr)
     tokens = re.search(r"conversation tokens +([\d,]+)\n", resumed.stderr).group(1)
     assert int(tokens.replace(",", "")) == len(saved["transcript"]) > 0
+    follow_up = run("chat", "--resume", "falcon", "What did I ask first?", "-n", 6)  # the session names the context
+    assert follow_up.exit_code == 0 and follow_up.stdout.strip(), follow_up.output
+    assert "resumed 'falcon': 2 turn(s)" in follow_up.stderr
     missing = run("chat", "--resume", "nobody")
     assert missing.exit_code == 1 and "no saved session 'nobody'" in missing.output
 

@@ -67,6 +67,8 @@ def chat_command(
     from ra_cli.sessions import load_session, resume as resume_session
     from ra_cli.ui import status
 
+    if resume and source is not None and question is None and not source.exists() and str(source) != PIPED:
+        source, question = None, str(source)  # `ra chat --resume NAME "And then?"`: the session names the context
     ask = ([question] if question is not None else []) + (ask or [])
     saved = load_session(resume) if resume else None
     if source is None and saved is None:
