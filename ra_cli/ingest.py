@@ -129,12 +129,13 @@ def context_limit_notice(loaded: LoadedModel, n_tokens: int) -> str | None:
 
 
 def ingest(loaded: LoadedModel, document: Document, out: str | Path, options: IngestOptions | None = None,
-           on_progress: Callable[[int, int, int], None] | None = None,
+           on_progress: Callable[[int, int, int, int | None], None] | None = None,
            on_index: Callable[[int, int], None] | None = None,
            on_notice: Callable[[str], None] | None = None) -> IngestResult:
     """Prefill `document` in chunks and store its KV (and search index) at `out`.
 
-    `on_progress(done, total, reused)` is called after every chunk, `on_index(done, total)` after
+    `on_progress(done, total, reused, span)` is called after every chunk (span: the most keys a
+    token attends to, None when it is every earlier one), `on_index(done, total)` after
     each layer's index is built, `on_notice(message)` before any prefill when the document is
     longer than the model's trained context. A partial store from an earlier run with equal inputs
     is resumed.
@@ -225,8 +226,9 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
             keys = kv_to_tensor(writer.keys[index][:, :start], kv_dtype, loaded.device, loaded.cache_dtype)[None]
             values = kv_to_tensor(writer.values[index][:, :start], kv_dtype, loaded.device, loaded.cache_dtype)[None]
             layer.load(keys, values)
+    span = sparse_policy(options).span if mode == "sparse" else None
     if on_progress is not None:
-        on_progress(start, n, writer.resumed_from)
+        on_progress(start, n, writer.resumed_from, span)
     began = time.perf_counter()
 
     def commit(done: int) -> None:
@@ -249,7 +251,7 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
                 commit(end)
                 committed = time.perf_counter()
             if on_progress is not None:
-                on_progress(end, n, writer.resumed_from)
+                on_progress(end, n, writer.resumed_from, span)
     except KeyboardInterrupt:
         if start > writer.tokens_done:
             commit(start)  # every chunk before `start` is fully written: keep it for the resume

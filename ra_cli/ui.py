@@ -54,21 +54,27 @@ def page_progress(description: str = "reading"):
         yield on_page
 
 
-def prefill_seconds_left(samples: list[tuple[float, int]], total: int) -> float | None:
+def prefill_seconds_left(samples: list[tuple[float, int]], total: int, span: int | None = None) -> float | None:
     """Seconds left of a prefill of `total` tokens from its progress so far, (seconds, tokens done)
-    pairs. A token costs a + b * its position: a full prefill's attention reads every earlier key,
-    so its tokens get dearer as it goes and a constant rate promises the end several times too
-    soon; a sparse prefill's do not (b = 0).
-    a, b >= 0 are fitted by least squares to the time from the second sample on: the first chunk
-    also pays for compiling kernels and warming caches."""
+    pairs. A token costs a + b * the keys it attends to: every earlier one in a full prefill, so its
+    tokens get dearer as it goes and a constant rate promises the end several times too soon; at
+    most `span` in a sparse prefill (sinks, window and chosen blocks), whose cost stops growing
+    there. a, b >= 0 are fitted by least squares to the time from the second sample on: the first
+    chunk also pays for compiling kernels and warming caches."""
     if len(samples) >= 3:
         samples = samples[1:]
     if len(samples) < 2:
         return None
+
+    def attended(done):  # keys attended by the tokens before `done`, summed
+        done = np.asarray(done, float)
+        if span is None:
+            return done * done / 2
+        return np.where(done <= span, done * done / 2, span * span / 2 + span * (done - span))
+
     (t0, d0), (_, done) = samples[0], samples[-1]
-    # columns: tokens done since the origin, and the sum of their positions; y: seconds since
-    x1 = np.array([d - d0 for _, d in samples[1:]], float)
-    x2 = np.array([(d * d - d0 * d0) / 2 for _, d in samples[1:]], float)
+    later = np.array([d for _, d in samples[1:]], float)
+    x1, x2 = later - d0, attended(later) - attended(d0)  # tokens and attended keys since the origin
     y = np.array([t - t0 for t, _ in samples[1:]], float)
     if not x1.any():
         return None
@@ -76,11 +82,11 @@ def prefill_seconds_left(samples: list[tuple[float, int]], total: int) -> float 
     if len(y) >= 2:
         a, b = np.linalg.lstsq(columns, y, rcond=None)[0]
     if len(y) < 2 or a < 0 or b < 0:
-        # one term alone: the better fit of a constant cost and a cost that grows with the position
+        # one term alone: the better fit of a constant cost and a cost that grows with the keys attended
         fits = [(x1 @ y / (x1 @ x1), 0.0)] + ([(0.0, x2 @ y / (x2 @ x2))] if len(y) >= 2 else [])
         a, b = min(fits, key=lambda ab: float(np.sum((columns @ np.array(ab) - y) ** 2)))
     a, b = max(a, 0.0), max(b, 0.0)
-    return float(a * (total - done) + b * (total * total - done * done) / 2)
+    return float(a * (total - done) + b * (attended(total) - attended(done)))
 
 
 class TokenProgress:
@@ -110,7 +116,7 @@ class TokenProgress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
-    def __call__(self, done: int, total: int, reused: int) -> None:
+    def __call__(self, done: int, total: int, reused: int, span: int | None = None) -> None:
         now = self._clock()
         if self.task is None:
             self.task = self.bar.add_task(self.description, total=total)
@@ -119,7 +125,7 @@ class TokenProgress:
         elapsed = now - self.started
         rate = (done - self.first_done) / elapsed if elapsed > 0 and done > self.first_done else None
         self.samples.append((now, done))
-        seconds_left = prefill_seconds_left(self.samples, total)
+        seconds_left = prefill_seconds_left(self.samples, total, span)
         self.bar.update(self.task, completed=done, total=total, rate=rate, left=seconds_left)
         if not stderr.is_terminal and done < total and now - self.logged >= self.LOG_SECONDS:
             self.logged = now

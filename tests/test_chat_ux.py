@@ -313,18 +313,22 @@ def test_a_long_prefill_logs_plain_progress_lines_when_stderr_is_not_a_terminal(
 def test_the_time_left_of_a_prefill_allows_for_tokens_getting_dearer_as_it_goes():
     """A full prefill's token at position p attends to p earlier keys: a constant rate promised a
     25K-token ingest "about 62 s left" a third of the way in, with three minutes to go. The
-    estimate fits a cost growing with the position (and none, for a sparse prefill's constant
-    cost), leaving out the first chunk's kernel compiling."""
+    estimate fits a cost growing with the keys attended (up to a sparse prefill's span, then
+    constant), leaving out the first chunk's kernel compiling."""
     from ra_cli.ui import prefill_seconds_left
 
-    def seconds(done, a, b):  # time to prefill tokens [0, done) at a + b * position each
-        return a * done + b * done * done / 2
+    def seconds(done, a, b, span=None):  # time to prefill tokens [0, done) at a + b * keys attended each
+        return a * done + b * sum(min(position, span or position) for position in range(done))
 
-    for a, b in ((1e-3, 1e-6), (1e-2, 0.0), (0.0, 2e-6)):
-        samples = [(0.0, 0)] + [(5.0 + seconds(done, a, b), done) for done in range(1024, 8192, 1024)]
+    for a, b, span in ((1e-3, 1e-6, None), (1e-2, 0.0, None), (0.0, 2e-6, None), (1e-3, 1e-6, 9344)):
+        samples = [(0.0, 0)] + [(5.0 + seconds(done, a, b, span), done) for done in range(1024, 16384, 1024)]
         for seen in range(4, len(samples) + 1):
             done = samples[seen - 1][1]
-            assert prefill_seconds_left(samples[:seen], 25_000) == pytest.approx(
-                seconds(25_000, a, b) - seconds(done, a, b), rel=1e-6)
+            assert prefill_seconds_left(samples[:seen], 42_000, span) == pytest.approx(
+                seconds(42_000, a, b, span) - seconds(done, a, b, span), rel=2e-3)
     assert prefill_seconds_left([(0.0, 0)], 25_000) is None
     assert prefill_seconds_left([(0.0, 0), (10.0, 1000)], 25_000) == pytest.approx(240.0)
+    # a sparse prefill's tokens stop getting dearer at its span: a fit that did not know would
+    # promise 42K tokens far too late, seen before the span is reached
+    sparse = [(0.0, 0)] + [(5.0 + seconds(done, 1e-3, 1e-6, 9344), done) for done in range(1024, 8192, 1024)]
+    assert prefill_seconds_left(sparse, 42_000) > 1.5 * prefill_seconds_left(sparse, 42_000, 9344)

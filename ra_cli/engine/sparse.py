@@ -31,6 +31,11 @@ class SparsePrefill:
     blocks: int = 112  # blocks each chunk attends to, per KV head
     sub_chunk: int = 64  # queries whose mean ranks the blocks together
 
+    @property
+    def span(self) -> int:
+        """The most keys a token attends to."""
+        return self.sinks + self.window + self.blocks * self.block
+
     def as_dict(self) -> dict:
         return {"sinks": self.sinks, "window": self.window, "block": self.block, "blocks": self.blocks,
                 "sub_chunk": self.sub_chunk}
