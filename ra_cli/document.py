@@ -253,7 +253,6 @@ def _quiet_pypdf():
 
 def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None, raw: bytes | None = None) -> tuple[str, list[Page]]:
     import pypdf
-    from pypdf.errors import PyPdfError
 
     with _quiet_pypdf():
         try:
@@ -270,9 +269,9 @@ def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None, raw: bytes
                         "(e.g. qpdf --password=PASSWORD --decrypt in.pdf out.pdf)"
                     )
             page_count = len(reader.pages)
-        except RaError:
+        except (RaError, MemoryError):
             raise
-        except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        except Exception as exc:  # pypdf meets damage with any exception (an assert, NotImplementedError for a mangled filter name)
             raise RaError(f"{path}: cannot read this PDF ({first_line(exc)}); it may be damaged — try repairing it with qpdf or re-exporting it")
         if page_count == 0:
             raise RaError(f"{path}: the PDF has no pages")

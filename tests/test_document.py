@@ -123,6 +123,47 @@ def test_broken_pdf(tmp_path, content):
         load_document(tmp_path / "broken.pdf")
 
 
+@pytest.mark.parametrize("failure", [AssertionError(), NotImplementedError("Unsupported filter /Fl\u9bb0eDecode"), RecursionError()])
+def test_pdf_damage_pypdf_meets_with_any_exception_is_one_line(tmp_path, monkeypatch, failure):
+    """pypdf meets some damage with an assert or NotImplementedError (found by flipping bytes of
+    the ../shared PDFs, piped or as files): those are damage too, not ra's bugs."""
+    import pypdf
+
+    def damaged(*args, **kwargs):
+        raise failure
+
+    path = make_text_pdf(tmp_path / "book.pdf", [["Page one."]])
+    monkeypatch.setattr(pypdf, "PdfReader", damaged)
+    with pytest.raises(RaError, match="cannot read this PDF .*damaged") as info:
+        load_document(path)
+    assert "\n" not in str(info.value)
+
+
+def test_pdfs_with_bytes_flipped_cut_or_inserted_read_or_fail_in_one_line(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    good = make_text_pdf(tmp_path / "book.pdf", [["Chapter one is about apples."], ["Chapter two.", "Pears."]]).read_bytes()
+    outcomes = set()
+    for trial in range(150):
+        raw = bytearray(good)
+        at = rng.randrange(len(raw))
+        if trial % 3 == 0:
+            raw[at] = rng.randrange(256)
+        elif trial % 3 == 1:
+            del raw[at:]
+        else:
+            raw[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        (tmp_path / "damaged.pdf").write_bytes(raw)
+        try:
+            load_document(tmp_path / "damaged.pdf")
+            outcomes.add("read")
+        except RaError as exc:
+            assert "\n" not in str(exc)
+            outcomes.add("refused")
+    assert outcomes == {"read", "refused"}
+
+
 shared = pytest.mark.skipif(not SHARED_PDFS.is_dir(), reason="../shared corpus not present")
 
 
