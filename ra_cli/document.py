@@ -98,6 +98,10 @@ def load_document(
         raise RaError(f"{path}: no such file")
     if path.is_dir():
         raise RaError(f"{path}: is a directory; give a file ra reads ({READ})")
+    if not path.is_file():
+        # a pipe (`ra chat <(curl URL)`: /dev/fd/63, a FIFO) reads once: hashing it again would
+        # hash nothing, and every piped document would find the first one's context
+        return load_piped(path.read_bytes(), encoding, path.name)
     suffix = path.suffix.lower()
     if suffix in PDF_SUFFIXES:
         text, pages = _read_pdf(path, on_page)
@@ -129,31 +133,31 @@ def load_document(
 PIPED = "-"  # the document argument that means "read it from stdin"
 
 
-def load_piped(raw: bytes, encoding: str = "utf-8") -> Document:
-    """A document piped in (`pdftotext book.pdf - | ra chat -`, `curl URL | ra chat -`): a PDF, an
-    HTML page or text, told apart by their first bytes since a pipe has no file name. Named
-    "stdin"; its context is cached by its bytes' sha256 like a file's, so piping the same document
-    again reuses it. A zip (.docx, .epub) needs its member names: it is refused."""
-    label = Path("stdin")
+def load_piped(raw: bytes, encoding: str = "utf-8", name: str = "stdin") -> Document:
+    """A document piped in (`pdftotext book.pdf - | ra chat -`, `curl URL | ra chat -`, `ra chat
+    <(curl URL)`): a PDF, an HTML page or text, told apart by their first bytes since a pipe's name
+    says nothing. Its context is cached by its bytes' sha256 like a file's, so piping the same
+    document again reuses it. A zip (.docx, .epub) needs its member names: it is refused."""
+    label = Path(name)
     if not raw:
-        raise RaError("stdin: nothing was piped in; pipe a document (cat notes.txt | ra chat -) or give its path")
+        raise RaError(f"{label}: nothing was piped in; pipe a document (cat notes.txt | ra chat -) or give its path")
     head = raw[:1024].lstrip(codecs.BOM_UTF8 + b" \t\r\n").lower()
     if raw.startswith(b"%PDF-"):
         text, pages = _read_pdf(label, None, raw)
         kind, unit = "pdf", "page"
     elif raw.startswith(b"PK\x03\x04"):
-        raise RaError("stdin: a zip archive (a .docx or .epub?) cannot be read from a pipe; save it to a file and give its path")
+        raise RaError(f"{label}: a zip archive (a .docx or .epub?) cannot be read from a pipe; save it to a file and give its path")
     elif head.startswith((b"<!doctype html", b"<html")):
         text, pages = _joined(_html_sections(label, encoding, raw))
         kind, unit = "html", "section"
         if not text.strip():
-            raise RaError("stdin: no text to read — the page holds no text outside its markup; ra needs the document's text")
+            raise RaError(f"{label}: no text to read — the page holds no text outside its markup; ra needs the document's text")
     else:
         text = _read_text(label, encoding, raw)
         pages = [Page(1, 0, len(text))]
         kind, unit = "text", "line"
     if not text.strip():
-        raise RaError("stdin: the document is empty; nothing to chat about")
+        raise RaError(f"{label}: the document is empty; nothing to chat about")
     return Document(name=label.name, sha256=hashlib.sha256(raw).hexdigest(), kind=kind, text=text, pages=pages,
                     unit=unit)
 

@@ -337,6 +337,28 @@ def test_damaged_epub_word_and_html_files_fail_in_one_line(tmp_path, data):
         assert "\n" not in str(exc) and str(exc).startswith(str(tmp_path / name))
 
 
+def test_a_pipe_given_as_a_path_is_hashed_by_what_it_carried(tmp_path):
+    """`ra chat <(curl URL)` names a pipe (/dev/fd/63), which reads once: its sha256 was that of
+    nothing, so every such document found the first one's cached context and was answered from
+    it. Its bytes are now read once, hashed and told apart as a piped document's."""
+    import hashlib
+    import os
+
+    def through_a_pipe(content: bytes):
+        read_end, write_end = os.pipe()  # what bash's <(...) hands over, as /dev/fd/N
+        os.write(write_end, content)
+        os.close(write_end)
+        try:
+            return load_document(f"/dev/fd/{read_end}")
+        finally:
+            os.close(read_end)
+
+    ferry, bridge = b"The ferry leaves at nine.\n", b"The bridge opens in June.\n"
+    first, second = through_a_pipe(ferry), through_a_pipe(bridge)
+    assert (first.sha256, second.sha256) == (hashlib.sha256(ferry).hexdigest(), hashlib.sha256(bridge).hexdigest())
+    assert (second.kind, second.text) == ("text", bridge.decode())
+
+
 def test_a_piped_document_is_told_apart_by_its_first_bytes(tmp_path):
     """`... | ra chat -`: no file name says what the bytes are, so their start does; a piped
     document's sha256 is its file's, so the same text piped again finds its context."""
