@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ra_cli.citations import FLOOR, SINKS, Citer, Source
@@ -103,6 +104,9 @@ class ChatSession:
     # session stores and a resumed one prefills
     transcript: list[int] = field(default_factory=list)
     marks: list[int] = field(default_factory=list)  # len(transcript) before each turn, for /regen
+    # the document file or folder the chat read (None: a saved context, or stdin): a saved session
+    # keeps it, to read it again if its cached context is cleared away
+    origin: Path | None = None
 
     def __post_init__(self):
         self.layout = PromptLayout.from_dict(self.store.manifest["prompt"])

@@ -44,6 +44,8 @@ class SavedSession:
     transcript: list[int]
     marks: list[int]
     turns: list[dict]  # {"question", "answer"}
+    origin: Path | None = None  # the document file or folder the chat read, if any
+    document_sha256: str = ""  # what it held then (a changed document is not the conversation's)
 
 
 def save_session(name: str, session: ChatSession) -> Path:
@@ -53,6 +55,8 @@ def save_session(name: str, session: ChatSession) -> Path:
         "format": FORMAT, "version": VERSION, "name": name,
         "context": str(Path(session.store.path).resolve()),
         "document": session.store.manifest["document"].get("name", ""),
+        "origin": str(session.origin.resolve()) if session.origin is not None else "",
+        "document_sha256": session.store.manifest["document"].get("sha256", ""),
         "model": session.store.manifest["model"].get("source", ""),
         "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "transcript": [int(t) for t in session.transcript], "marks": list(session.marks),
@@ -87,8 +91,32 @@ def _checked(path: Path, data) -> SavedSession:
                                          and isinstance(t.get("answer"), str) for t in turns), "turns")
     for key in ("name", "context", "document", "model", "saved"):
         need(isinstance(data.get(key), str), key)
+    for key in ("origin", "document_sha256"):  # absent from sessions saved before ra kept them
+        need(isinstance(data.get(key, ""), str), key)
     return SavedSession(data["name"], Path(data["context"]), data["document"], data["model"], data["saved"],
-                        transcript, marks, turns)
+                        transcript, marks, turns, Path(data["origin"]) if data.get("origin") else None,
+                        data.get("document_sha256", ""))
+
+
+def what_to_reopen(saved: SavedSession) -> Path:
+    """What a resumed session reads: its context, or when that is gone (`ra cache clear`) the
+    document it was made from, to ingest again."""
+    from ra_cli.ingest import is_context
+
+    if is_context(saved.context):
+        return saved.context
+    if saved.origin is not None and saved.origin.exists():
+        return saved.origin
+    where = f" and {saved.origin} is gone too" if saved.origin is not None else ""
+    raise RaError(f"session {saved.name!r}: its context {saved.context} is gone (cleared from the cache?){where}; "
+                  f"start a new chat with the document ({saved.document})")
+
+
+def check_same_document(saved: SavedSession, sha256: str) -> None:
+    """A session reopened from its document must find the text its conversation was about."""
+    if saved.document_sha256 and sha256 != saved.document_sha256:
+        raise RaError(f"session {saved.name!r}: {saved.origin} has changed since the conversation was saved "
+                      "(and its context is gone); start a new chat with it")
 
 
 def resume(session: ChatSession, saved: SavedSession) -> None:

@@ -188,6 +188,29 @@ def test_piped_repl_commands_sessions_and_resume(needle_context, reuse_loaded_mo
     assert missing.exit_code == 1 and "no saved session 'nobody'" in missing.output
 
 
+def test_a_session_whose_context_was_cleared_reads_its_document_again(tmp_path, reuse_loaded_model):
+    """`ra cache clear --contexts` removes the context a saved session of `ra chat notes.txt` talks
+    about: resuming reads and ingests the document again, unless it changed or is gone (one line
+    each, before any model work)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The ferry leaves at nine.\nThe bridge opens in June.\n")
+    saved = run("chat", notes, "-n", 6, input="When does the ferry leave?\n/save ferry\n/bye\n")
+    assert saved.exit_code == 0 and "saved 1 turn(s) as 'ferry'" in saved.stderr, saved.output
+    assert json.loads(_session_file("ferry").read_text())["origin"] == str(notes.resolve())
+    assert run("cache", "clear", "--contexts").exit_code == 0
+    resumed = run("chat", "--resume", "ferry", "And the bridge?", "-n", 6)
+    assert resumed.exit_code == 0 and resumed.stdout.strip(), resumed.output
+    assert "prefilled" in resumed.stderr and "resumed 'ferry': 1 turn(s)" in resumed.stderr
+    assert run("cache", "clear", "--contexts").exit_code == 0
+    notes.write_text("The ferry leaves at ten.\n")
+    changed = run("chat", "--resume", "ferry", "And the bridge?")
+    assert changed.exit_code == 1 and "notes.txt has changed since the conversation was saved" in changed.stderr
+    notes.unlink()
+    gone = run("chat", "--resume", "ferry", "And the bridge?")
+    assert gone.exit_code == 1 and "is gone (cleared from the cache?) and" in gone.stderr
+    assert "start a new chat with the document (notes.txt)" in gone.stderr
+
+
 def _session_file(name: str):
     from ra_cli.sessions import session_path
 
