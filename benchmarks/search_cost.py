@@ -26,7 +26,7 @@ args = sys.argv[1:]
 float32 = "--float32" in args
 args = [a for a in args if a != "--float32"]
 n = int(args[0]) if args else 131072
-keys, values, queries_for, heads = synthetic_layer(DecodeStepConfig(keys=n))
+keys, values, queries_for, heads, _ = synthetic_layer(DecodeStepConfig(keys=n))
 index = build_index(keys, queries_for, heads, IndexParams(), None if float32 else kv_to_numpy(torch.from_numpy(keys), "bfloat16"))
 decode = queries_for(np.full(64, n - 1))
 threads = numba.get_num_threads()

@@ -58,7 +58,7 @@ def bf16_values(x: np.ndarray) -> np.ndarray:
 
 def synthetic_layer(config: DecodeStepConfig, n: int | None = None):
     """(keys, values [KVH, n, D] (n: config.keys) float32 holding bf16 values, queries_for(positions)
-    -> [H, len, D], heads)."""
+    -> [H, len, D], heads, topic_of [n]: the topic each position's key was drawn around)."""
     shape = SHAPES[config.shape]
     heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
     n = n or config.keys
@@ -82,7 +82,7 @@ def synthetic_layer(config: DecodeStepConfig, n: int | None = None):
         q = -0.5 * offset + centers[:, sought] + 1.25 * rng.standard_normal((kv_heads, len(positions), dim))
         return np.repeat(q, groups, axis=0).astype(np.float32) + 0.3 * rng.standard_normal((heads, len(positions), dim)).astype(np.float32)
 
-    return bf16_values(keys), bf16_values(values), queries_for, heads
+    return bf16_values(keys), bf16_values(values), queries_for, heads, topic_of
 
 
 def build_index(keys: np.ndarray, queries_for, heads: int, params: IndexParams, search_keys: np.ndarray | None = None):
@@ -143,7 +143,7 @@ def run_decode_step_bench(config: DecodeStepConfig, status=print) -> dict:
     status(f"building a synthetic {config.shape} layer with {config.keys:,} indexed keys per KV head")
     sinks, window = params.sinks, params.window
     n = config.keys
-    all_keys, all_values, queries_for, heads = synthetic_layer(config, sinks + n + window)
+    all_keys, all_values, queries_for, heads, _ = synthetic_layer(config, sinks + n + window)
     indexed = slice(sinks, sinks + n)  # positions [sinks, sinks + n) are indexed; the rest is the static set
     keys = np.ascontiguousarray(all_keys[:, indexed])
     # the indexed KV in host memory as a store's bf16 bits (what retrieval layers search and read)
