@@ -93,7 +93,7 @@ def test_decode_step_bench_retrieval_is_attention_over_the_static_set_and_the_ke
     from ra_cli.index import IndexParams
 
     config, params = DecodeStepConfig(keys=3000), IndexParams()
-    keys, values, queries_for, heads = synthetic_layer(config, 3000 + 40)
+    keys, values, queries_for, heads, _ = synthetic_layer(config, 3000 + 40)
     static_keys, static_values = (np.ascontiguousarray(np.concatenate([a[:, :8], a[:, 3008:]], axis=1)) for a in (keys, values))
     indexed_keys, indexed_values = (np.ascontiguousarray(a[:, 8:3008]) for a in (keys, values))
     step = RetrievalStep(build_index(indexed_keys, queries_for, heads, params), static_keys, static_values, indexed_values,

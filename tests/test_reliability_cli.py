@@ -174,7 +174,7 @@ def test_a_resumed_work_file_of_the_wrong_shape_is_refused(tmp_path, lighthouse_
     options = IngestOptions(chunk_size=16, index=IndexParams(kind="graph", sinks=8, window=16))
     out = tmp_path / "c.idx"
 
-    def interrupt(done, total, reused):
+    def interrupt(done, total, reused, span):
         if 32 <= done < total:
             raise KeyboardInterrupt
 

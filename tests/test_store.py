@@ -25,7 +25,7 @@ class Interrupt:
     def __init__(self, after: int):
         self.after = after
 
-    def __call__(self, done, total, reused):
+    def __call__(self, done, total, reused, span):
         if done >= self.after and done < total:
             raise KeyboardInterrupt
 
