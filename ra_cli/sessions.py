@@ -17,6 +17,7 @@ from pathlib import Path
 from ra_cli.chat import Answer, ChatSession
 from ra_cli.errors import RaError
 from ra_cli.files import write_json_atomic
+from ra_cli.ingest import is_context
 from ra_cli.paths import cache_root
 
 FORMAT = "ra-session"
@@ -101,8 +102,6 @@ def _checked(path: Path, data) -> SavedSession:
 def what_to_reopen(saved: SavedSession) -> Path:
     """What a resumed session reads: its context, or when that is gone (`ra cache clear`) the
     document it was made from, to ingest again."""
-    from ra_cli.ingest import is_context
-
     if is_context(saved.context):
         return saved.context
     if saved.origin is not None and saved.origin.exists():
