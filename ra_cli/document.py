@@ -22,13 +22,13 @@ import io
 import logging
 import unicodedata
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ra_cli.errors import RaError, first_line
-from ra_cli.files import file_sha256
-from ra_cli.markup import Section, declared_charset, epub_sections, html_sections
+from ra_cli.markup import UNREADABLE_ZIP, Section, declared_charset, epub_sections, html_sections
 from ra_cli.word import word_sections
 
 # plain text, and the plain-text markups manuals and papers are written in (read as text, cited by line)
@@ -93,6 +93,8 @@ def load_document(
     encoding: str = "utf-8",
     on_page: Callable[[int, int], None] | None = None,
 ) -> Document:
+    """A document file, read once: its text comes from the bytes its sha256 is taken of, so a file
+    written to while ra reads it (a growing log) cannot be cached under bytes other than those read."""
     path = Path(path)
     if not path.exists():
         raise RaError(f"{path}: no such file")
@@ -103,31 +105,9 @@ def load_document(
         # hash nothing, and every piped document would find the first one's context
         return load_piped(path.read_bytes(), encoding, path.name)
     suffix = path.suffix.lower()
-    if suffix in PDF_SUFFIXES:
-        text, pages = _read_pdf(path, on_page)
-        kind, unit = "pdf", "page"
-    elif suffix in TEXT_SUFFIXES:
-        text = _read_text(path, encoding)
-        pages = [Page(1, 0, len(text))]
-        kind, unit = "text", "line"
-    elif suffix in HTML_SUFFIXES or suffix in EPUB_SUFFIXES or suffix in WORD_SUFFIXES:
-        kind = "html" if suffix in HTML_SUFFIXES else "epub" if suffix in EPUB_SUFFIXES else "docx"
-        if kind == "docx":
-            unit, sections = word_sections(path)
-        else:
-            unit, sections = "section", _html_sections(path, encoding) if kind == "html" else epub_sections(path)
-        text, pages = _joined(sections)
-        if not text.strip():
-            what = {"epub": "only images (a comic or a scanned book?)", "html": "no text outside its markup",
-                    "docx": "no text (only images or drawings?)"}[kind]
-            raise RaError(f"{path}: no text to read — it holds {what}; ra needs the document's text")
-    else:
-        text = _read_other_as_text(path, suffix, encoding)
-        pages = [Page(1, 0, len(text))]
-        kind, unit = "text", "line"
-    if not text.strip():
-        raise RaError(f"{path}: the document is empty; nothing to chat about")
-    return Document(name=path.name, sha256=file_sha256(path), kind=kind, text=text, pages=pages, unit=unit)
+    kind = ("pdf" if suffix in PDF_SUFFIXES else "text" if suffix in TEXT_SUFFIXES else "html" if suffix in HTML_SUFFIXES
+            else "epub" if suffix in EPUB_SUFFIXES else "docx" if suffix in WORD_SUFFIXES else "other")
+    return _document(path, path.read_bytes(), kind, encoding, on_page)
 
 
 PIPED = "-"  # the document argument that means "read it from stdin"
@@ -135,37 +115,65 @@ PIPED = "-"  # the document argument that means "read it from stdin"
 
 def load_piped(raw: bytes, encoding: str = "utf-8", name: str = "stdin") -> Document:
     """A document piped in (`pdftotext book.pdf - | ra chat -`, `curl URL | ra chat -`, `ra chat
-    <(curl URL)`): a PDF, an HTML page or text, told apart by their first bytes since a pipe's name
-    says nothing. Its context is cached by its bytes' sha256 like a file's, so piping the same
-    document again reuses it. A zip (.docx, .epub) needs its member names: it is refused."""
+    <(curl URL)`), told apart by its first bytes since a pipe's name says nothing: a PDF, a zip
+    (a .docx or an EPUB, by the parts inside), an HTML page, or text. Its context is cached by its
+    bytes' sha256 like a file's, so piping the same document again reuses it."""
     label = Path(name)
     if not raw:
         raise RaError(f"{label}: nothing was piped in; pipe a document (cat notes.txt | ra chat -) or give its path")
     head = raw[:1024].lstrip(codecs.BOM_UTF8 + b" \t\r\n").lower()
     if raw.startswith(b"%PDF-"):
-        text, pages = _read_pdf(label, None, raw)
-        kind, unit = "pdf", "page"
+        kind = "pdf"
     elif raw.startswith(b"PK\x03\x04"):
-        raise RaError(f"{label}: a zip archive (a .docx or .epub?) cannot be read from a pipe; save it to a file and give its path")
+        kind = _zip_kind(label, raw)
     elif head.startswith((b"<!doctype html", b"<html")):
-        text, pages = _joined(_html_sections(label, encoding, raw))
-        kind, unit = "html", "section"
-        if not text.strip():
-            raise RaError(f"{label}: no text to read — the page holds no text outside its markup; ra needs the document's text")
+        kind = "html"
     else:
-        text = _read_text(label, encoding, raw)
+        kind = "text"
+    return _document(label, raw, kind, encoding, None)
+
+
+def _zip_kind(label: Path, raw: bytes) -> str:
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            names = set(archive.namelist())
+    except UNREADABLE_ZIP as exc:
+        raise RaError(f"{label}: cannot read this zip archive ({first_line(exc)}); it may be damaged") from None
+    if "word/document.xml" in names:
+        return "docx"
+    if "META-INF/container.xml" in names:
+        return "epub"
+    raise RaError(f"{label}: a zip archive that is neither a .docx nor an EPUB; ra reads {READ}")
+
+
+def _document(path: Path, raw: bytes, kind: str, encoding: str, on_page) -> Document:
+    """The Document of a file's (or a pipe's) bytes, read as `kind` ("other": text if it is text)."""
+    if kind == "pdf":
+        text, pages = _read_pdf(path, on_page, raw)
+        unit = "page"
+    elif kind in ("text", "other"):
+        text = _read_text(path, encoding, raw) if kind == "text" else _read_other_as_text(path, encoding, raw)
         pages = [Page(1, 0, len(text))]
         kind, unit = "text", "line"
+    else:
+        if kind == "docx":
+            unit, sections = word_sections(path, raw)
+        else:
+            unit, sections = "section", _html_sections(path, encoding, raw) if kind == "html" else epub_sections(path, raw)
+        text, pages = _joined(sections)
+        if not text.strip():
+            what = {"epub": "only images (a comic or a scanned book?)", "html": "no text outside its markup",
+                    "docx": "no text (only images or drawings?)"}[kind]
+            raise RaError(f"{path}: no text to read — it holds {what}; ra needs the document's text")
     if not text.strip():
-        raise RaError(f"{label}: the document is empty; nothing to chat about")
-    return Document(name=label.name, sha256=hashlib.sha256(raw).hexdigest(), kind=kind, text=text, pages=pages,
+        raise RaError(f"{path}: the document is empty; nothing to chat about")
+    return Document(name=path.name, sha256=hashlib.sha256(raw).hexdigest(), kind=kind, text=text, pages=pages,
                     unit=unit)
 
 
-def _html_sections(path: Path, encoding: str, raw: bytes | None = None) -> list[Section]:
+def _html_sections(path: Path, encoding: str, raw: bytes) -> list[Section]:
     """A saved web page or HTML manual: decoded as it declares (unless --encoding says otherwise),
     cut at its headings; text before the first heading is titled by the page's <title>."""
-    raw = path.read_bytes() if raw is None else raw
     declared = declared_charset(raw) if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else None
     title, sections = html_sections(_read_text(path, declared or encoding, raw))
     if sections and not sections[0].title:
@@ -192,10 +200,10 @@ class NotDecodable(RaError):
     """A file whose bytes are not text in the encoding asked for."""
 
 
-def _read_other_as_text(path: Path, suffix: str, encoding: str) -> str:
+def _read_other_as_text(path: Path, encoding: str, raw: bytes) -> str:
     """A file of a kind ra does not know by its name (source code, a log, a config file, a README
     or LICENSE without a suffix) is plain text to read, cited by line, when it is text."""
-    raw = path.read_bytes()
+    suffix = path.suffix.lower()
     try:
         return _read_text(path, encoding, raw)
     except (BinaryData, NotDecodable) as exc:
@@ -208,8 +216,7 @@ def _read_other_as_text(path: Path, suffix: str, encoding: str) -> str:
         ) from None
 
 
-def _read_text(path: Path, encoding: str, raw: bytes | None = None) -> str:
-    raw = path.read_bytes() if raw is None else raw
+def _read_text(path: Path, encoding: str, raw: bytes) -> str:
     if not raw:
         raise RaError(f"{path}: the file is empty; nothing to chat about")
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -255,12 +262,12 @@ def _quiet_pypdf():
         logger.setLevel(previous)
 
 
-def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None, raw: bytes | None = None) -> tuple[str, list[Page]]:
+def _read_pdf(path: Path, on_page: Callable[[int, int], None] | None, raw: bytes) -> tuple[str, list[Page]]:
     import pypdf
 
     with _quiet_pypdf():
         try:
-            reader = pypdf.PdfReader(path if raw is None else io.BytesIO(raw))
+            reader = pypdf.PdfReader(io.BytesIO(raw))
             if reader.is_encrypted:
                 # Many PDFs are "encrypted" with an empty user password only (print restrictions).
                 try:

@@ -12,6 +12,7 @@ to gigabytes). ZipPackage and the cut at headings serve word.py too.
 from __future__ import annotations
 
 import codecs
+import io
 import posixpath
 import re
 import zipfile
@@ -36,7 +37,9 @@ SKIPPED = {"script", "style", "head", "title", "noscript", "template", "svg", "o
 DOCUMENT_TYPES = {"application/xhtml+xml", "text/html", "application/x-dtbook+xml"}
 # what a damaged zip or XML member raises while it is read (zlib.error: corrupt deflate data;
 # BadZipFile: a member failing its CRC)
-UNREADABLE_ZIP = (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError, zlib.error,
+# ValueError: a cut zip read from memory seeks before its start ("negative seek value"), where a
+# file raises OSError
+UNREADABLE_ZIP = (ElementTree.ParseError, KeyError, NotImplementedError, EOFError, OSError, ValueError, zlib.error,
                   zipfile.BadZipFile)
 MEMBER_LIMIT = 64 << 20  # bytes one file inside an EPUB or .docx may unpack to
 BOOK_LIMIT = 1 << 30  # and all its files together
@@ -187,10 +190,12 @@ def decode_markup(raw: bytes) -> str:
     return raw.decode(declared_charset(raw) or "utf-8", "replace")
 
 
-def epub_sections(path: Path) -> list[Section]:
-    """An EPUB's text in reading order, cut into sections (every spine file starts one)."""
+def epub_sections(path: Path, raw: bytes | None = None) -> list[Section]:
+    """An EPUB's text in reading order, cut into sections (every spine file starts one); `raw`:
+    its bytes, already read (else read from `path`)."""
     try:
-        with ZipPackage(path, "not a valid EPUB (it is not a zip archive); re-export it from the e-book software") as book:
+        with ZipPackage(path, "not a valid EPUB (it is not a zip archive); re-export it from the e-book software",
+                        raw) as book:
             return [section for markup in _spine_documents(book) for section in html_sections(markup)[1]]
     except UNREADABLE_ZIP as exc:
         raise RaError(f"{path}: cannot read this EPUB ({first_line(exc)}); it may be damaged — re-export it "
@@ -235,9 +240,9 @@ class ZipPackage:
     is checked from the zip's directory before it is unpacked, against MEMBER_LIMIT and against
     what is left of BOOK_LIMIT for the whole file."""
 
-    def __init__(self, path: Path, not_zip: str):
+    def __init__(self, path: Path, not_zip: str, raw: bytes | None = None):
         try:
-            self.zip = zipfile.ZipFile(path)
+            self.zip = zipfile.ZipFile(path if raw is None else io.BytesIO(raw))
         except zipfile.BadZipFile:
             raise RaError(f"{path}: {not_zip}")
         self.path, self.left = path, BOOK_LIMIT

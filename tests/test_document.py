@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import zipfile
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +13,7 @@ from conftest import SHARED_PDFS
 from docx_maker import make_docx, paragraph, table
 from epub_maker import make_epub
 from pdf_maker import make_encrypted_pdf, make_text_pdf
-from ra_cli.document import PAGE_SEPARATOR, load_document
+from ra_cli.document import PAGE_SEPARATOR, load_document, load_piped
 from ra_cli.errors import RaError
 
 
@@ -335,6 +335,10 @@ def test_damaged_epub_word_and_html_files_fail_in_one_line(tmp_path, data):
         load_document(tmp_path / name)
     except RaError as exc:
         assert "\n" not in str(exc) and str(exc).startswith(str(tmp_path / name))
+    try:  # the same bytes piped in, told apart by what they hold
+        load_piped(bytes(blob))
+    except RaError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("stdin: ")
 
 
 def test_a_pipe_given_as_a_path_is_hashed_by_what_it_carried(tmp_path):
@@ -359,12 +363,31 @@ def test_a_pipe_given_as_a_path_is_hashed_by_what_it_carried(tmp_path):
     assert (second.kind, second.text) == ("text", bridge.decode())
 
 
+def test_a_document_is_hashed_by_the_bytes_its_text_came_from(tmp_path, monkeypatch):
+    """A log appended to while ra reads it: the context is keyed by the sha256 of the bytes read,
+    not of the file a moment later (that key would later find a context missing the new lines)."""
+    import hashlib
+    from pathlib import Path
+
+    log = tmp_path / "app.log"
+    log.write_text("started\n")
+    real = Path.read_bytes
+
+    def read_then_append(path):
+        raw = real(path)
+        if path == log:
+            with open(log, "a") as writer:
+                writer.write("request served\n")
+        return raw
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_append)
+    document = load_document(log)
+    assert (document.text, document.sha256) == ("started\n", hashlib.sha256(b"started\n").hexdigest())
+
+
 def test_a_piped_document_is_told_apart_by_its_first_bytes(tmp_path):
     """`... | ra chat -`: no file name says what the bytes are, so their start does; a piped
     document's sha256 is its file's, so the same text piped again finds its context."""
-    from pdf_maker import make_text_pdf
-    from ra_cli.document import load_piped
-
     text = "The river is called the Blau.\nIt floods in May.\n"
     (tmp_path / "river.txt").write_text(text)
     piped = load_piped(text.encode())
@@ -377,7 +400,15 @@ def test_a_piped_document_is_told_apart_by_its_first_bytes(tmp_path):
     piped = load_piped(page)
     assert (piped.kind, piped.unit, [p.title for p in piped.pages]) == ("html", "section", ["Rivers"])
     assert "The Blau floods." in piped.text
-    for raw, message in ((b"", "stdin: nothing was piped in"), (b"PK\x03\x04\x14\x00", "cannot be read from a pipe"),
+    for made in (make_docx(tmp_path / "river.docx", paragraph("Rivers", "berschrift1") + paragraph("The Blau floods.")),
+                 make_epub(tmp_path / "river.epub", [("c1.xhtml", "<h1>Rivers</h1><p>The Blau floods.</p>")])):
+        piped, named = load_piped(made.read_bytes()), load_document(made)
+        assert (piped.kind, piped.unit, piped.text, piped.sha256) == (named.kind, named.unit, named.text, named.sha256)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as photos:
+        photos.writestr("a.jpg", b"\xff\xd8")
+    for raw, message in ((b"", "stdin: nothing was piped in"), (archive.read_bytes(), "neither a .docx nor an EPUB"),
+                         (b"PK\x03\x04\x14\x00", "stdin: cannot read this zip archive"),
                          (b" \n\t", "stdin: the document is empty"), (b"caf\xe9", "stdin: not valid utf-8")):
         with pytest.raises(RaError, match=message):
             load_piped(raw)
