@@ -17,7 +17,7 @@ from ra_cli.choices import AttentionMode
 def chat_command(
     source: Optional[Path] = typer.Argument(None, help="A context saved by `ra ingest`, a document (.pdf, .docx, .epub, .html, .txt, .md, "
                                                        "any text file), - for one piped in, or a folder of them; "
-                                                       "with --resume, the session's own context."),
+                                                       "with --resume, not needed (the session names its context; a question may stand here)."),
     question: Optional[str] = typer.Argument(None, help="Ask this and exit, as --ask does (`ra chat book.pdf \"Who signed it?\"`)."),
     ask: Optional[List[str]] = typer.Option(None, "--ask", "-a", help="Ask this and exit (repeatable; turns follow each other)."),
     resume: Optional[str] = typer.Option(None, "--resume", "-r", help="Continue a conversation saved with /save NAME (`ra sessions` lists them)."),
