@@ -234,6 +234,8 @@ def test_info_says_what_a_context_holds(needle_context):
     assert sum(summary["index"]["budget_counts"].values()) + len(summary["index"]["dense_layers"]) == summary["layers"]
     text = run("info", context)
     assert text.exit_code == 0 and "needle.md" in text.stdout and "dense layers" in text.stdout
+    characters = len((context.parent / "needle.md").read_text())
+    assert f"needle.md (text, {characters:,} characters)" in text.stdout  # a text file's kind said once
     assert summary["verified"]["full_sha256"] is False
     assert json.loads(run("info", context, "--verify", "--json").stdout)["verified"]["full_sha256"] is True
     document = run("info", REPO / "samples" / "ra-handbook.md")

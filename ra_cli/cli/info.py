@@ -51,10 +51,10 @@ def print_summary(summary: dict) -> None:
     table = Table(show_header=False, box=None, pad_edge=False, title=Text(str(summary["path"])), title_justify="left")
     table.add_column(style="dim")
     table.add_column()
+    size = extent(citation_unit(document), document.get("pages") or 0, len(parts))
+    described = [str(document.get("kind"))] + ([size] if size != document.get("kind") else [])  # text: "text" once
     rows = [
-        ("document", f"{document.get('name')} ({document.get('kind')}, "
-                     f"{extent(citation_unit(document), document.get('pages') or 0, len(parts))}, "
-                     f"{document.get('characters', 0):,} characters)"),
+        ("document", f"{document.get('name')} ({', '.join(described)}, {document.get('characters', 0):,} characters)"),
         *([("documents", ", ".join(str(p.get("name")) for p in parts[:SHOWN] if isinstance(p, dict))
             + (f" and {len(parts) - SHOWN:,} more" if len(parts) > SHOWN else ""))] if parts else []),
         ("tokens", f"{summary['tokens']:,}"),
