@@ -92,9 +92,11 @@ def load_document(
     path: str | Path,
     encoding: str = "utf-8",
     on_page: Callable[[int, int], None] | None = None,
+    raw: bytes | None = None,
 ) -> Document:
-    """A document file, read once: its text comes from the bytes its sha256 is taken of, so a file
-    written to while ra reads it (a growing log) cannot be cached under bytes other than those read."""
+    """A document file, read once (`raw`: its bytes, when the caller has read them): its text comes
+    from the bytes its sha256 is taken of, so a file written to while ra reads it (a growing log)
+    cannot be cached under bytes other than those read."""
     path = Path(path)
     if not path.exists():
         raise RaError(f"{path}: no such file")
@@ -107,7 +109,7 @@ def load_document(
     suffix = path.suffix.lower()
     kind = ("pdf" if suffix in PDF_SUFFIXES else "text" if suffix in TEXT_SUFFIXES else "html" if suffix in HTML_SUFFIXES
             else "epub" if suffix in EPUB_SUFFIXES else "docx" if suffix in WORD_SUFFIXES else "other")
-    return _document(path, path.read_bytes(), kind, encoding, on_page)
+    return _document(path, path.read_bytes() if raw is None else raw, kind, encoding, on_page)
 
 
 PIPED = "-"  # the document argument that means "read it from stdin"

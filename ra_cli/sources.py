@@ -9,6 +9,7 @@ for this model and these parameters."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from pathlib import Path
 from ra_cli.collection import load_collection
 from ra_cli.document import PIPED, Document, load_document, load_piped
 from ra_cli.errors import RaError
-from ra_cli.files import file_sha256
 from ra_cli.ingest import (IngestOptions, IngestResult, cached_context_path, cached_context_stem, context_limit_notice,
                            ingest, is_context)
 from ra_cli.manifest import MANIFEST
@@ -30,13 +30,18 @@ from ra_cli.store import ContextStore
 class Source:
     context: Path | None = None  # a saved context
     document: Document | None = None  # a document read, to ingest unless its context is cached
-    unread: Path | None = None  # a document file with a cached context, not read (yet)
-    unread_sha256: str = ""
+    origin: Path | None = None  # the document's file or folder (None: a context, or a document piped in)
+    unread_sha256: str = ""  # of a document file with a cached context, not read (yet)
     encoding: str = "utf-8"
 
     @property
     def name(self) -> str:
-        return self.context.name if self.context else self.document.name if self.document else self.unread.name
+        return self.context.name if self.context else self.document.name if self.document else self.origin.name
+
+    @property
+    def sha256(self) -> str:
+        """The document's, read or not."""
+        return self.document.sha256 if self.document else self.unread_sha256
 
 
 def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=None) -> Source:
@@ -48,14 +53,16 @@ def resolve_source(path: Path, encoding: str = "utf-8", on_page=None, on_skip=No
     if is_context(path):
         return Source(context=path)
     if path.is_dir():
-        return Source(document=load_collection([path], encoding, on_skip, on_page))
+        return Source(document=load_collection([path], encoding, on_skip, on_page), origin=path)
     if not path.exists():
         raise RaError(f"{path}: no such file or context")
-    if path.is_file():
-        sha256 = file_sha256(path)
-        if cached_for_file(path.name, sha256):
-            return Source(unread=path, unread_sha256=sha256, encoding=encoding)
-    return Source(document=load_document(path, encoding, on_page))
+    if not path.is_file():  # a pipe given as a path: read once, as it is
+        return Source(document=load_document(path, encoding, on_page))
+    raw = path.read_bytes()  # hashed, and read as the document unless a cached context makes that needless
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if cached_for_file(path.name, sha256):
+        return Source(origin=path, unread_sha256=sha256, encoding=encoding)
+    return Source(document=load_document(path, encoding, on_page, raw), origin=path)
 
 
 def read_piped(encoding: str = "utf-8") -> Document:
@@ -99,16 +106,16 @@ def ensure_context(loaded: LoadedModel, source: Source, options: IngestOptions, 
     """The cached context of a source's document, ingesting (or finishing an ingest) when needed;
     an unread document is read only then."""
     document = source.document
-    name, sha256 = (document.name, document.sha256) if document else (source.unread.name, source.unread_sha256)
-    path = cached_context_path(loaded, name, sha256, options)
+    path = cached_context_path(loaded, source.name, source.sha256, options)
     if (path / MANIFEST).is_file():
         try:
             return ContextStore.open(path, loaded.fingerprint), None
         except RaError:
             pass  # damaged cache entry: rebuild it below
     if document is None:
-        document = load_document(source.unread, source.encoding)
-        if document.sha256 != sha256:  # the file changed since it was hashed: key the context by what was read
-            return ensure_context(loaded, Source(document=document), options, on_progress, on_index, on_notice)
+        document = load_document(source.origin, source.encoding)
+        if document.sha256 != source.sha256:  # the file changed since it was hashed: key the context by what was read
+            return ensure_context(loaded, Source(document=document, origin=source.origin), options, on_progress,
+                                  on_index, on_notice)
     result = ingest(loaded, document, path, options, on_progress, on_index, on_notice)
     return ContextStore.open(path, loaded.fingerprint), result

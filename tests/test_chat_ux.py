@@ -336,9 +336,8 @@ def test_a_long_prefill_logs_plain_progress_lines_when_stderr_is_not_a_terminal(
 
 
 def test_the_time_left_of_a_prefill_allows_for_tokens_getting_dearer_as_it_goes():
-    """A full prefill's token at position p attends to p earlier keys: a constant rate promised a
-    25K-token ingest "about 62 s left" a third of the way in, with three minutes to go. The
-    estimate fits a cost growing with the keys attended (up to a sparse prefill's span, then
+    """A full prefill's token at position p attends to p earlier keys: a constant rate promised the
+    end of a long ingest several times too soon. The estimate fits a cost growing with the keys attended (up to a sparse prefill's span, then
     constant), leaving out the first chunk's kernel compiling."""
     from ra_cli.ui import prefill_seconds_left
 

@@ -67,7 +67,8 @@ def chat_command(
     from ra_cli.sessions import check_same_document, load_session, resume as resume_session, what_to_reopen
     from ra_cli.ui import status
 
-    if resume and source is not None and question is None and not source.exists() and str(source) != PIPED:
+    piped = source is not None and str(source) == PIPED
+    if resume and source is not None and question is None and not source.exists() and not piped:
         source, question = None, str(source)  # `ra chat --resume NAME "And then?"`: the session names the context
     ask = ([question] if question is not None else []) + (ask or [])
     saved = load_session(resume) if resume else None
@@ -75,8 +76,8 @@ def chat_command(
         raise typer.BadParameter("give a context or document to chat with (or --resume NAME)", param_hint="'SOURCE'")
     found = read_source(source if source is not None else what_to_reopen(saved), encoding)
     if source is None and found.context is None:  # the session's context was cleared: its document read again
-        check_same_document(saved, found.document.sha256 if found.document else found.unread_sha256)
-    if str(source) == PIPED and not ask and not questions_from_the_terminal():
+        check_same_document(saved, found.sha256)
+    if piped and not ask and not questions_from_the_terminal():
         raise RaError("the document came through stdin, so the questions cannot: give them with --ask "
                       "(or give the document's path)")
     loaded = load_model(model_for(found, model), device, dtype, weights.value,
@@ -88,8 +89,7 @@ def chat_command(
     store = open_store(loaded, found, options)
     settings = settings_for(store, top_k, ef, window, coverage, dense_below, sinks, dense_when_cheaper, exact_margin)
     session = start_chat(loaded, store, attention, settings)
-    read_from = Path(source) if source is not None and found.context is None and str(source) != PIPED else None
-    session.origin = saved.origin if saved is not None and saved.origin is not None else read_from
+    session.origin = saved.origin if saved is not None and saved.origin is not None else found.origin
     if getattr(session.cache, "retrieval_stats", None) and session.cache.retrieval_stats.dense_layers:
         status(dense_note(session.cache.retrieval_stats, len(store.layers), store.n_tokens))
     if saved is not None:

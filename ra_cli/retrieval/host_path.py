@@ -47,12 +47,15 @@ class HostMemoryAttention:
         if choice is None or host_query.shape[1] != 1 or not self._searching():
             return self._search_and_attend(host_query, q_offset, scaling)
         every_key = choice.every_key_next()
-        if choice.reads_every_key is not None:  # decided: nothing more to time
+
+        def attend() -> torch.Tensor:
             return self._attend_every_key(host_query, scaling) if every_key else \
                 self._search_and_attend(host_query, q_offset, scaling)
+
+        if choice.reads_every_key is not None:  # decided: nothing more to time
+            return attend()
         began = time.perf_counter()
-        out = self._attend_every_key(host_query, scaling) if every_key else \
-            self._search_and_attend(host_query, q_offset, scaling)
+        out = attend()
         if choice.record(every_key, time.perf_counter() - began):
             self.stats.measured_dense_layers.append(self.layer_idx)
         return out
