@@ -43,7 +43,7 @@ def explain(exc: BaseException) -> tuple[str, int]:
             return f"read-only file system{where}; choose a writable location (e.g. RA_CACHE_DIR)", 1
         return f"{exc.strerror or exc}{where}", 1
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-        return "the accelerator ran out of memory; use a smaller context, --gpu-mem-gb or a 4-bit model", 1
+        return "the accelerator ran out of memory; use a smaller context or --chunk-size, or --load-in-4bit", 1
     first = first_line(exc, 200) if str(exc).strip() else ""
     return (f"unexpected {type(exc).__name__}{': ' + first if first else ''} — this is a bug in ra; "
             "rerun with RA_DEBUG=1 for the traceback and report it"), 1

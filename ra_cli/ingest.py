@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from ra_cli.document import Document
-from ra_cli.engine.cache import ContextCache, WideningScratch, layer_windows
+from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer, WideningScratch, layer_windows
+from ra_cli.engine.device_memory import GIB, DoesNotFit, describe_room, kv_bytes, layers_that_fit, prefill_reserve, room
 from ra_cli.engine.generate import prefill
 from ra_cli.engine.sparse import SparsePrefill
 from ra_cli.errors import RaError
@@ -29,14 +30,20 @@ COMMIT_SECONDS = 2.0  # how much prefill a crash may cost: progress is synced to
 # Longer documents are prefilled sparsely on a CPU unless --prefill full: full prefill is quadratic
 # (32K tokens take minutes, 128K hours), sparse prefill costs the same per chunk at any length.
 SPARSE_FROM = 32768
+# Prefill chunk sizes: on a GPU a larger chunk fills the device and streams the layers kept in host
+# memory (device_memory.py) a quarter as often; on a CPU 512 is as fast and keeps memory small.
+CHUNK_CPU, CHUNK_GPU = 512, 2048
 
 
 @dataclass
 class IngestOptions:
-    chunk_size: int = 512
+    chunk_size: int | None = None  # None: CHUNK_CPU tokens on a CPU, CHUNK_GPU on an accelerator
     kv_dtype: str = "auto"  # auto = the model's compute dtype, so reloaded KV is bit-identical
     index: IndexParams = field(default_factory=IndexParams)
     prefill: str = "auto"  # full | sparse | auto (sparse past SPARSE_FROM tokens on a CPU)
+
+    def chunk(self, device) -> int:
+        return self.chunk_size or (CHUNK_GPU if device.type == "cuda" else CHUNK_CPU)
 
     def prefill_mode(self, n_tokens: int, device) -> str:
         if self.prefill not in ("auto", "full", "sparse"):
@@ -162,7 +169,7 @@ def write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], head
     """Prefill `tokens` in chunks, streaming their KV (and what the index learns from) to disk,
     build the search index and publish the store at `out`. One process at a time writes a given
     `out` (`<out>.lock`); one that waited finds the store complete and reuses it."""
-    if options.chunk_size < 1:
+    if options.chunk_size is not None and options.chunk_size < 1:
         raise RaError("--chunk-size must be at least 1")
     out = Path(out)
     with exclusive(out, f"writing {out.name}", on_notice):
@@ -190,14 +197,38 @@ def kv_in_store(loaded: LoadedModel, kv_dtype: str) -> bool:
     return loaded.device.type == "cpu" and kv_dtype == dtype_name(loaded.dtype)
 
 
+def prefill_cache(loaded: LoadedModel, n: int, chunk: int) -> ContextCache:
+    """The prefill's cache of `n` tokens: on a GPU, each layer's KV on the device while it fits
+    beside the weights and a chunk's working memory (under --gpu-mem-gb), the later layers' in
+    page-locked host memory, streamed to the device as each chunk attends; on a CPU all of it."""
+    config = loaded.model.config
+    if loaded.device.type != "cuda":
+        return ContextCache.full(config, capacity=n, dtype=loaded.cache_dtype)
+    shape = model_shape(config)
+    element = loaded.cache_dtype.itemsize
+    per_layer = kv_bytes(n, shape["kv_heads"], shape["head_dim"], element)
+    reserve = prefill_reserve(config, chunk, element, per_layer)
+    available = room(loaded.device)
+    if available < reserve:
+        raise DoesNotFit(f"prefill chunks of {chunk:,} tokens need {reserve / GIB:.1f} GB beside the weights and "
+                         f"{describe_room(loaded.device, available)}; use a smaller --chunk-size, --load-in-4bit or a "
+                         "larger --gpu-mem-gb")
+    windows = layer_windows(config)
+    on_device = layers_that_fit([per_layer] * len(windows), available - reserve)
+    return ContextCache([DeviceKVLayer(i, window, n, loaded.cache_dtype) if i < on_device
+                         else HostKVLayer(i, loaded.device, window, n, loaded.cache_dtype)
+                         for i, window in enumerate(windows)])
+
+
 def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lines: list[int] | None, header: dict,
                    out: Path, options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
     kv_dtype = header["params"]["kv_dtype"]
     shapes = layer_shapes(loaded.model.config)
     writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype, lines)
     n = len(tokens)
+    chunk = options.chunk(loaded.device)
     # its own buffers (float32 on a CPU, as the collector ranks against) unless it adopts the store's below
-    cache = ContextCache.full(loaded.model.config, capacity=n, dtype=loaded.cache_dtype)
+    cache = prefill_cache(loaded, n, chunk)
     in_store = kv_in_store(loaded, kv_dtype)
     # bf16 KV read by float32 attention is widened; a float32 model's store is read as it is
     widening = WideningScratch(loaded.cache_dtype, n) if in_store and loaded.cache_dtype != loaded.dtype else None
@@ -239,7 +270,7 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     committed = began
     try:
         while start < n:
-            end = min(n, start + options.chunk_size)
+            end = min(n, start + chunk)
             prefill(loaded.model, cache, tokens[start:end], want_logits=False)
             if not in_store:  # else the forward wrote it there
                 for index, layer in enumerate(cache.layers):
@@ -263,7 +294,7 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     index_seconds = time.perf_counter() - index_began
     seconds = time.perf_counter() - began
     extra = {"index": section,
-             "ingest": {"chunk_size": options.chunk_size, "prefill": mode, "seconds": round(seconds, 3),
+             "ingest": {"chunk_size": chunk, "prefill": mode, "seconds": round(seconds, 3),
                         "prefill_seconds": round(prefill_seconds, 3), "index_seconds": round(index_seconds, 3),
                         "prefilled_tokens": n - writer.resumed_from,
                         **({"sparse": sparse_policy(options).as_dict()} if mode == "sparse" else {})}}

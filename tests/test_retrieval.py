@@ -196,7 +196,7 @@ def test_window_overflow_moves_tokens_into_the_index(small_context, loaded):
 def test_host_kv_keeps_a_bf16_store_in_bf16_and_rounds_what_is_evicted_into_it():
     """Evicted window tokens arrive as float32: a bf16 host KV stores them rounded as the store
     would (torch's bf16), and the kernels' widening gives those bf16 values back exactly."""
-    from ra_cli.retrieval.layer import HostKV
+    from ra_cli.retrieval.host_kv import HostKV
     from ra_cli.store import kv_to_numpy, widened
 
     generator = torch.Generator().manual_seed(0)
@@ -490,7 +490,7 @@ def test_question_budget_is_the_smallest_whose_exact_mass_reaches_the_coverage(b
     """question_budget against a float64 softmax: the question's last 8 queries, the static set
     causally masked (the window holds the question itself), indexed keys in float32 or bf16 bits."""
     from ra_cli.retrieval.budget import question_budget
-    from ra_cli.retrieval.layer import as_host_dtype
+    from ra_cli.retrieval.host_kv import as_host_dtype
     from ra_cli.store import widened
 
     rng = np.random.default_rng(7)

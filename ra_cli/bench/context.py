@@ -122,7 +122,8 @@ def print_table(report: dict) -> None:
 
     for run in report["runs"]:
         redone = run.get("exact_steps")
-        table.add_row(f"{run['context_tokens']:,}", run["mode"], number(run["decode_ms_per_token"]),
+        mode = run["mode"] if run.get("fits", True) else f"{run['mode']}: does not fit"
+        table.add_row(f"{run['context_tokens']:,}", mode, number(run["decode_ms_per_token"]),
                       number(run.get("decode_mean_ms")), number(run.get("body_ms")), number(run.get("search_ms")),
                       number(run.get("attention_ms")), number(run.get("other_ms")), number(run.get("retrieval_ms")),
                       "-" if redone is None else f"{number(run.get('exact_ms'))} ({redone}/{run['steps']})",
@@ -154,7 +155,8 @@ def plot(report: dict, path: Path) -> None:
         raise RaError("--plot needs matplotlib: pip install 'ra-cli[bench]' (or pip install matplotlib)")
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for mode in dict.fromkeys(run["mode"] for run in report["runs"]):
-        points = sorted((run["context_tokens"], run["decode_ms_per_token"]) for run in report["runs"] if run["mode"] == mode)
+        points = sorted((run["context_tokens"], run["decode_ms_per_token"]) for run in report["runs"]
+                        if run["mode"] == mode and run["decode_ms_per_token"] is not None)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("context (tokens)")

@@ -55,7 +55,7 @@ class BenchContext:
 
 
 def cached_context(loaded, name: str, text: str, context: int, following: int, params: IndexParams,
-                   chunk_size: int = 512, on_progress=None, on_index=None, prefill: str = "auto") -> BenchContext:
+                   chunk_size: int | None = None, on_progress=None, on_index=None, prefill: str = "auto") -> BenchContext:
     """The first `context` tokens of `text` (repeated as needed) ingested as `ra ingest` would,
     cached under a key of tokens, model and parameters; plus the `following` tokens after them."""
     tokens, layout = context_tokens(loaded, text, context + following)
@@ -74,7 +74,7 @@ def random_tokens(loaded, count: int, seed: int = 0) -> tuple[list[int], dict]:
 
 
 def cached_tokens(loaded, name: str, tokens: list[int], layout: dict, context: int, params: IndexParams,
-                  chunk_size: int = 512, on_progress=None, on_index=None, prefill: str = "auto") -> BenchContext:
+                  chunk_size: int | None = None, on_progress=None, on_index=None, prefill: str = "auto") -> BenchContext:
     """tokens[:context] ingested (cached by content), tokens[context:] returned as the continuation."""
     prefix, continuation = tokens[:context], tokens[context:]
     options = IngestOptions(chunk_size=chunk_size, index=params, prefill=prefill)

@@ -43,7 +43,7 @@ class RecallBenchConfig:
     layers: list[int] | None = None  # None: every 4th global layer
     document: Path | None = None
     baseline_ingest: bool = False  # also time the same prefill with no index (for the ingest ratio)
-    chunk_size: int = 512
+    chunk_size: int | None = None  # IngestOptions' default for the device
     params: IndexParams = field(default_factory=IndexParams)
     prefill: str = "auto"  # ingest's --prefill for the bench context
 

@@ -4,10 +4,16 @@ own): `python -m ra_cli.bench.worker '<json>'` prints one JSON object on stdout.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+
+# top-k and beam of a synthetic run's searches: the default budget, and a beam within the range the
+# calibration picks for trained models' layers (index/graph.py EF_CANDIDATES; docs/benchmarks.md)
+SYNTHETIC_SEARCH = {"top_k": 100, "ef": 128}
 
 
 def peak_rss_bytes() -> int | None:
@@ -77,6 +83,13 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         ingest_cached = True
     searched = mode == "search-all"  # retrieval, with no layer made dense for speed
     settings = settings_for(store, dense_when_cheaper=not searched, exact_margin=config["exact_margin"])
+    if config["synthetic"]:
+        # Random weights attend diffusely, their keys have no structure for a graph to use (a
+        # search calibrated on them reads nearly every key) and their logits are near ties. So a
+        # synthetic run is timed as a trained model is run: every global layer searches with a
+        # trained model's budget and beam (SYNTHETIC_SEARCH; keys_scanned reports the reads that
+        # costs), and no step is redone exactly. Timing only.
+        settings = settings_for(store, dense_below=0.0, dense_when_cheaper=False, exact_margin=0.0, **SYNTHETIC_SEARCH)
     cache = open_cache(loaded, store, "retrieval" if searched else mode, settings)
     stats = getattr(cache, "retrieval_stats", None)
     tokens = bench.continuation
@@ -87,10 +100,13 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     if stats is not None:
         stats.retrieval_seconds = stats.search_seconds = stats.attention_seconds = 0.0
         stats.evaluations = stats.searches = 0
+    device = loaded.device.type == "cuda"
     steps = []
     for token in tokens[config["warmup"]: config["warmup"] + config["steps"]]:
         began = time.perf_counter()
         prefill(loaded.model, cache, [token])
+        if device:  # the step is done when the device is: its kernels run behind the Python that queues them
+            torch.cuda.synchronize()
         steps.append(time.perf_counter() - began)
     count = len(steps)
     per_step = lambda seconds: 1000 * seconds / count  # noqa: E731
@@ -100,7 +116,6 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     other = per_step(stats.retrieval_seconds - stats.search_seconds - stats.attention_seconds) if stats else 0.0
     exact = per_step(cache.exact_seconds)
     mean = per_step(sum(steps))
-    device = loaded.device.type == "cuda"
     return {
         "context_tokens": store.n_tokens, "mode": mode, "decode_ms_per_token": round(1000 * statistics.median(steps), 3),
         "decode_mean_ms": round(mean, 3), "body_ms": round(mean - search - attention - other - exact, 3),
@@ -112,17 +127,17 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": torch.cuda.max_memory_allocated() if device else None,
         "disk_bytes": directory_bytes(store.path),
         "keys_scanned": round(stats.evaluations / stats.searches, 1) if stats and stats.searches else None,
+        "device_wait_ms": round(per_step(stats.wait_seconds), 3) if stats and device else None,
         "dense_layers": stats.dense_layers if stats else None,
         "cheaper_dense_layers": stats.cheaper_dense_layers if stats else None,
         "measured_dense_layers": stats.measured_dense_layers if stats else None, "model": loaded.fingerprint.source,
+        **({"search": SYNTHETIC_SEARCH} if config["synthetic"] and stats else {}),
         "dtype": loaded.fingerprint.dtype, "steps": count,
     }
 
 
 def llama_run(config: dict, context: int) -> dict:
     """llama.cpp on the same GGUF and the same token ids: prefill of the context, then decode."""
-    import os
-
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
@@ -163,6 +178,7 @@ def llama_run(config: dict, context: int) -> dict:
 
 
 def main() -> None:
+    from ra_cli.engine.device_memory import DoesNotFit
     from ra_cli.errors import explain
     from ra_cli.ui import report
 
@@ -172,7 +188,17 @@ def main() -> None:
             result = llama_run(job["config"], job["context"])
         else:
             result = decode_run(job["config"], job["context"], job["mode"])
+    except (DoesNotFit, RuntimeError) as exc:  # a measurement in itself: this mode cannot run at this size here
+        if not isinstance(exc, DoesNotFit) and "out of memory" not in str(exc).lower():
+            report(explain(exc)[0])
+            raise SystemExit(1)
+        message = explain(exc)[0]
+        report(message)
+        result = {"context_tokens": job["context"], "mode": job["mode"], "fits": False, "error": message,
+                  "decode_ms_per_token": None, "peak_rss_bytes": peak_rss_bytes()}
     except Exception as exc:  # one line for the parent to point at, as the CLI would print it
+        if os.environ.get("RA_DEBUG") == "1":
+            raise
         message, code = explain(exc)
         report(message)
         raise SystemExit(code)

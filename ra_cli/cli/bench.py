@@ -176,7 +176,7 @@ def eval_command(
     dense_when_cheaper: bool = opt.DenseWhenCheaperEval,
     exact_margin: float = opt.ExactMargin,
     as_json: bool = opt.Json,
-    chunk_size: int = opt.ChunkSize,
+    chunk_size: Optional[int] = opt.ChunkSize,
     model: Optional[str] = opt.Model,
     device: str = opt.Device,
     dtype: opt.ComputeDtype = opt.Dtype,

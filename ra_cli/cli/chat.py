@@ -42,7 +42,7 @@ def chat_command(
     sinks: Optional[int] = typer.Option(None, "--sinks", min=0, help="First tokens kept on the device; fixed when the document is ingested (default 128)."),
     index: opt.IndexKind = opt.Index,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
-    chunk_size: int = opt.ChunkSize,
+    chunk_size: Optional[int] = opt.ChunkSize,
     kv_dtype: opt.KvDtype = opt.KvDtypeOption,
     model: Optional[str] = opt.Model,
     device: str = opt.Device,

@@ -16,7 +16,7 @@ def ingest_command(
     documents: List[Path] = typer.Argument(..., help="Document to ingest (.pdf, .docx, .epub, .html, .txt, .md, any text file; "
                                                       "- for one piped in); several, or a folder of them, make one collection."),
     save: Optional[Path] = typer.Option(None, "--save", "-o", help="Context directory to write (default: ra's cache, used by `ra chat DOCUMENT`)."),
-    chunk_size: int = opt.ChunkSize,
+    chunk_size: Optional[int] = opt.ChunkSize,
     prefill: opt.PrefillMode = opt.Prefill,
     kv_dtype: opt.KvDtype = opt.KvDtypeOption,
     index: opt.IndexKind = opt.Index,

@@ -63,7 +63,7 @@ Device = typer.Option("auto", "--device", callback=_device, help="auto, cpu, cud
 Dtype = typer.Option(ComputeDtype.auto, "--dtype", help="Compute dtype (auto: on a CPU bf16 for Llama, Qwen2 and Mistral models, float32 for "
                                                               "others; bf16/fp16 on GPU).")
 Encoding = typer.Option("utf-8", "--encoding", callback=_encoding, help="Encoding of .txt/.md/.html files (default: strict UTF-8; an HTML file's declared charset).")
-ChunkSize = typer.Option(512, "--chunk-size", min=1, help="Tokens per prefill chunk.")
+ChunkSize = typer.Option(None, "--chunk-size", min=1, help="Tokens per prefill chunk (default 512 on a CPU, 2048 on a GPU).")
 KvDtypeOption = typer.Option(KvDtype.auto, "--kv-dtype", help="Stored KV dtype (auto = the compute dtype).")
 Coverage = typer.Option(0.97, "--coverage", min=0.0, max=1.0,
                         help="Per-layer retrieval budget: the smallest top-k whose keys held this much attention at ingest.")

@@ -100,6 +100,12 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
     if q_len <= SMALL_QUERY or softcap is not None:
         out, _ = attention_with_lse(query, keys, values, scaling, mask, softcap)
         return out.to(out_dtype)
+    if query.is_cuda and sliding_window is None and kv_offset == 0 and q_offset + q_len == kv_len:
+        # a prefill chunk after its prefix: flash attention's own causal alignment, with no [q, n]
+        # mask in memory (a mask rules flash out, and the fallback's scores at 128K keys would not fit)
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q_len, kv_len)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                           enable_gqa=keys.shape[1] != query.shape[1]).to(out_dtype)
 

@@ -123,15 +123,18 @@ class DeviceKVLayer(AttentionLayer):
         self.widening = widening
         self.is_initialized = True
 
+    def kv_from(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [start, length), where attention reads them."""
+        return self.keys[:, :, start: self.length], self.values[:, :, start: self.length]
+
     def attend(self, query, scaling, sliding_window=None, softcap=None):
         q_offset = self.length - query.shape[2]
-        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         kv_offset = 0
         if sliding_window is not None and q_offset + 1 > sliding_window:
             # Keys older than the first query's window are invisible to every query: skip them.
             kv_offset = q_offset + 1 - sliding_window
-            keys, values = keys[:, :, kv_offset:], values[:, :, kv_offset:]
         began = time.perf_counter()
+        keys, values = self.kv_from(kv_offset)
         if self.sparse is not None and query.shape[2] > SMALL_QUERY and kv_offset == 0 and softcap is None:
             # the chunk's selection is widened, not the whole cache: linear work per chunk
             out, positions = sparse_chunk_attention(query, keys, values, scaling, q_offset, self.block_means, self.sparse)
@@ -183,35 +186,51 @@ class WideningScratch:
 
 
 class HostKVLayer(DeviceKVLayer):
-    """All KV of a layer in host memory (pinned, on a GPU machine), streamed to the compute device
-    whenever the layer attends: exact attention when the KV does not fit on the accelerator —
-    what long contexts fall back to without retrieval. On a CPU it is DeviceKVLayer."""
+    """All KV of a layer in host memory, page-locked on a GPU machine, streamed to the compute
+    device whenever the layer attends: exact attention when the KV does not fit on the accelerator
+    — what long contexts fall back to without retrieval, and the layers a GPU prefill cannot keep
+    on the device (engine/device_memory.py). On a CPU it is DeviceKVLayer."""
 
-    def __init__(self, layer_idx: int, device, sliding_window: int | None = None, capacity: int = 256):
-        super().__init__(layer_idx, sliding_window, capacity)
+    def __init__(self, layer_idx: int, device, sliding_window: int | None = None, capacity: int = 256, dtype=None):
+        super().__init__(layer_idx, sliding_window, capacity, dtype)
         self.compute_device = torch.device(device)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pinned = self.compute_device.type == "cuda"
+        dtype = self.dtype or key_states.dtype
         self.device = torch.device("cpu")
-        self.keys = torch.empty((*key_states.shape[:2], 0, key_states.shape[3]), dtype=key_states.dtype,
-                                pin_memory=pinned)
-        self.values = torch.empty((*value_states.shape[:2], 0, value_states.shape[3]), dtype=value_states.dtype,
-                                  pin_memory=pinned)
+        self.keys = torch.empty((*key_states.shape[:2], 0, key_states.shape[3]), dtype=dtype)
+        self.values = torch.empty((*value_states.shape[:2], 0, value_states.shape[3]), dtype=dtype)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        return super().update(key_states.to("cpu"), value_states.to("cpu"))
+    def reserve(self, tokens: int) -> None:
+        pinned = self.compute_device.type == "cuda"
+        self.keys = with_room(self.keys, self.length, tokens, axis=2, minimum=self.capacity, pin_memory=pinned)
+        self.values = with_room(self.values, self.length, tokens, axis=2, minimum=self.capacity, pin_memory=pinned)
 
-    def attend(self, query, scaling, sliding_window=None, softcap=None):
-        began = time.perf_counter()
-        keys = self.keys[:, :, : self.length].to(self.compute_device, non_blocking=True)
-        values = self.values[:, :, : self.length].to(self.compute_device, non_blocking=True)
-        out = exact_attention(query, keys, values, scaling, self.length - query.shape[2], 0, sliding_window, softcap,
-                              self.mass if query.shape[2] == 1 else None)
-        if self.timer is not None:
-            self.timer.seconds += time.perf_counter() - began
-        return out
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        self.reserve(end)
+        self.keys[:, :, self.length:end].copy_(key_states)  # from the device straight into page-locked memory
+        self.values[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def kv_from(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compute_device.type == "cpu":
+            return super().kv_from(start)
+        # one asynchronous copy per KV head: a head's run of positions is contiguous in the
+        # page-locked buffer (the [B, KVH, n, D] slice as a whole is not, and would be staged
+        # through pageable memory)
+        shape = (self.keys.shape[0], self.keys.shape[1], self.length - start, self.keys.shape[3])
+        keys = torch.empty(shape, dtype=self.keys.dtype, device=self.compute_device)
+        values = torch.empty(shape[:3] + (self.values.shape[3],), dtype=self.values.dtype, device=self.compute_device)
+        for b in range(shape[0]):
+            for head in range(shape[1]):
+                keys[b, head].copy_(self.keys[b, head, start: self.length], non_blocking=True)
+                values[b, head].copy_(self.values[b, head, start: self.length], non_blocking=True)
+        return keys, values
 
 
 class ContextCache(Cache):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ra_cli.engine.attention import grouped_rows
+from ra_cli.engine.device_memory import SCORE_BYTES
 from ra_cli.errors import RaError
 from ra_cli.files import array_file, write_json_atomic
 from ra_cli.index.base import IndexParams, indexed_range
@@ -190,7 +191,8 @@ def top_lists(rows: torch.Tensor, candidates: torch.Tensor, visible: np.ndarray,
     On CPU the scores are made in blocks of rows that stay in cache while they are ranked."""
     kernel = rows.device.type == "cpu" if kernel is None else kernel
     kv_heads, count, _ = rows.shape
-    block = ROWS_PER_BLOCK if kernel else count
+    # on a device, as many rows as keep the scores (and topk's masked copy) within SCORE_BYTES
+    block = ROWS_PER_BLOCK if kernel else max(1, SCORE_BYTES // (4 * kv_heads * max(1, candidates.shape[1])))
     ids = np.empty((kv_heads, count, take), np.int32)
     transposed = candidates.transpose(-1, -2)
     for first in range(0, count, block):

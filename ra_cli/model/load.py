@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ra_cli.choices import ComputeDtype, WeightFormat
+from ra_cli.engine.device_memory import device_index, set_cap
 from ra_cli.errors import RaError
 from ra_cli.model.convert import converted_gguf
 from ra_cli.model.fingerprint import Fingerprint, config_sha256, tokenizer_sha256, weights_id_for_dir
@@ -289,4 +290,5 @@ def cap_device_memory(device: str, gigabytes: float | None) -> None:
     total = torch.cuda.get_device_properties(target).total_memory
     if gigabytes * 2**30 > total:
         raise RaError(f"--gpu-mem-gb {gigabytes:g} is more than this GPU has ({total / 2**30:.1f} GB)")
-    torch.cuda.set_per_process_memory_fraction(gigabytes * 2**30 / total, target)
+    torch.cuda.set_per_process_memory_fraction(gigabytes * 2**30 / total, device_index(target))
+    set_cap(target, int(gigabytes * 2**30))  # what ingest and chat plan their device memory within

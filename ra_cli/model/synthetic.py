@@ -56,17 +56,21 @@ def _quantize(model, quantize: str, device):
     import bitsandbytes as bnb
     import torch
 
-    for module in list(model.modules()):
+    # parents only: a list holding the Linear modules themselves would keep every bf16 weight alive;
+    # the new layers are made on "meta" (no host weights initialised only to be replaced)
+    for module in [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]:
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and name != "lm_head":
                 if quantize == "4bit":
                     layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                              compute_dtype=child.weight.dtype, quant_type="nf4")
-                    layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                                              compute_dtype=child.weight.dtype, quant_type="nf4", device="meta")
+                    # quantized where the weights are, by the .to(device) below: an 8B model's
+                    # bf16 weights never travel to the host and back
+                    layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
                 else:
                     layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                                has_fp16_weights=False)
-                    layer.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False)
+                                                has_fp16_weights=False, device="meta")
+                    layer.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False)  # quantizes on its way to the device
                 if child.bias is not None:
                     layer.bias = child.bias
                 setattr(module, name, layer.to(device))

@@ -27,7 +27,8 @@ from ra_cli.index.base import kv_head_of
 from ra_cli.retrieval.budget import question_budget
 from ra_cli.retrieval.host_path import HostMemoryAttention
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved
-from ra_cli.store import float32_keys, kv_to_numpy, widened
+from ra_cli.retrieval.host_kv import HostKV
+from ra_cli.store import widened
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time
 
@@ -61,6 +62,7 @@ class RetrievalStats:
     retrieval_seconds: float = 0.0  # everything a retrieval layer's attention took
     search_seconds: float = 0.0  # of which: index search
     attention_seconds: float = 0.0  # of which: attention over the retrieved (and, on CPU, static) keys
+    wait_seconds: float = 0.0  # of which, on an accelerator: waiting for the device to hand over the query
     evicted: int = 0
     indexed_keys: int = 0
     dense_layers: list = field(default_factory=list)  # every layer attending densely, of which:
@@ -76,46 +78,6 @@ class RetrievalStats:
             "searches": self.searches, "evicted_into_index": self.evicted, "dense_layers": self.dense_layers,
             "cheaper_dense_layers": self.cheaper_dense_layers, "measured_dense_layers": self.measured_dense_layers,
         }
-
-
-def host_kv(array: np.ndarray, kv_dtype: str) -> np.ndarray:
-    """Stored KV [KVH, n, D] as a RAM copy the numba kernels read: bfloat16 as its bits (uint16,
-    widened exactly in the kernels: half the bytes of float32), any other dtype as float32."""
-    if kv_dtype == "bfloat16":
-        return np.array(array, dtype=np.uint16)
-    return np.array(float32_keys(array, kv_dtype), dtype=np.float32)
-
-
-def as_host_dtype(array: np.ndarray, dtype) -> np.ndarray:
-    """float32 KV (e.g. evicted from the device window) in a host array's dtype (uint16: bf16 bits)."""
-    if dtype == np.uint16:
-        return kv_to_numpy(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), "bfloat16")
-    return np.asarray(array, dtype=dtype)
-
-
-class HostKV:
-    """The indexed part of one layer's KV in CPU memory, positions [lo, n_stored) and conversation
-    tokens evicted later: [KVH, n, D] in the dtype the kernels read (bf16 bits as uint16 for a
-    bf16 store, else float32; host_kv)."""
-
-    def __init__(self, keys: np.ndarray, values: np.ndarray):
-        self.keys = keys
-        self.values = values
-        self.count = keys.shape[1]
-        self.owned = False
-
-    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Add float32 keys/values [KVH, c, D] (rounded to bf16 when the host KV is bf16)."""
-        keys, values = as_host_dtype(keys, self.keys.dtype), as_host_dtype(values, self.values.dtype)
-        needed = self.count + keys.shape[1]
-        self.keys = with_room(self.keys, self.count, needed, axis=1, minimum=1024, dtype=self.keys.dtype,
-                              copy=not self.owned)
-        self.values = with_room(self.values, self.count, needed, axis=1, minimum=1024, dtype=self.values.dtype,
-                                copy=not self.owned)
-        self.owned = True
-        self.keys[:, self.count:needed] = keys
-        self.values[:, self.count:needed] = values
-        self.count = needed
 
 
 class RetrievalLayer(HostMemoryAttention, AttentionLayer):
@@ -154,6 +116,7 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         self.token_seeds = token_seeds  # a TokenSeeds shared by the cache's layers: entry points from the text
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
         self.exact = False  # attend to every key (ContextCache.exactly: a forward redone exactly)
+        self.staging = None  # page-locked buffer the retrieved half goes to the accelerator from
         self.host_path_state()
 
     # -- storage ---------------------------------------------------------------------------------
@@ -218,7 +181,11 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         if self.observer is not None:
             self.observer(self.layer_idx, query, self.keys[:, :, : self.static], q_offset, 0, scaling)
         began = time.perf_counter()
-        host_query = np.ascontiguousarray(query[0].detach().float().cpu().numpy())  # on a GPU, a sync point
+        # on a GPU, a sync point: the device finishes this layer's projections (and anything queued
+        # before them) before the CPU can search
+        host_query = np.ascontiguousarray(query[0].detach().float().cpu().numpy())
+        if self.device.type != "cpu":
+            self.stats.wait_seconds += time.perf_counter() - began
         if self.device.type == "cpu" and softcap is None:
             out = self._attend_in_host_memory(host_query, q_offset, scaling)
         else:
@@ -296,11 +263,25 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
             self.stats.attention_seconds += time.perf_counter() - began
         if self.auditor is not None:
             self.auditor(self, host_query, q_offset, ids, scaling)
-        merged, total = merge_partial([static_out, torch.from_numpy(retrieved_out)[None].to(self.device)],
-                                      [static_lse, torch.from_numpy(retrieved_lse)[None].to(self.device)])
+        retrieved = self._to_device(retrieved_out, retrieved_lse)
+        merged, total = merge_partial([static_out, retrieved[None, :, :, :-1]], [static_lse, retrieved[None, :, :, -1]])
         if self.mass is not None and q_len == 1:
             self._collect_split_mass(query, total[0, :, 0], ids[:, 0], scores[:, 0], scaling)
         return merged
+
+    def _to_device(self, out: np.ndarray, lse: np.ndarray) -> torch.Tensor:
+        """The retrieved half [H, q, Dv] and its log-sum-exp [H, q] as one [H, q, Dv + 1] tensor on
+        the device: one asynchronous copy from a page-locked buffer of this layer's. The buffer is
+        rewritten only after this layer's next query has come back, which waits for the copy."""
+        heads, q_len, dim = out.shape
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.concatenate([out, lse[..., None]], axis=-1))
+        if self.staging is None or self.staging.shape != (heads, q_len, dim + 1):
+            self.staging = torch.empty((heads, q_len, dim + 1), dtype=torch.float32, pin_memory=True)
+        staged = self.staging.numpy()
+        staged[..., :dim] = out
+        staged[..., dim] = lse
+        return self.staging.to(self.device, non_blocking=True)
 
     def _attend_exact(self, query, q_offset, scaling, softcap):
         """Full attention: the static set's, and every indexed key's in one pass over host memory

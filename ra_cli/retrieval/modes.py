@@ -16,12 +16,14 @@ import numpy as np
 
 from ra_cli.choices import AttentionMode
 from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
+from ra_cli.engine.device_memory import GIB, check_fits, kv_bytes, room
 from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
 from ra_cli.retrieval.cost import MeasuredChoice, expected_reads, search_is_cheaper
 from ra_cli.retrieval.budget import layer_budget, measured_budgets
-from ra_cli.retrieval.layer import HostKV, RetrievalLayer, RetrievalSettings, RetrievalStats, host_kv
+from ra_cli.retrieval.host_kv import HostKV, host_kv
+from ra_cli.retrieval.layer import RetrievalLayer, RetrievalSettings, RetrievalStats
 from ra_cli.retrieval.token_seeds import TokenSeeds
 from ra_cli.store import ContextStore, kv_to_tensor
 
@@ -62,6 +64,9 @@ def open_cache(loaded, store: ContextStore, mode: AttentionMode | str = Attentio
 
 def full_attention_cache(loaded, store: ContextStore) -> ContextCache:
     """Every stored key and value on the compute device: exact attention."""
+    check_fits(loaded.device, len(store.layers) * _layer_kv_bytes(store, loaded.dtype),
+               f"full attention over {store.n_tokens:,} tokens",
+               "use --attention retrieval (the default), or --attention offload to stream every key from host memory")
     cache = ContextCache.full(loaded.model.config, capacity=store.n_tokens + CONVERSATION_ROOM)
     for index, layer in enumerate(cache.layers):
         layer.load(_dense_kv(loaded, store, store.keys(index)), _dense_kv(loaded, store, store.values(index)))
@@ -84,6 +89,11 @@ def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
                    kv_to_tensor(store.values(index), store.kv_dtype, "cpu", loaded.dtype)[None])
         store.release(index)
     return cache
+
+
+def _layer_kv_bytes(store: ContextStore, dtype) -> int:
+    shape = store.manifest["model_shape"]
+    return kv_bytes(store.n_tokens + CONVERSATION_ROOM, shape["kv_heads"], shape["head_dim"], dtype.itemsize)
 
 
 def _device_kv(loaded, store: ContextStore, array):
@@ -132,11 +142,22 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         dense |= set(stats.cheaper_dense_layers)
     stats.dense_layers = sorted(dense)
     seeds = None if exact else TokenSeeds(store.tokens, lo, hi)
+    # on a GPU, dense layers keep their KV on the device while it fits (under --gpu-mem-gb), the
+    # rest stream it from host memory; a GiB is left for the static sets (sinks + window: a few MB
+    # a layer) and a decode step's working memory
+    available = room(loaded.device)
+    available = None if available is None else available - GIB
     layers = []
     for i, shape in enumerate(store.layers):
         if shape.sliding_window is not None or i in dense:
-            layer = DeviceKVLayer(i, shape.sliding_window, capacity=n + CONVERSATION_ROOM)
-            layer.load(_dense_kv(loaded, store, store.keys(i)), _dense_kv(loaded, store, store.values(i)))
+            size = _layer_kv_bytes(store, loaded.dtype)
+            if available is None or size <= available:
+                layer, where = DeviceKVLayer(i, shape.sliding_window, capacity=n + CONVERSATION_ROOM), loaded.device
+                available = None if available is None else available - size
+            else:
+                layer, where = HostKVLayer(i, loaded.device, shape.sliding_window, n + CONVERSATION_ROOM), "cpu"
+            layer.load(kv_to_tensor(store.keys(i), store.kv_dtype, where, loaded.dtype)[None],
+                       kv_to_tensor(store.values(i), store.kv_dtype, where, loaded.dtype)[None])
             store.release(i)  # copied: its pages would count twice
             layers.append(layer)
             continue
