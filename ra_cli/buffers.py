@@ -31,4 +31,3 @@ def with_room(array, used: int, needed: int, axis: int, minimum: int = 0, fill=N
             grown.fill_(fill)
         grown[head] = array[head]
     return grown
-

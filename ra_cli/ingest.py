@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ra_cli.document import Document
 from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer, WideningScratch, layer_windows
 from ra_cli.engine.device_memory import GIB, DoesNotFit, describe_room, kv_bytes, layers_that_fit, prefill_reserve, room
@@ -224,11 +226,12 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
                    out: Path, options: IngestOptions, on_progress=None, on_index=None) -> IngestResult:
     kv_dtype = header["params"]["kv_dtype"]
     shapes = layer_shapes(loaded.model.config)
-    writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype, lines)
     n = len(tokens)
     chunk = options.chunk(loaded.device)
-    # its own buffers (float32 on a CPU, as the collector ranks against) unless it adopts the store's below
+    # planned before anything is written: a prefill that cannot fit leaves no partial store behind.
+    # Its own buffers (float32 on a CPU, as the collector ranks against) unless it adopts the store's below
     cache = prefill_cache(loaded, n, chunk)
+    writer = StoreWriter(out, header, tokens, pages, shapes, kv_dtype, lines)
     in_store = kv_in_store(loaded, kv_dtype)
     # bf16 KV read by float32 attention is widened; a float32 model's store is read as it is
     widening = WideningScratch(loaded.cache_dtype, n) if in_store and loaded.cache_dtype != loaded.dtype else None
@@ -268,14 +271,19 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
         writer.commit(done)
 
     committed = began
+    store_seconds = 0.0  # of the prefill: copying each chunk's KV into the store (on a GPU, from the device)
     try:
         while start < n:
             end = min(n, start + chunk)
             prefill(loaded.model, cache, tokens[start:end], want_logits=False)
             if not in_store:  # else the forward wrote it there
+                if loaded.device.type == "cuda":  # the forward's queued work is the forward's time
+                    torch.cuda.synchronize(loaded.device)
+                began_store = time.perf_counter()
                 for index, layer in enumerate(cache.layers):
                     writer.write(index, start, kv_to_numpy(layer.keys[0, :, start:end], kv_dtype),
                                  kv_to_numpy(layer.values[0, :, start:end], kv_dtype))
+                store_seconds += time.perf_counter() - began_store
             start = end
             # syncing every file to disk per chunk cost ~2% of ingest: do it every few seconds
             if end == n or time.perf_counter() - committed >= COMMIT_SECONDS:
@@ -296,6 +304,9 @@ def _write_context(loaded: LoadedModel, tokens: list[int], pages: list[int], lin
     extra = {"index": section,
              "ingest": {"chunk_size": chunk, "prefill": mode, "seconds": round(seconds, 3),
                         "prefill_seconds": round(prefill_seconds, 3), "index_seconds": round(index_seconds, 3),
+                        # of the prefill: the index's collection next to attention, and the KV's copy to the store
+                        "collect_seconds": round(collector.seconds if collector else 0.0, 3),
+                        "store_seconds": round(store_seconds, 3),
                         "prefilled_tokens": n - writer.resumed_from,
                         **({"sparse": sparse_policy(options).as_dict()} if mode == "sparse" else {})}}
     path = writer.publish(extra)

@@ -7,6 +7,12 @@
 #   scripts/gpu-wheels.sh && <device run, carry .whl>: scripts/gpu-check.sh
 #   RA_GPU_SHAPE=tiny RA_GPU_CONTEXTS=2k scripts/gpu-check.sh     the same path at toy size on a CPU
 #
+# At the rates measured on an H200 (docs/benchmarks.md, 2026-12-01) the defaults take longer than
+# one 10-minute device call: a 128K ingest of the 8B shape is ~100 s of prefill and minutes of index
+# build. Within a session's 15 minutes, run it as two calls on the same machine state:
+#   RA_GPU_RUNS=4bit RA_GPU_CONTEXTS=32k scripts/gpu-check.sh                  (tests + 32K)
+#   RA_GPU_TESTS=0 RA_GPU_RUNS=4bit RA_GPU_CONTEXTS=128k scripts/gpu-check.sh  (128K)
+#
 # Environment: RA_GPU_SHAPE (llama-3-8b), RA_GPU_CONTEXTS (32k,128k), RA_GPU_MEM_GB (24),
 # RA_GPU_STEPS (16), RA_GPU_RUNS (4bit,bf16), RA_GPU_LIMIT_S (seconds each size's bench may take,
 # 600), RA_GPU_TESTS (1; 0 skips the CUDA tests), RA_GPU_TEST_LIMIT_S (300),

@@ -186,3 +186,53 @@ def test_context_bench_rejects_bad_choices():
                           (["--recall", "--context", "8k,16k"], "give --context a single size")):
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code == 1 and message in result.stderr, result.output
+
+
+def test_gpu_check_script_runs_its_path_at_toy_size_on_a_cpu(tmp_path):
+    """scripts/gpu-check.sh, as the GPU machine runs it, with `--synthetic tiny` on this CPU: one
+    JSON, the CUDA tests marked not run, and a synthetic run that searches every layer at the fixed
+    budget and beam (random keys would make a calibrated search read everything)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+    env = dict(os.environ, RA_GPU_SHAPE="tiny", RA_GPU_CONTEXTS="1k", RA_GPU_STEPS="2", PYTHON=sys.executable,
+               OUT=str(tmp_path / "out"))
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["cuda_tests"] == "not run (no CUDA)"
+    bench = report["cpu-1k"]
+    assert bench["synthetic"] and bench["model"] == "synthetic:tiny"
+    runs = {run["mode"]: run for run in bench["runs"]}
+    assert set(runs) == {"retrieval", "full"}
+    retrieval = runs["retrieval"]
+    assert retrieval["dense_layers"] == [] and retrieval["keys_scanned"] > 0 and retrieval["search"] == {"top_k": 100, "ef": 128}
+    assert retrieval["ingest_prefill_s"] > 0 and retrieval["ingest_index_s"] > 0 and retrieval["ingest_collect_s"] > 0
+    assert (tmp_path / "out" / "bench-cpu-1k.json").is_file() and "bench cpu-1k: exit 0" in done.stderr
+
+
+def test_a_mode_that_does_not_fit_is_a_row_of_the_report(monkeypatch, capsys):
+    """A bench worker whose mode cannot fit on the accelerator reports that as its result (the
+    bench goes on with the other modes) instead of failing the run."""
+    import sys
+
+    import ra_cli.bench.worker as worker
+    from ra_cli.bench.context import print_table
+    from ra_cli.engine.device_memory import DoesNotFit
+
+    def does_not_fit(config, context, mode):
+        raise DoesNotFit("full attention over 131,072 tokens needs 16.5 GB on the accelerator and 9.0 GB free under "
+                         "--gpu-mem-gb 24; use --attention retrieval (the default), or --attention offload")
+
+    monkeypatch.setattr(worker, "decode_run", does_not_fit)
+    monkeypatch.setattr(sys, "argv", ["worker", json.dumps({"task": "decode", "config": {}, "context": 131072, "mode": "full"})])
+    worker.main()
+    captured = capsys.readouterr()
+    row = json.loads(captured.out.strip().splitlines()[-1])
+    assert row["fits"] is False and row["mode"] == "full" and row["decode_ms_per_token"] is None
+    assert "--attention retrieval" in row["error"] and "needs 16.5 GB" in captured.err
+    print_table({"model": "synthetic:llama-3-8b", "synthetic": True, "steps": 8, "runs": [row]})
+    assert "full: does not fit" in capsys.readouterr().err

@@ -113,7 +113,12 @@ def exact_attention(query, keys, values, scaling: float, q_offset: int, kv_offse
 def decode_attention(query, keys, values, scaling: float, mass=None, kv_offset: int = 0) -> torch.Tensor:
     """softmax(q k^T) v for a few query positions that see every key, no log-sum-exp: query
     [1, H, q, D], keys/values [1, KVH, n, D] -> [1, H, q, D]. On a CPU, engine/dense_decode.py's
-    kernel (one float32 pass over the KV); elsewhere matmul_decode_attention."""
+    kernel (one float32 pass over the KV); on an accelerator, scaled_dot_product_attention (its
+    fused kernels split the keys across the device, where the per-head matmuls below launch six
+    small kernels per KV head and layer); matmul_decode_attention where the weights are wanted."""
+    if query.is_cuda and mass is None:
+        return F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, scale=scaling,
+                                              enable_gqa=keys.shape[1] != query.shape[1])
     heads, count = query.shape[1], query.shape[2]
     kv_heads = keys.shape[1]
     rows = grouped_rows(query[0], kv_heads)  # [KVH, G*q, D]

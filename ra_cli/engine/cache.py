@@ -203,19 +203,10 @@ class HostKVLayer(DeviceKVLayer):
         self.is_initialized = True
 
     def reserve(self, tokens: int) -> None:
+        # new tokens are written from the device straight into these (DeviceKVLayer.update)
         pinned = self.compute_device.type == "cuda"
         self.keys = with_room(self.keys, self.length, tokens, axis=2, minimum=self.capacity, pin_memory=pinned)
         self.values = with_room(self.values, self.length, tokens, axis=2, minimum=self.capacity, pin_memory=pinned)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[2]
-        self.reserve(end)
-        self.keys[:, :, self.length:end].copy_(key_states)  # from the device straight into page-locked memory
-        self.values[:, :, self.length:end].copy_(value_states)
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def kv_from(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compute_device.type == "cpu":

@@ -10,6 +10,7 @@ resumed ingest continues where it stopped and memory stays flat however long the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ class PrefillCollector:
         mode = "r+" if resume else "w+"
         self.lists, self.queries, self.knn = {}, {}, {}
         self.scaling: dict[int, float] = {}  # each layer's attention scaling, kept for a resumed build
+        self.seconds = 0.0  # time this process spent collecting (ingest's manifest reports it)
         if resume and (self.dir / SCALING).is_file():
             try:
                 self.scaling = {int(k): float(v) for k, v in json.loads((self.dir / SCALING).read_text()).items()}
@@ -95,9 +97,13 @@ class PrefillCollector:
         its sampled queries then rank only them, which keeps the collection linear in length too."""
         if layer not in self.lists or self.n_indexed <= 0:
             return
+        if query.is_cuda:  # the work the forward queued before this is the forward's, not the collection's
+            torch.cuda.synchronize(query.device)
+        began = time.perf_counter()
         self.scaling[layer] = float(scaling)
         self._record_lists(layer, query[0], keys[0], q_offset, kv_offset, attended)
         self._record_neighbours(layer, keys[0], q_offset, q_offset + query.shape[2], kv_offset)
+        self.seconds += time.perf_counter() - began  # its results came back to the host: nothing left queued
 
     def _record_lists(self, layer, query, keys, q_offset, kv_offset, attended=None):
         q_len = query.shape[1]
