@@ -15,7 +15,8 @@
 #
 # Environment: RA_GPU_SHAPE (llama-3-8b), RA_GPU_CONTEXTS (32k,128k), RA_GPU_MEM_GB (24),
 # RA_GPU_STEPS (16), RA_GPU_RUNS (4bit,bf16), RA_GPU_LIMIT_S (seconds each size's bench may take,
-# 600), RA_GPU_TESTS (1; 0 skips the CUDA tests), RA_GPU_TEST_LIMIT_S (300),
+# 600), RA_GPU_TESTS (1; 0 skips the CUDA tests), RA_GPU_TEST_LIMIT_S (300), RA_GPU_PROFILE (0; 1 adds
+# benchmarks/gpu_profile.py's operation tables for the first size),
 # OUT (where logs and JSON go; default /tmp/ra-gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +76,13 @@ for name in "${NAMES[@]}"; do
   done
 done
 
+if [ "${RA_GPU_PROFILE:-0}" = 1 ]; then  # where a decode step's time goes, on the first run's first size (cached)
+  # shellcheck disable=SC2086
+  timeout "$LIMIT" "$PY" benchmarks/gpu_profile.py "$SHAPE" "${SIZES[0]}" "${DEVICE[@]}" ${FLAGS[${NAMES[0]}]} \
+    > "$OUT/profile.txt" 2> "$OUT/profile.log"
+  echo "profile: exit $?" >&2
+fi
+
 "$PY" - "$OUT" "$TESTS" "${RUNS[@]}" <<'PY'
 import json, pathlib, sys
 out, tests, runs = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
@@ -90,5 +98,7 @@ for run in runs:
     except ValueError:
         report[run] = {"error": f"exit {code}" + (" (time limit)" if code == 124 else ""),
                        "log": (out / f"bench-{run}.log").read_text()[-3000:]}
+if (out / "profile.txt").is_file():
+    report["profile"] = (out / "profile.txt").read_text()[-12000:]
 print(json.dumps(report))
 PY
