@@ -155,3 +155,27 @@ def test_synthetic_shape_runs_the_bench_on_the_device(weights):
     retrieval = report["runs"][0]
     assert retrieval["keys_scanned"] > 0 and retrieval["dense_layers"] == [] and retrieval["device_wait_ms"] > 0
     assert ("4bit" in retrieval["dtype"]) == bool(weights)
+
+
+def test_a_model_directory_chats_on_the_device(tmp_path, monkeypatch):
+    """`ra chat --device cuda` end to end on a transformers checkpoint made on the spot: GPU ingest,
+    the split retrieval path (with citations' weights) and full attention; in float32 with the
+    search covering every key the two answer alike, and bf16 (the GPU default) runs as well."""
+    from model_maker import TEXT, tiny_model_dir
+
+    from ra_cli.cli import app
+
+    model = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "doc.txt").write_text(TEXT * 40)
+    monkeypatch.chdir(tmp_path)
+    ask = ["chat", "doc.txt", "--model", str(model), "--device", "cuda", "--ask", "Who climbed the stairs?", "-n", "6",
+           "--json", "--dtype", "float32"]
+    exhaustive = ["--search-every-layer", "--top-k", "5000", "--ef", "5000", "--exact-margin", "0"]
+    results = [runner.invoke(app, ask + extra) for extra in (["--attention", "full"], exhaustive)]
+    for result in results:
+        assert result.exit_code == 0, result.output
+    full, searched = (json.loads(result.stdout.strip().splitlines()[-1]) for result in results)
+    assert full["tokens"] == 6 and full["answer"] == searched["answer"] and "sources" in searched
+    bf16 = runner.invoke(app, ask[:-2] + ["--search-every-layer"])
+    assert bf16.exit_code == 0, bf16.output
+    assert json.loads(bf16.stdout.strip().splitlines()[-1])["tokens"] == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 
 import pytest
@@ -164,3 +165,24 @@ def test_the_32k_model_answers_from_a_document(tmp_path, monkeypatch, lighthouse
         answers[attention] = json.loads(result.stdout)["answer"]
     assert "Mira Oster" in answers["full"] and "1871" in answers["full"]
     assert answers["retrieval"] == answers["full"]
+
+
+def test_a_transformers_model_directory_chats(tmp_path, monkeypatch):
+    """`--model DIR` (a transformers checkpoint: config, tokenizer, safetensors) is ingested,
+    chatted with, and its context found again by the next chat; with the search covering every
+    key, retrieval answers what full attention answers."""
+    from model_maker import TEXT, tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "doc.txt").write_text(TEXT * 40)
+    monkeypatch.chdir(tmp_path)
+    ask = ["chat", "doc.txt", "--model", str(model), "--ask", "Who climbed the stairs?", "-n", "6", "--json"]
+    full = runner.invoke(app, ask + ["--attention", "full"])
+    assert full.exit_code == 0, full.output
+    tokens = re.search(r"prefilled ([\d,]+)", full.stderr).group(1)
+    exhaustive = ["--search-every-layer", "--top-k", "5000", "--ef", "5000", "--exact-margin", "0"]
+    searched = runner.invoke(app, ask + exhaustive)
+    assert searched.exit_code == 0, searched.output
+    assert f"reused {tokens}/{tokens}" in searched.stderr  # the same context, found by the model directory's identity
+    answers = [json.loads(result.stdout.strip().splitlines()[-1]) for result in (full, searched)]
+    assert answers[0]["tokens"] == 6 and answers[0]["answer"] == answers[1]["answer"]
