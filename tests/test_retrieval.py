@@ -646,3 +646,33 @@ def test_a_cpu_chat_times_its_searched_layers_and_reports_the_ones_reading_every
     assert all(layer.choice.reads_every_key is not None for layer in searched)
     stats = cache.retrieval_stats.as_dict()
     assert stats["measured_dense_layers"] == [layer.layer_idx for layer in searched if layer.choice.reads_every_key]
+
+
+def test_the_accelerators_split_path_is_full_attention_and_cites_as_it(small_context, loaded):
+    """What a GPU runs (the static set's attention beside the retrieved keys', merged by
+    log-sum-exp through one staged copy; the citations' weights taken after the merge), forced on
+    this CPU: with every key retrieved it is full attention, and the weights it collects are full
+    attention's, position by position."""
+    from ra_cli.engine.mass import AttentionMass
+    from ra_cli.retrieval.layer import RetrievalLayer
+
+    store = small_context
+    n_indexed = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
+    everything = RetrievalSettings(top_k=n_indexed, ef=n_indexed, window=10_000, dense_when_cheaper=False, exact_margin=0)
+    full, cache = open_cache(loaded, store, "full"), open_cache(loaded, store, "retrieval", everything)
+    split = [layer for layer in cache.layers if isinstance(layer, RetrievalLayer)]
+    assert split
+    for layer in split:
+        layer.split = True
+    tokens = question_tokens(loaded, store)
+    torch.testing.assert_close(prefill(loaded.model, cache, tokens), prefill(loaded.model, full, tokens), atol=2e-3, rtol=1e-4)
+    for token in (100, 200, 300):
+        masses = [AttentionMass(9, store.n_tokens, sinks=4) for _ in range(2)]
+        with full.collecting(masses[0]):
+            want = prefill(loaded.model, full, [token])
+        with cache.collecting(masses[1]):
+            got = prefill(loaded.model, cache, [token])
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+        np.testing.assert_allclose(masses[1].by_position(), masses[0].by_position(), atol=2e-4, rtol=1e-3)
+        assert masses[0].by_position().sum() > 1.0
+    assert cache.retrieval_stats.searches > 0 and all(layer.staging is None for layer in split)  # no device: no staging

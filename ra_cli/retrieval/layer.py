@@ -117,6 +117,9 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         self.mass = None  # an AttentionMass collecting decode steps' weights (chat's citations)
         self.exact = False  # attend to every key (ContextCache.exactly: a forward redone exactly)
         self.staging = None  # page-locked buffer the retrieved half goes to the accelerator from
+        # an accelerator's path: the static set's attention on the device beside the retrieved keys'
+        # on the CPU, merged by log-sum-exp (on a CPU all of it runs in host memory in one call)
+        self.split = self.device.type != "cpu"
         self.host_path_state()
 
     # -- storage ---------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         host_query = np.ascontiguousarray(query[0].detach().float().cpu().numpy())
         if self.device.type != "cpu":
             self.stats.wait_seconds += time.perf_counter() - began
-        if self.device.type == "cpu" and softcap is None:
+        if not self.split and softcap is None:
             out = self._attend_in_host_memory(host_query, q_offset, scaling)
         else:
             out = self._attend_split(query, host_query, q_offset, scaling, softcap)
