@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from ra_cli.bench.worker import SYNTHETIC_SEARCH, _context, _load
 from ra_cli.cli import parse_tokens
 from ra_cli.engine.generate import prefill
-from ra_cli.retrieval.modes import open_cache, settings_for
+from ra_cli.retrieval.modes import open_cache, retrieval_cache, settings_for
 
 parser = argparse.ArgumentParser()
 parser.add_argument("shape")
@@ -25,7 +25,7 @@ parser.add_argument("--device", default="cuda")
 parser.add_argument("--dtype", default="auto")
 parser.add_argument("--load-in-4bit", action="store_true")
 parser.add_argument("--gpu-mem-gb", type=float)
-parser.add_argument("--modes", default="retrieval,full")
+parser.add_argument("--modes", default="retrieval,static-on-host,full")
 parser.add_argument("--steps", type=int, default=4)
 args = parser.parse_args()
 
@@ -40,7 +40,8 @@ device_column = "cuda_time_total" if on_device else "cpu_time_total"
 for mode in args.modes.split(","):
     # as the bench times a synthetic model: every layer searching at a trained model's budget
     settings = settings_for(bench.store, dense_below=0.0, dense_when_cheaper=False, exact_margin=0.0, **SYNTHETIC_SEARCH)
-    cache = open_cache(loaded, bench.store, mode, settings)
+    cache = (retrieval_cache(loaded, bench.store, settings, static_on_host=True) if mode == "static-on-host"
+             else open_cache(loaded, bench.store, mode, settings))
     tokens = iter(bench.continuation)
     for _ in range(config["warmup"]):
         prefill(loaded.model, cache, [next(tokens)])

@@ -53,7 +53,7 @@ if [ "$CUDA" = 1 ]; then
   DEVICE=(--device cuda --gpu-mem-gb "$MEM")
   declare -A FLAGS=([4bit]="--load-in-4bit" [bf16]="--dtype bfloat16")
   IFS=, read -ra NAMES <<< "${RA_GPU_RUNS:-4bit,bf16}"
-  MODES=retrieval,full,offload
+  MODES=retrieval,static-on-host,full,offload
 else
   TESTS=-1  # no GPU: CUDA tests do not apply
   DEVICE=(--device cpu)

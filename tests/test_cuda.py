@@ -47,17 +47,21 @@ def logits_of(loaded, cache, steps):
     return [prefill(loaded.model, cache, tokens).float().cpu() for tokens in steps]
 
 
-def test_retrieval_with_a_full_budget_equals_full_attention_on_the_device():
-    """The split path: static set on the GPU, every indexed key retrieved on the CPU, merged by
-    log-sum-exp through one page-locked transfer — full attention, up to float32 rounding."""
-    from ra_cli.retrieval.modes import open_cache
+@pytest.mark.parametrize("static_on_host", [False, True])
+def test_retrieval_with_a_full_budget_equals_full_attention_on_the_device(static_on_host):
+    """The split path (static set on the GPU, every indexed key retrieved on the CPU, merged by
+    log-sum-exp through one page-locked transfer), and the static sets kept in host memory too (one
+    CPU call per layer): full attention, up to float32 rounding."""
+    from ra_cli.retrieval.modes import open_cache, retrieval_cache
 
     loaded = synthetic("float32")
     store, following = ingested(loaded)
     n = store.manifest["index"]["hi"] - store.manifest["index"]["lo"]
     steps = [following[:4]] + [[t] for t in following[4:8]]
     want = logits_of(loaded, open_cache(loaded, store, "full"), steps)
-    cache = open_cache(loaded, store, "retrieval", every_layer_searches(store, top_k=n, ef=n, window=10_000))
+    cache = retrieval_cache(loaded, store, every_layer_searches(store, top_k=n, ef=n, window=10_000),
+                            static_on_host=static_on_host)
+    assert all(layer.keys.is_cuda != static_on_host for layer in cache.layers)
     got = logits_of(loaded, cache, steps)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
@@ -148,13 +152,14 @@ def test_synthetic_shape_runs_the_bench_on_the_device(weights):
     from ra_cli.cli import app
 
     result = runner.invoke(app, ["bench", "--synthetic", "tiny", "--context", "2k", "--steps", "3", "--json",
-                                 "--modes", "retrieval,full,offload", "--device", "cuda", "--gpu-mem-gb", "8", *weights])
+                                 "--modes", "retrieval,static-on-host,full,offload", "--device", "cuda", "--gpu-mem-gb", "8",
+                                 *weights])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["synthetic"] and all(run["peak_device_bytes"] > 0 for run in report["runs"])
-    retrieval = report["runs"][0]
-    assert retrieval["keys_scanned"] > 0 and retrieval["dense_layers"] == [] and retrieval["device_wait_ms"] > 0
-    assert ("4bit" in retrieval["dtype"]) == bool(weights)
+    for retrieval in report["runs"][:2]:
+        assert retrieval["keys_scanned"] > 0 and retrieval["dense_layers"] == [] and retrieval["device_wait_ms"] > 0
+    assert ("4bit" in report["runs"][0]["dtype"]) == bool(weights)
 
 
 def test_a_model_directory_chats_on_the_device(tmp_path, monkeypatch):

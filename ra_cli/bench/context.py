@@ -24,7 +24,9 @@ from pathlib import Path
 from ra_cli.choices import EXACT_MARGIN
 from ra_cli.errors import RaError
 
-MODES = ("retrieval", "full", "flat", "offload", "search-all")  # search-all: retrieval, --search-every-layer
+# search-all: retrieval, --search-every-layer; static-on-host: retrieval with the static sets in host
+# memory too (on a GPU machine: one CPU call per layer instead of the split path; on a CPU the same)
+MODES = ("retrieval", "full", "flat", "offload", "search-all", "static-on-host")
 LLAMA_CPP = "llama.cpp"
 LLAMA_HINT = ("llama.cpp baseline skipped: llama-cpp-python is not installed; `pip install 'ra-cli[bench]'` "
               "builds it from source (a few minutes)")

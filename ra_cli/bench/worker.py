@@ -70,7 +70,7 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     import torch
 
     from ra_cli.engine.generate import prefill
-    from ra_cli.retrieval.modes import open_cache, settings_for
+    from ra_cli.retrieval.modes import open_cache, retrieval_cache, settings_for
 
     loaded = _load(config)
     device = loaded.device.type == "cuda"
@@ -91,7 +91,10 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         # trained model's budget and beam (SYNTHETIC_SEARCH; keys_scanned reports the reads that
         # costs), and no step is redone exactly. Timing only.
         settings = settings_for(store, dense_below=0.0, dense_when_cheaper=False, exact_margin=0.0, **SYNTHETIC_SEARCH)
-    cache = open_cache(loaded, store, "retrieval" if searched else mode, settings)
+    if mode == "static-on-host":  # retrieval with the static sets in host memory too (retrieval_cache)
+        cache = retrieval_cache(loaded, store, settings, static_on_host=True)
+    else:
+        cache = open_cache(loaded, store, "retrieval" if searched else mode, settings)
     stats = getattr(cache, "retrieval_stats", None)
     tokens = bench.continuation
     for token in tokens[: config["warmup"]]:

@@ -42,7 +42,7 @@ def bench_command(
     decode_step: bool = typer.Option(False, "--decode-step", help="CPU cost of one decode step of one layer: retrieval vs exact attention."),
     needles: bool = typer.Option(False, "--needles", help="Needle sweep: real documents, needles at 10 depths, full vs flat vs retrieval."),
     modes: str = typer.Option("retrieval,full,flat", "--modes", help="Attention modes for whole-model decode: retrieval, full, flat, offload, "
-                                                                      "search-all (retrieval with --search-every-layer)."),
+                                                                      "search-all (retrieval with --search-every-layer), static-on-host (retrieval with the static sets in host memory: on a GPU, one CPU call per layer)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="llama.cpp: the same GGUF and tokens in the same run (pip install 'ra-cli\\[bench]')."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write ms/token vs context, one line per mode, to this PNG."),
     steps: int = typer.Option(32, "--steps", min=1, help="Decode steps timed per run (after 4 warm-up steps)."),

@@ -118,7 +118,8 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         self.exact = False  # attend to every key (ContextCache.exactly: a forward redone exactly)
         self.staging = None  # page-locked buffer the retrieved half goes to the accelerator from
         # an accelerator's path: the static set's attention on the device beside the retrieved keys'
-        # on the CPU, merged by log-sum-exp (on a CPU all of it runs in host memory in one call)
+        # on the CPU, merged by log-sum-exp. Where the static set is in host memory (a CPU, or a GPU
+        # machine's static_on_host cache) all of it runs there in one call
         self.split = self.device.type != "cpu"
         self.host_path_state()
 
@@ -180,14 +181,14 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         q_len = query.shape[2]
         q_offset = self.length - q_len
         if self.exact:
-            return self._attend_exact(query, q_offset, scaling, softcap).to(query.dtype)
+            return self._attend_exact(query, q_offset, scaling, softcap).to(query.device, query.dtype)
         if self.observer is not None:
             self.observer(self.layer_idx, query, self.keys[:, :, : self.static], q_offset, 0, scaling)
         began = time.perf_counter()
         # on a GPU, a sync point: the device finishes this layer's projections (and anything queued
         # before them) before the CPU can search
         host_query = np.ascontiguousarray(query[0].detach().float().cpu().numpy())
-        if self.device.type != "cpu":
+        if query.is_cuda:
             self.stats.wait_seconds += time.perf_counter() - began
         if not self.split and softcap is None:
             out = self._attend_in_host_memory(host_query, q_offset, scaling)
@@ -196,7 +197,7 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
         if self.counts_steps:
             self.stats.steps += q_len
         self.stats.retrieval_seconds += time.perf_counter() - began
-        return out.to(query.dtype)
+        return out.to(query.device, query.dtype)  # from host memory when the static set is kept there
 
     def _search(self, host_query: np.ndarray):
         """Top-k indexed keys of every query head and position; remembers the last position's best
@@ -236,6 +237,7 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
     def static_attention(self, query: torch.Tensor, q_offset: int, scaling: float, softcap=None, widen: bool = False):
         """(output, log-sum-exp) of attention over the static set alone, causally masked; `widen`:
         in float32 (query and keys), not the keys' dtype."""
+        query = query.to(self.device)  # the static set may be kept in host memory on a GPU machine
         mask = None
         if query.shape[2] > 1:
             positions = self.static_positions()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
 
 from ra_cli.choices import AttentionMode
 from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
@@ -96,7 +97,11 @@ def _layer_kv_bytes(store: ContextStore, dtype) -> int:
     return kv_bytes(store.n_tokens + CONVERSATION_ROOM, shape["kv_heads"], shape["head_dim"], dtype.itemsize)
 
 
-def _device_kv(loaded, store: ContextStore, array):
+def _static_kv(loaded, store: ContextStore, array, on_host: bool):
+    """A static set's keys or values: on the compute device, or in host memory in float32 (what
+    the CPU kernels read)."""
+    if on_host:
+        return kv_to_tensor(array, store.kv_dtype, "cpu", torch.float32)[None]
     return kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.cache_dtype)[None]
 
 
@@ -128,11 +133,16 @@ def cheaper_dense_layers(store: ContextStore, settings: RetrievalSettings, threa
     return sorted(cheaper)
 
 
-def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, exact: bool = False) -> ContextCache:
+def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, exact: bool = False,
+                    static_on_host: bool = False) -> ContextCache:
     """Retrieval layers for global attention layers (their static set on the device), full device
     KV for sliding-window layers (which never look far), for layers too diffuse to retrieve and, on
     a CPU, for layers whose search would cost more than dense attention (settings.dense_when_cheaper).
-    `exact`: search by exact top-k instead of the store's index."""
+    `exact`: search by exact top-k instead of the store's index. `static_on_host`: on a GPU
+    machine, the static sets too are kept in host memory, so that a layer's whole attention is one
+    CPU call (as on a CPU) and the device only hands over the query and takes back the output —
+    against the split path's device attention and merge (benchmarked as `ra bench` mode
+    static-on-host)."""
     section = store.manifest["index"]
     lo, hi, n = section["lo"], section["hi"], store.n_tokens
     stats = RetrievalStats(indexed_keys=hi - lo)
@@ -166,11 +176,9 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
         # (read a few hundred random rows per head). Both in the store's bf16 when it has it.
         host = HostKV(host_kv(store.keys(i)[:, lo:n], store.kv_dtype), host_kv(store.values(i)[:, lo:n], store.kv_dtype))
         index = FlatLayerIndex(host.keys, hi - lo) if exact else open_layer_index(store, i, host.keys)
-        layer = RetrievalLayer(i, index, host, hi - lo, lo,
-                               _device_kv(loaded, store, store.keys(i)[:, :lo]),
-                               _device_kv(loaded, store, store.values(i)[:, :lo]),
-                               _device_kv(loaded, store, store.keys(i)[:, hi:n]),
-                               _device_kv(loaded, store, store.values(i)[:, hi:n]), settings, stats, seeds)
+        static = [_static_kv(loaded, store, array, static_on_host)
+                  for array in (store.keys(i)[:, :lo], store.values(i)[:, :lo], store.keys(i)[:, hi:n], store.values(i)[:, hi:n])]
+        layer = RetrievalLayer(i, index, host, hi - lo, lo, *static, settings, stats, seeds)
         store.release(i)
         if settings.dense_when_cheaper and not exact and loaded.device.type == "cpu":
             layer.choice = MeasuredChoice()  # the prediction above can miss: the layer times both ways
