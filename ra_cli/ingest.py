@@ -206,6 +206,7 @@ def prefill_cache(loaded: LoadedModel, n: int, chunk: int) -> ContextCache:
     config = loaded.model.config
     if loaded.device.type != "cuda":
         return ContextCache.full(config, capacity=n, dtype=loaded.cache_dtype)
+    torch.cuda.empty_cache()  # blocks freed while loading (a 4-bit model made in bf16 first) go back whole
     shape = model_shape(config)
     element = loaded.cache_dtype.itemsize
     per_layer = kv_bytes(n, shape["kv_heads"], shape["head_dim"], element)
