@@ -147,16 +147,17 @@ def test_the_memory_cap_is_honoured():
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-@pytest.mark.parametrize("weights", [[], ["--load-in-4bit"]])
-def test_synthetic_shape_runs_the_bench_on_the_device(weights):
+@pytest.mark.parametrize("weights, modes", [([], "retrieval,static-on-host,full,offload"),
+                                            (["--load-in-4bit"], "retrieval,static-on-host")])
+def test_synthetic_shape_runs_the_bench_on_the_device(weights, modes):
     from ra_cli.cli import app
 
     result = runner.invoke(app, ["bench", "--synthetic", "tiny", "--context", "2k", "--steps", "3", "--json",
-                                 "--modes", "retrieval,static-on-host,full,offload", "--device", "cuda", "--gpu-mem-gb", "8",
-                                 *weights])
+                                 "--modes", modes, "--device", "cuda", "--gpu-mem-gb", "8", *weights])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["synthetic"] and all(run["peak_device_bytes"] > 0 for run in report["runs"])
+    assert report["synthetic"] and [run["mode"] for run in report["runs"]] == modes.split(",")
+    assert all(run["peak_device_bytes"] > 0 for run in report["runs"])
     for retrieval in report["runs"][:2]:
         assert retrieval["keys_scanned"] > 0 and retrieval["dense_layers"] == [] and retrieval["device_wait_ms"] > 0
     assert ("4bit" in report["runs"][0]["dtype"]) == bool(weights)
