@@ -251,6 +251,7 @@ class RetrievalLayer(HostMemoryAttention, AttentionLayer):
     def _attend_split(self, query, host_query, q_offset, scaling, softcap):
         """Accelerator path: the static set's attention on the device, the retrieved keys' on the
         CPU, merged exactly by log-sum-exp."""
+        query = query.to(self.device)  # where the static set is (host memory, for static_on_host)
         static_out, static_lse = self.static_attention(query, q_offset, scaling, softcap)
         heads, q_len, _ = host_query.shape
         retrieved_out = np.zeros((heads, q_len, self.values.shape[3]), np.float32)
