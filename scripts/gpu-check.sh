@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The accelerator path in one call, on a GPU machine with no network (the device tool), printing
-# one JSON object: the CUDA tests, then `ra bench --synthetic llama-3-8b --context 32k,128k` in a
+# The accelerator path on a GPU machine with no network (the device tool), printing one JSON
+# object: the CUDA tests, then `ra bench --synthetic llama-3-8b --context 32k,128k` in a
 # 24 GB cap with 4-bit weights, and with bf16 weights (a mode that does not fit is reported as
 # such, not skipped).
 #
@@ -9,7 +9,8 @@
 #
 # At the rates measured on an H200 (docs/benchmarks.md, 2026-12-01) the defaults take longer than
 # one 10-minute device call: a 128K ingest of the 8B shape is ~100 s of prefill and minutes of index
-# build. Within a session's 15 minutes, run it as two calls on the same machine state:
+# build. Within a session's 15 minutes, run it as two calls (a machine still warm keeps the kernels
+# numba compiled in the first):
 #   RA_GPU_RUNS=4bit RA_GPU_CONTEXTS=32k scripts/gpu-check.sh                  (tests + 32K)
 #   RA_GPU_TESTS=0 RA_GPU_RUNS=4bit RA_GPU_CONTEXTS=128k scripts/gpu-check.sh  (128K)
 #
