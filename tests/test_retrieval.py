@@ -650,9 +650,9 @@ def test_a_cpu_chat_times_its_searched_layers_and_reports_the_ones_reading_every
 
 def test_the_accelerators_split_path_is_full_attention_and_cites_as_it(small_context, loaded):
     """What a GPU runs (the static set's attention beside the retrieved keys', merged by
-    log-sum-exp through one staged copy; the citations' weights taken after the merge), forced on
-    this CPU: with every key retrieved it is full attention, and the weights it collects are full
-    attention's, position by position."""
+    log-sum-exp; the citations' weights taken after the merge), forced on this CPU: with every key
+    retrieved it is full attention, and the weights it collects are full attention's, position by
+    position."""
     from ra_cli.engine.mass import AttentionMass
     from ra_cli.retrieval.layer import RetrievalLayer
 
