@@ -14,7 +14,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from enum import Enum
 
 from ra_cli.choices import ComputeDtype, WeightFormat
 from ra_cli.engine.device_memory import device_index, set_cap

@@ -25,9 +25,9 @@ from ra_cli.engine.cache import AttentionLayer
 from ra_cli.engine.dense_decode import host_attention_with_lse
 from ra_cli.index.base import kv_head_of
 from ra_cli.retrieval.budget import question_budget
+from ra_cli.retrieval.host_kv import HostKV
 from ra_cli.retrieval.host_path import HostMemoryAttention
 from ra_cli.retrieval.kernels import CARRY, attend_retrieved
-from ra_cli.retrieval.host_kv import HostKV
 from ra_cli.store import widened
 
 EVICT_BATCH = 64  # tokens moved from the window into the index at a time

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import numba
-import numpy as np
 import torch
 
 from ra_cli.choices import AttentionMode
