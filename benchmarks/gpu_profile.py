@@ -36,7 +36,7 @@ loaded = _load(config)
 bench = _context(loaded, config, args.context)  # the bench's cached ingest when it ran first
 on_device = loaded.device.type == "cuda"
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
-device_column = "cuda_time_total" if on_device else "cpu_time_total"
+device_column = "device_time_total" if on_device else "cpu_time_total"
 for mode in args.modes.split(","):
     # as the bench times a synthetic model: every layer searching at a trained model's budget
     settings = settings_for(bench.store, dense_below=0.0, dense_when_cheaper=False, exact_margin=0.0, **SYNTHETIC_SEARCH)
