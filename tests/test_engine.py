@@ -206,3 +206,29 @@ def test_dense_decode_collects_each_positions_softmax_weight():
     expected = weights.sum(0).numpy()
     expected[:4] = 0
     np.testing.assert_allclose(mass.by_position(), expected[:650], atol=1e-7, rtol=1e-5)
+
+
+def test_device_memory_plans_layers_in_order_and_refuses_with_what_to_do(monkeypatch):
+    """The accelerator's plan (engine/device_memory.py) without an accelerator: layers fit in order
+    while their bytes do, a chunk's working memory grows with the chunk, and a plan beyond the room
+    names the cap and what to do (the GPU tests check the same against a real card)."""
+    import ra_cli.engine.device_memory as memory
+    from transformers import LlamaConfig
+
+    from ra_cli.model.synthetic import SHAPES
+
+    gib = memory.GIB
+    assert memory.kv_bytes(131072, 8, 128, 2) == gib // 2  # Llama-3-8B: half a GiB of keys and values a layer at 128K
+    assert memory.layers_that_fit([3, 3, 3], 7) == 2 and memory.layers_that_fit([3, 3], 2) == 0
+    assert memory.layers_that_fit([1, 5, 1], 4) == 1  # in order: a later small layer does not jump the queue
+    fields = {k: v for k, v in SHAPES["llama-3-8b"].items() if k != "model_type"}
+    config = LlamaConfig(**fields)
+    small, large = (memory.prefill_reserve(config, chunk, 2, gib // 2) for chunk in (512, 2048))
+    assert gib < small < large < 4 * gib  # the slack, the streamed layer, the scores, then the activations
+    monkeypatch.setattr(memory, "room", lambda device: 3 * gib)
+    monkeypatch.setitem(memory._cap, 0, 24 * gib)
+    monkeypatch.setattr(memory, "device_index", lambda device: 0)
+    memory.check_fits(torch.device("cuda"), 2 * gib, "full attention over 8 tokens", "use less")  # fits
+    with pytest.raises(memory.DoesNotFit, match=r"^full attention over 131,072 tokens needs 16\.5 GB on the accelerator "
+                                                r"and 3\.0 GB free under --gpu-mem-gb 24; use --attention retrieval$"):
+        memory.check_fits(torch.device("cuda"), int(16.5 * gib), "full attention over 131,072 tokens", "use --attention retrieval")
