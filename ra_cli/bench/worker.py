@@ -100,6 +100,7 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     for token in tokens[: config["warmup"]]:
         prefill(loaded.model, cache, [token])
     cache.attention_timer.seconds = cache.exact_seconds = 0.0
+    cache.attention_timer.synchronize = device  # the dense layers' attention timed as the device runs it
     cache.exact_steps = 0
     if stats is not None:
         stats.retrieval_seconds = stats.search_seconds = stats.attention_seconds = 0.0

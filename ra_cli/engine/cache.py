@@ -36,6 +36,19 @@ class AttentionTimer:
     step into model body and attention with it)."""
 
     seconds: float = 0.0
+    # on an accelerator, wait for the device around each attention, so that the seconds are its
+    # kernels' and not the queueing of them (a benchmark's choice: it costs two waits a layer)
+    synchronize: bool = False
+
+    def start(self) -> float:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def stop(self, began: float) -> None:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - began
 
 
 class AttentionLayer(CacheLayerMixin):
@@ -133,7 +146,7 @@ class DeviceKVLayer(AttentionLayer):
         if sliding_window is not None and q_offset + 1 > sliding_window:
             # Keys older than the first query's window are invisible to every query: skip them.
             kv_offset = q_offset + 1 - sliding_window
-        began = time.perf_counter()
+        began = self.timer.start() if self.timer is not None else 0.0
         keys, values = self.kv_from(kv_offset)
         if self.sparse is not None and query.shape[2] > SMALL_QUERY and kv_offset == 0 and softcap is None:
             # the chunk's selection is widened, not the whole cache: linear work per chunk
@@ -142,7 +155,7 @@ class DeviceKVLayer(AttentionLayer):
                 if self.observer is not None:
                     self.observer(self.layer_idx, query, keys, q_offset, kv_offset, scaling, positions)
                 if self.timer is not None:
-                    self.timer.seconds += time.perf_counter() - began
+                    self.timer.stop(began)
                 return out
         if self.widening is not None:
             keys, values = self.widening.widen(keys, values)
@@ -151,7 +164,7 @@ class DeviceKVLayer(AttentionLayer):
         out = exact_attention(query, keys, values, scaling, q_offset, kv_offset, sliding_window, softcap,
                               self.mass if query.shape[2] == 1 else None, self.kernels)
         if self.timer is not None:
-            self.timer.seconds += time.perf_counter() - began
+            self.timer.stop(began)
         return out
 
     def crop(self, tokens_to_remove: int) -> None:
