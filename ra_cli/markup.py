@@ -190,9 +190,9 @@ def decode_markup(raw: bytes) -> str:
     return raw.decode(declared_charset(raw) or "utf-8", "replace")
 
 
-def epub_sections(path: Path, raw: bytes | None = None) -> list[Section]:
+def epub_sections(path: Path, raw: bytes) -> list[Section]:
     """An EPUB's text in reading order, cut into sections (every spine file starts one); `raw`:
-    its bytes, already read (else read from `path`)."""
+    the file's bytes (`path` names it in messages)."""
     try:
         with ZipPackage(path, "not a valid EPUB (it is not a zip archive); re-export it from the e-book software",
                         raw) as book:
@@ -240,9 +240,9 @@ class ZipPackage:
     is checked from the zip's directory before it is unpacked, against MEMBER_LIMIT and against
     what is left of BOOK_LIMIT for the whole file."""
 
-    def __init__(self, path: Path, not_zip: str, raw: bytes | None = None):
+    def __init__(self, path: Path, not_zip: str, raw: bytes):
         try:
-            self.zip = zipfile.ZipFile(path if raw is None else io.BytesIO(raw))
+            self.zip = zipfile.ZipFile(io.BytesIO(raw))
         except zipfile.BadZipFile:
             raise RaError(f"{path}: {not_zip}")
         self.path, self.left = path, BOOK_LIMIT

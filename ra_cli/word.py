@@ -25,9 +25,9 @@ NOT_TEXT = {"delText", "instrText", "rPr", "pPr", "footnoteReference", "endnoteR
 HEADING_LEVELS = 3  # outline levels 0-2, as HTML's h1-h3
 
 
-def word_sections(path: Path, raw: bytes | None = None) -> tuple[str, list[Section]]:
+def word_sections(path: Path, raw: bytes) -> tuple[str, list[Section]]:
     """("page", a Section per page as Word last laid the document out) or ("section", Sections
-    cut at headings) when it has no page marks; `raw`: its bytes, already read (else read from `path`)."""
+    cut at headings) when it has no page marks; `raw`: the file's bytes (`path` names it in messages)."""
     try:
         with ZipPackage(path, "not a valid .docx (it is not a zip archive); save it as .docx from the word processor "
                               "(an old .doc too)", raw) as package:
