@@ -14,7 +14,7 @@ import torch
 
 from ra_cli.document import Document
 from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer, WideningScratch, layer_windows
-from ra_cli.engine.device_memory import GIB, DoesNotFit, describe_room, kv_bytes, layers_that_fit, prefill_reserve, room
+from ra_cli.engine.device_memory import check_fits, kv_bytes, layers_on_device, prefill_reserve
 from ra_cli.engine.generate import prefill
 from ra_cli.engine.sparse import SparsePrefill
 from ra_cli.errors import RaError
@@ -211,13 +211,10 @@ def prefill_cache(loaded: LoadedModel, n: int, chunk: int) -> ContextCache:
     element = loaded.cache_dtype.itemsize
     per_layer = kv_bytes(n, shape["kv_heads"], shape["head_dim"], element)
     reserve = prefill_reserve(config, chunk, element, per_layer)
-    available = room(loaded.device)
-    if available < reserve:
-        raise DoesNotFit(f"prefill chunks of {chunk:,} tokens need {reserve / GIB:.1f} GB beside the weights and "
-                         f"{describe_room(loaded.device, available)}; use a smaller --chunk-size, --load-in-4bit or a "
-                         "larger --gpu-mem-gb")
+    check_fits(loaded.device, reserve, f"a prefill chunk of {chunk:,} tokens beside the weights",
+               "use a smaller --chunk-size, --load-in-4bit or a larger --gpu-mem-gb", margin=0)  # the reserve has its slack
     windows = layer_windows(config)
-    on_device = layers_that_fit([per_layer] * len(windows), available - reserve)
+    on_device = layers_on_device(loaded.device, per_layer, len(windows), reserve)
     return ContextCache([DeviceKVLayer(i, window, n, loaded.cache_dtype) if i < on_device
                          else HostKVLayer(i, loaded.device, window, n, loaded.cache_dtype)
                          for i, window in enumerate(windows)])

@@ -85,6 +85,7 @@ def test_bf16_kv_round_trips_through_the_store():
 def test_a_prefill_that_cannot_keep_every_layer_on_the_device_streams_the_rest_and_stores_the_same(monkeypatch):
     """With room for one layer's KV, the other is kept in page-locked host memory and streamed per
     chunk; the stored KV and index inputs are those of an ingest with room for all."""
+    import ra_cli.engine.device_memory as device_memory
     import ra_cli.ingest as ingest_module
     from ra_cli.engine.cache import HostKVLayer
     from ra_cli.engine.device_memory import kv_bytes, prefill_reserve
@@ -94,7 +95,7 @@ def test_a_prefill_that_cannot_keep_every_layer_on_the_device_streams_the_rest_a
     shape = whole.manifest["model_shape"]
     layer = kv_bytes(CONTEXT, shape["kv_heads"], shape["head_dim"], 4)
     reserve = prefill_reserve(loaded.model.config, 256, 4, layer)
-    monkeypatch.setattr(ingest_module, "room", lambda device: reserve + layer + layer // 2)
+    monkeypatch.setattr(device_memory, "room", lambda device: reserve + layer + layer // 2)
     made = []
     planned = ingest_module.prefill_cache
     monkeypatch.setattr(ingest_module, "prefill_cache", lambda *a: made.append(planned(*a)) or made[-1])
@@ -122,7 +123,6 @@ def test_full_attention_that_does_not_fit_says_so_and_dense_layers_stream(monkey
     loaded = synthetic("float32")
     store, following = ingested(loaded)
     want = logits_of(loaded, open_cache(loaded, store, "full"), [following[:4], [following[4]]])
-    monkeypatch.setattr(modes, "room", lambda device: 2**30 + 1024)
     monkeypatch.setattr("ra_cli.engine.device_memory.room", lambda device: 1024)
     with pytest.raises(DoesNotFit, match="--attention retrieval"):
         open_cache(loaded, store, "full")

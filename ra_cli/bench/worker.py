@@ -83,7 +83,6 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
     ingest_rate = record.get("prefilled_tokens", 0) / record["seconds"] if record.get("seconds") else None
     ingest_cached = bench.result is None
     searched = mode == "search-all"  # retrieval, with no layer made dense for speed
-    settings = settings_for(store, dense_when_cheaper=not searched, exact_margin=config["exact_margin"])
     if config["synthetic"]:
         # Random weights attend diffusely, their keys have no structure for a graph to use (a
         # search calibrated on them reads nearly every key) and their logits are near ties. So a
@@ -91,6 +90,8 @@ def decode_run(config: dict, context: int, mode: str) -> dict:
         # trained model's budget and beam (SYNTHETIC_SEARCH; keys_scanned reports the reads that
         # costs), and no step is redone exactly. Timing only.
         settings = settings_for(store, dense_below=0.0, dense_when_cheaper=False, exact_margin=0.0, **SYNTHETIC_SEARCH)
+    else:
+        settings = settings_for(store, dense_when_cheaper=not searched, exact_margin=config["exact_margin"])
     if mode == "static-on-host":  # retrieval with the static sets in host memory too (retrieval_cache)
         cache = retrieval_cache(loaded, store, settings, static_on_host=True)
     else:
@@ -196,20 +197,17 @@ def main() -> None:
             result = llama_run(job["config"], job["context"])
         else:
             result = decode_run(job["config"], job["context"], job["mode"])
-    except (DoesNotFit, RuntimeError) as exc:  # a measurement in itself: this mode cannot run at this size here
-        if not isinstance(exc, DoesNotFit) and "out of memory" not in str(exc).lower():
-            report(explain(exc)[0])
-            raise SystemExit(1)
-        message = explain(exc)[0]
-        report(message)
-        result = {"context_tokens": job["context"], "mode": job["mode"], "fits": False, "error": message,
-                  "decode_ms_per_token": None, "peak_rss_bytes": peak_rss_bytes()}
     except Exception as exc:  # one line for the parent to point at, as the CLI would print it
-        if os.environ.get("RA_DEBUG") == "1":
+        does_not_fit = isinstance(exc, DoesNotFit) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        if os.environ.get("RA_DEBUG") == "1" and not does_not_fit:
             raise
         message, code = explain(exc)
         report(message)
-        raise SystemExit(code)
+        if not does_not_fit:
+            raise SystemExit(code)
+        # a measurement in itself: this mode cannot run at this size here
+        result = {"context_tokens": job["context"], "mode": job["mode"], "fits": False, "error": message,
+                  "decode_ms_per_token": None, "peak_rss_bytes": peak_rss_bytes()}
     print(json.dumps(result), flush=True)
 
 

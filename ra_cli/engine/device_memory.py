@@ -75,16 +75,20 @@ def layers_that_fit(layer_bytes: list[int], available: int) -> int:
     return count
 
 
-def describe_room(device, available: int) -> str:
+def layers_on_device(device, layer_bytes: int, count: int, reserve: int) -> int:
+    """How many of `count` layers (in order) keep their `layer_bytes` of KV on `device` beside
+    `reserve` bytes of working memory; all of them on a CPU, whose memory is not planned."""
+    available = room(device)
+    return count if available is None else layers_that_fit([layer_bytes] * count, available - reserve)
+
+
+def check_fits(device, needed: int, what: str, advice: str, margin: int = GIB // 2) -> None:
+    """Raise DoesNotFit when `needed` bytes plus `margin` (by default, a decode step's working
+    memory) exceed the room."""
+    available = room(device)
+    if available is None or needed + margin <= available:
+        return
     cap = cap_of(device)
     where = f"under --gpu-mem-gb {cap / GIB:g}" if cap is not None else "on the accelerator"
-    return f"{available / GIB:.1f} GB free {where}"
-
-
-def check_fits(device, needed: int, what: str, advice: str) -> None:
-    """Raise DoesNotFit when `needed` bytes (plus a decode step's working memory) exceed the room."""
-    available = room(device)
-    if available is None or needed + GIB // 2 <= available:
-        return
-    raise DoesNotFit(f"{what} needs {needed / GIB:.1f} GB on the accelerator and {describe_room(device, available)}; "
-                     f"{advice}")
+    raise DoesNotFit(f"{what} needs {needed / GIB:.1f} GB on the accelerator and {available / GIB:.1f} GB free "
+                     f"{where}; {advice}")

@@ -16,7 +16,7 @@ import torch
 
 from ra_cli.choices import AttentionMode
 from ra_cli.engine.cache import ContextCache, DeviceKVLayer, HostKVLayer
-from ra_cli.engine.device_memory import GIB, check_fits, kv_bytes, room
+from ra_cli.engine.device_memory import GIB, check_fits, kv_bytes, layers_on_device
 from ra_cli.errors import RaError
 from ra_cli.index import open_layer_index
 from ra_cli.index.flat import FlatLayerIndex
@@ -154,15 +154,13 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
     # on a GPU, dense layers keep their KV on the device while it fits (under --gpu-mem-gb), the
     # rest stream it from host memory; a GiB is left for the static sets (sinks + window: a few MB
     # a layer) and a decode step's working memory
-    available = room(loaded.device)
-    available = None if available is None else available - GIB
+    whole = [i for i, shape in enumerate(store.layers) if shape.sliding_window is not None or i in dense]
+    on_device = set(whole[: layers_on_device(loaded.device, _layer_kv_bytes(store, loaded.dtype), len(whole), GIB)])
     layers = []
     for i, shape in enumerate(store.layers):
-        if shape.sliding_window is not None or i in dense:
-            size = _layer_kv_bytes(store, loaded.dtype)
-            if available is None or size <= available:
+        if i in whole:
+            if i in on_device:
                 layer, where = DeviceKVLayer(i, shape.sliding_window, capacity=n + CONVERSATION_ROOM), loaded.device
-                available = None if available is None else available - size
             else:
                 layer, where = HostKVLayer(i, loaded.device, shape.sliding_window, n + CONVERSATION_ROOM), "cpu"
             layer.load(kv_to_tensor(store.keys(i), store.kv_dtype, where, loaded.dtype)[None],
