@@ -74,9 +74,9 @@ def full_attention_cache(loaded, store: ContextStore) -> ContextCache:
     return cache
 
 
-def _dense_kv(loaded, store: ContextStore, array):
+def _dense_kv(loaded, store: ContextStore, array, device=None):
     """KV of a full-attention layer: in the model's own dtype (bf16: half the bytes to stream)."""
-    return kv_to_tensor(array, store.kv_dtype, loaded.device, loaded.dtype)[None]
+    return kv_to_tensor(array, store.kv_dtype, loaded.device if device is None else device, loaded.dtype)[None]
 
 
 def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
@@ -85,8 +85,7 @@ def offloaded_cache(loaded, store: ContextStore) -> ContextCache:
     cache = ContextCache([HostKVLayer(i, loaded.device, window, store.n_tokens + CONVERSATION_ROOM)
                           for i, window in enumerate(windows)])
     for index, layer in enumerate(cache.layers):
-        layer.load(kv_to_tensor(store.keys(index), store.kv_dtype, "cpu", loaded.dtype)[None],
-                   kv_to_tensor(store.values(index), store.kv_dtype, "cpu", loaded.dtype)[None])
+        layer.load(_dense_kv(loaded, store, store.keys(index), "cpu"), _dense_kv(loaded, store, store.values(index), "cpu"))
         store.release(index)
     return cache
 
@@ -163,8 +162,7 @@ def retrieval_cache(loaded, store: ContextStore, settings: RetrievalSettings, ex
                 layer, where = DeviceKVLayer(i, shape.sliding_window, capacity=n + CONVERSATION_ROOM), loaded.device
             else:
                 layer, where = HostKVLayer(i, loaded.device, shape.sliding_window, n + CONVERSATION_ROOM), "cpu"
-            layer.load(kv_to_tensor(store.keys(i), store.kv_dtype, where, loaded.dtype)[None],
-                       kv_to_tensor(store.values(i), store.kv_dtype, where, loaded.dtype)[None])
+            layer.load(_dense_kv(loaded, store, store.keys(i), where), _dense_kv(loaded, store, store.values(i), where))
             store.release(i)  # copied: its pages would count twice
             layers.append(layer)
             continue
