@@ -2,7 +2,9 @@
 repeated), with full attention; with retrieval attention as a CPU chat runs it by default (layers
 predicted cheaper to read whole read densely, the others time their search against reading every
 key in their first steps and keep the faster: retrieval/cost.py), and the same without the timing
-(the prediction alone); and with every retrievable layer searched — and where a searched step's
+(the prediction alone); the default again while collecting the attention weights chat's
+citations are made of (`cited`, as `ra chat` runs); and with every retrievable
+layer searched — and where a searched step's
 time goes: search and
 attention over the answered + static keys, per token over all layers (on a CPU one call does
 both: its time is split by the cycles its workers spent on each), and the retrieval part with
@@ -17,6 +19,8 @@ import time
 
 import numpy as np
 
+from ra_cli.citations import FLOOR, SINKS
+from ra_cli.engine.mass import AttentionMass
 from ra_cli.retrieval.modes import open_cache
 from ra_cli.engine.generate import prefill
 from ra_cli.retrieval.layer import RetrievalLayer, RetrievalSettings
@@ -36,7 +40,7 @@ for path in args:
     store = ContextStore.open(path)
     row = {"context": path, "context_tokens": store.n_tokens}
     for mode, settings in (("full", None), ("predicted", RetrievalSettings(exact_margin=0)),
-                           ("default", RetrievalSettings(exact_margin=0)),
+                           ("default", RetrievalSettings(exact_margin=0)), ("cited", RetrievalSettings(exact_margin=0)),
                            ("retrieval", RetrievalSettings(dense_when_cheaper=False, exact_margin=0))):
         cache = open_cache(loaded, store, "full" if settings is None else "retrieval", settings or RetrievalSettings())
         if mode == "predicted":  # the cost model's choice alone: no layer times itself
@@ -48,9 +52,11 @@ for path in args:
         stats = getattr(cache, "retrieval_stats", None)
         if stats:
             stats.search_seconds = stats.attention_seconds = stats.retrieval_seconds = 0.0
+        mass = AttentionMass(store.manifest["model_shape"]["heads"], store.n_tokens, SINKS, FLOOR) if mode == "cited" else None
         began = time.perf_counter()
-        for token in tokens[4:]:
-            prefill(loaded.model, cache, [token])
+        with cache.collecting(mass):
+            for token in tokens[4:]:
+                prefill(loaded.model, cache, [token])
         steps = len(tokens[4:])
         row[f"ms_per_token_{mode}"] = round((time.perf_counter() - began) / steps * 1000, 1)
         if mode == "default":

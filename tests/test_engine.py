@@ -131,19 +131,38 @@ def test_cpu_dense_decode_is_exact_softmax_attention(dtype, groups, dim):
         buffer_v = torch.randn(kv_heads, n + 64, dim, generator=g).to(dtype)
         buffer_k[:, n:] = 1e4  # garbage past the cached length would dominate any softmax that read it
         rows = torch.randn(kv_heads, groups, dim, generator=g)
-        out, weights = cpu_decode_attention(rows, buffer_k[:, :n], buffer_v[:, :n], 0.125, want_weights=True)
+        out, heavy = cpu_decode_attention(rows, buffer_k[:, :n], buffer_v[:, :n], 0.125, floor=0.0)
         reference_weights = torch.softmax(rows.double() @ buffer_k[:, :n].double().transpose(1, 2) * 0.125, -1)
         reference = reference_weights @ buffer_v[:, :n].double()
         torch.testing.assert_close(out.double(), reference, atol=2e-6, rtol=1e-5)
-        torch.testing.assert_close(weights.double(), reference_weights, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(scattered(heavy, n), reference_weights, atol=1e-7, rtol=1e-5)
+        # with a floor: exactly the keys at or above it, with their weights
+        floor = float(reference_weights.max()) / 2
+        _, heavy = cpu_decode_attention(rows, buffer_k[:, :n], buffer_v[:, :n], 0.125, floor=floor)
+        assert heavy[0].shape[2] < n or n < CHUNK  # a few slots a chunk, not one per key
+        torch.testing.assert_close(scattered(heavy, n), torch.where(reference_weights >= floor, reference_weights, 0.0),
+                                   atol=1e-7, rtol=1e-5)
         # host arrays (bf16 as uint16 bits): the same attention and its log-sum-exp, for merging
         host_k, host_v = (x.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else x.numpy()
                           for x in (buffer_k.contiguous(), buffer_v.contiguous()))
-        out, lse, host_weights = host_attention_with_lse(rows.numpy(), host_k, host_v, n, 0.125, want_weights=True)
-        torch.testing.assert_close(torch.from_numpy(host_weights).double(), reference_weights, atol=1e-7, rtol=1e-5)
+        out, lse, heavy = host_attention_with_lse(rows.numpy(), host_k, host_v, n, 0.125, floor=0.0)
+        torch.testing.assert_close(scattered(heavy, n), reference_weights, atol=1e-7, rtol=1e-5)
         torch.testing.assert_close(torch.from_numpy(out).double(), reference, atol=2e-6, rtol=1e-5)
         reference_lse = torch.logsumexp(rows.double() @ buffer_k[:, :n].double().transpose(1, 2) * 0.125, -1)
         torch.testing.assert_close(torch.from_numpy(lse).double(), reference_lse, atol=1e-5, rtol=1e-6)
+
+
+def scattered(heavy, n: int) -> torch.Tensor:
+    """The kernel's picked keys (positions, weights) [KVH, R, slots] as dense weights [KVH, R, n]
+    float64 (unused slots add 0 to key 0)."""
+    import numpy as np
+
+    at, weights = heavy
+    dense = np.zeros((*at.shape[:2], n))
+    for g in range(at.shape[0]):
+        for r in range(at.shape[1]):
+            np.add.at(dense[g, r], at[g, r], weights[g, r])
+    return torch.from_numpy(dense)
 
 
 @pytest.mark.parametrize("q_len", [2, 17, 64])

@@ -122,11 +122,17 @@ def decode_attention(query, keys, values, scaling: float, mass=None, kv_offset: 
     heads, count = query.shape[1], query.shape[2]
     kv_heads = keys.shape[1]
     rows = grouped_rows(query[0], kv_heads)  # [KVH, G*q, D]
-    computed = cpu_decode_attention(rows, keys[0], values[0], scaling, mass is not None)
-    out, weights = computed if computed is not None else matmul_decode_attention(rows, keys[0], values[0], scaling)
-    if mass is not None:
-        for g in range(kv_heads):
-            mass.add_dense(g * (heads // kv_heads), weights[g], kv_offset)
+    computed = cpu_decode_attention(rows, keys[0], values[0], scaling, None if mass is None else mass.floor)
+    if computed is not None:
+        out, heavy = computed
+        if mass is not None:
+            for g in range(kv_heads):
+                mass.add(g * (heads // kv_heads), heavy[0][g].ravel() + kv_offset, heavy[1][g].ravel())
+    else:
+        out, weights = matmul_decode_attention(rows, keys[0], values[0], scaling)
+        if mass is not None:
+            for g in range(kv_heads):
+                mass.add_dense(g * (heads // kv_heads), weights[g], kv_offset)
     return out.reshape(1, heads, count, values.shape[3])
 
 

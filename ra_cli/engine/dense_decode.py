@@ -117,21 +117,26 @@ def _values(weights, values, first, count, rows, acc, dim):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=True)
-def dense_decode_attention(queries, keys, values, head_stride, n, visible, scaling, out, lse, weights):
+def dense_decode_attention(queries, keys, values, head_stride, n, visible, scaling, out, lse, floor, at, weights):
     """softmax(q k^T * scaling) v of queries [KVH, R, D] float32 (the R = G x positions rows of
     each KV head) over the first n rows of each KV head's keys/values, row r seeing only the first
     visible[r] (1 <= visible[r] <= n: a question's tokens see the document and the tokens before
     them; the keys past that get weight 0). keys/values: flat 1-D buffers (float32 or bf16 bits as
     uint16), KV head g's rows starting at g * head_stride. Writes out [KVH, R, D] and its
-    log-sum-exp [KVH, R] (to merge with attention over other keys); weights [KVH, R, n] (or
-    [KVH, R, 0]: not wanted) gets every key's softmax weight, for chat's citations."""
+    log-sum-exp [KVH, R] (to merge with attention over other keys); at / weights [items, R, slots]
+    (slots 0: not wanted; items: KV heads x chunks) get, per chunk and row, the keys whose softmax
+    weight is at least `floor` — chat's citations — and their weights (unused slots: key 0,
+    weight 0). A key's weight over its whole row is at most its weight within its chunk, so a
+    chunk's candidates are picked before the row's total is known; with floor > 0 fewer than
+    1 / floor + 1 can qualify in a chunk, so slots stay few and no [R, n] array of weights is
+    written (at 77K keys that array, its normalisation and its sum cost 1.4 ms a layer)."""
     kv_heads, count, dim = queries.shape
     chunks = (n + CHUNK - 1) // CHUNK
     items = kv_heads * chunks
     partial = np.empty((items, count, dim), np.float32)
     maxima = np.empty((items, count), np.float32)
     sums = np.empty((items, count), np.float32)
-    keep = weights.shape[2] > 0
+    slots = weights.shape[2]
     for item in prange(items):
         g, first = item // chunks, (item % chunks) * CHUNK
         size = min(n - first, CHUNK)
@@ -154,9 +159,17 @@ def dense_decode_attention(queries, keys, values, head_stride, n, visible, scali
                 scores[r, j] = 0.0
             maxima[item, r] = top
             sums[item, r] = total
-            if keep:
-                for j in range(size):
-                    weights[g, r, first + j] = scores[r, j]
+            if slots > 0:
+                bar = floor * total * np.float32(1.0 - 1e-6)  # the slack: rounding never drops a key at the floor
+                used = 0
+                for j in range(seen if bar <= np.float32(1.0) else 0):  # the chunk's largest weight is 1
+                    if scores[r, j] >= bar and used < slots:
+                        at[item, r, used] = first + j
+                        weights[item, r, used] = scores[r, j]
+                        used += 1
+                for t in range(used, slots):
+                    at[item, r, t] = 0
+                    weights[item, r, t] = 0.0
         acc = np.zeros((count, dim), np.float32)
         _chunk_values(scores, values[base:], first, size, rows, acc)
         partial[item] = acc
@@ -176,11 +189,11 @@ def dense_decode_attention(queries, keys, values, head_stride, n, visible, scali
             for d in range(dim):
                 out[g, r, d] /= total
             lse[g, r] = top + np.log(total)
-            if keep:
-                for c in range(chunks):
-                    scale = np.exp(maxima[g * chunks + c, r] - top) / total
-                    for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-                        weights[g, r, j] *= scale
+            for c in range(chunks):
+                scale = np.exp(maxima[g * chunks + c, r] - top) / total
+                for t in range(slots):
+                    w = weights[g * chunks + c, r, t] * scale
+                    weights[g * chunks + c, r, t] = w if w >= floor else np.float32(0.0)  # a candidate that fell short
 
 
 KERNEL_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.float32}
@@ -199,37 +212,53 @@ def flat_rows(x: torch.Tensor) -> tuple[np.ndarray, int] | None:
 
 
 def cpu_decode_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
-                         want_weights: bool = False, visible: np.ndarray | None = None):
+                         floor: float | None = None, visible: np.ndarray | None = None):
     """Attention of rows [KVH, R, D] over keys/values [KVH, n, D] on a CPU with this module's kernel:
-    (out [KVH, R, D] float32, weights [KVH, R, n] float32 or None), or None where the kernel does
-    not apply (another device, dtype or layout; keys and values of different dtypes; no keys).
-    visible [R] int64: the keys each row sees (a prefix; default all n)."""
+    (out [KVH, R, D] float32, the keys weighing at least `floor` as `picked` returns them, or None
+    when floor is None), or None where the kernel does not apply (another device, dtype or layout;
+    keys and values of different dtypes; no keys). visible [R] int64: the keys each row sees (a
+    prefix; default all n)."""
     n = keys.shape[1]
     flat_keys, flat_values = flat_rows(keys), flat_rows(values)
     if n == 0 or flat_keys is None or flat_values is None or keys.dtype != values.dtype \
             or flat_keys[1] != flat_values[1] or keys.shape[2] != values.shape[2]:
         return None
     queries = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
-    out, _, weights = _attend(queries, flat_keys[0], flat_values[0], flat_keys[1], n, scaling, want_weights, visible)
-    return torch.from_numpy(out), (torch.from_numpy(weights) if want_weights else None)
+    out, _, heavy = _attend(queries, flat_keys[0], flat_values[0], flat_keys[1], n, scaling, floor, visible)
+    return torch.from_numpy(out), heavy
 
 
 def host_attention_with_lse(rows: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int, scaling: float,
-                            want_weights: bool = False):
+                            floor: float | None = None):
     """Attention of rows [KVH, R, D] float32 over the first n rows of host arrays keys/values
     [KVH, capacity, D] (float32 or bf16 bits as uint16, C-contiguous) with this module's kernel:
-    (out [KVH, R, D], log-sum-exp [KVH, R], softmax weights [KVH, R, n] or an empty array), to
-    merge with attention over other keys."""
-    return _attend(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n, scaling, want_weights)
+    (out [KVH, R, D], log-sum-exp [KVH, R], the keys weighing at least `floor` as `picked` returns
+    them, or None), to merge with attention over other keys."""
+    return _attend(rows, keys.reshape(-1), values.reshape(-1), keys.shape[1] * keys.shape[2], n, scaling, floor)
 
 
-def _attend(queries, flat_keys, flat_values, head_stride: int, n: int, scaling: float, want_weights: bool,
+def _attend(queries, flat_keys, flat_values, head_stride: int, n: int, scaling: float, floor: float | None,
             visible: np.ndarray | None = None):
-    """dense_decode_attention's outputs allocated and filled: (out, lse, weights or an empty array)."""
+    """dense_decode_attention's outputs allocated and filled: (out, lse, picked keys or None)."""
+    kv_heads, count = queries.shape[:2]
     out = np.empty_like(queries)
-    lse = np.empty(queries.shape[:2], np.float32)
-    weights = np.empty((*queries.shape[:2], n if want_weights else 0), np.float32)
-    visible = np.full(queries.shape[1], n, np.int64) if visible is None else np.minimum(visible, n).astype(np.int64)
+    lse = np.empty((kv_heads, count), np.float32)
+    slots = 0 if floor is None else CHUNK if floor <= 0 else min(CHUNK, int(1.0 / floor) + 1)
+    items = kv_heads * ((n + CHUNK - 1) // CHUNK)
+    at, weights = np.empty((items, count, slots), np.int64), np.empty((items, count, slots), np.float32)
+    visible = np.full(count, n, np.int64) if visible is None else np.minimum(visible, n).astype(np.int64)
     dense_decode_attention(queries, flat_keys, flat_values, head_stride, n, visible, np.float32(scaling), out, lse,
-                           weights)
-    return out, lse, weights
+                           np.float32(floor or 0.0), at, weights)
+    return out, lse, (None if floor is None else picked(at, weights, kv_heads))
+
+
+def picked(at: np.ndarray, weights: np.ndarray, kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's per-chunk picks [KVH x chunks, R, slots] as (positions, weights) [KVH, R,
+    chunks x slots]: each row's keys at or above the floor, in any order (unused slots: key 0,
+    weight 0 — they add nothing)."""
+    count, slots = at.shape[1:]
+
+    def per_row(x):
+        return x.reshape(kv_heads, -1, count, slots).transpose(0, 2, 1, 3).reshape(kv_heads, count, -1)
+
+    return per_row(at), per_row(weights)

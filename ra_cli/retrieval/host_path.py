@@ -67,20 +67,21 @@ class HostMemoryAttention:
         heads, _, dim = host_query.shape
         kv_heads = self.host.keys.shape[0]
         rows = host_query.reshape(kv_heads, -1, dim)
-        weighing = self.mass is not None
+        floor = None if self.mass is None else self.mass.floor
         static_keys, static_values = self._static_arrays()
-        indexed = host_attention_with_lse(rows, self.host.keys, self.host.values, self.n_indexed, scaling, weighing)
-        static = host_attention_with_lse(rows, static_keys, static_values, self.static, scaling, weighing)
+        indexed = host_attention_with_lse(rows, self.host.keys, self.host.values, self.n_indexed, scaling, floor)
+        static = host_attention_with_lse(rows, static_keys, static_values, self.static, scaling, floor)
         lse = np.logaddexp(indexed[1], static[1])
         shares = [np.exp(part[1] - lse) for part in (indexed, static)]  # [KVH, G] each
         out = indexed[0] * shares[0][..., None] + static[0] * shares[1][..., None]
-        if weighing:
+        if floor is not None:
             groups = heads // kv_heads
-            for g in range(kv_heads):  # positions: the sinks from 0, indexed keys from lo, the window from window_start
-                static_weights = static[2][g] * shares[1][g][:, None]
-                self.mass.add_dense(g * groups, torch.from_numpy(static_weights[:, : self.lo]), 0)
-                self.mass.add_dense(g * groups, torch.from_numpy(indexed[2][g] * shares[0][g][:, None]), self.lo)
-                self.mass.add_dense(g * groups, torch.from_numpy(static_weights[:, self.lo:]), self.window_start)
+            at, weights = static[2]  # the static set's positions: the sinks from 0, the window from window_start
+            at = np.where(at < self.lo, at, at - self.lo + self.window_start)
+            for g in range(kv_heads):
+                self.mass.add(g * groups, at[g].ravel(), (weights[g] * shares[1][g][:, None]).ravel())
+                self.mass.add(g * groups, indexed[2][0][g].ravel() + self.lo,
+                              (indexed[2][1][g] * shares[0][g][:, None]).ravel())
         self.stats.attention_seconds += time.perf_counter() - began
         return torch.from_numpy(out.reshape(heads, 1, dim))[None]
 
