@@ -3,12 +3,10 @@ repeated), with full attention; with retrieval attention as a CPU chat runs it b
 predicted cheaper to read whole read densely, the others time their search against reading every
 key in their first steps and keep the faster: retrieval/cost.py), and the same without the timing
 (the prediction alone); the default again while collecting the attention weights chat's
-citations are made of (`cited`, as `ra chat` runs); and with every retrievable
-layer searched — and where a searched step's
-time goes: search and
-attention over the answered + static keys, per token over all layers (on a CPU one call does
-both: its time is split by the cycles its workers spent on each), and the retrieval part with
-its Python glue.
+citations are made of (`cited`, as `ra chat` runs); and with every retrievable layer searched —
+and where a searched step's time goes: search and attention over the answered + static keys, per
+token over all layers (on a CPU one call does both: its time is split by the cycles its workers
+spent on each), and the retrieval part with its Python glue.
 
     python benchmarks/decode_speed.py [--model NAME] CTX.idx …
 """

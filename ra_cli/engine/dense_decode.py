@@ -129,7 +129,8 @@ def dense_decode_attention(queries, keys, values, head_stride, n, visible, scali
     weight 0). A key's weight over its whole row is at most its weight within its chunk, so a
     chunk's candidates are picked before the row's total is known; with floor > 0 fewer than
     1 / floor + 1 can qualify in a chunk, so slots stay few and no [R, n] array of weights is
-    written (at 77K keys that array, its normalisation and its sum cost 1.4 ms a layer)."""
+    written (at 77K keys that array, its normalisation and its sum cost 1.2-1.4 ms a layer:
+    docs/benchmarks.md, "Citations at a dense layer's cost")."""
     kv_heads, count, dim = queries.shape
     chunks = (n + CHUNK - 1) // CHUNK
     items = kv_heads * chunks
