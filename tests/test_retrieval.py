@@ -596,7 +596,8 @@ def test_a_layer_reading_every_key_is_full_attention_and_cites_every_key(small_c
                                                                          loaded_fast, fast):
     """A searched layer whose search was timed slower reads every key at decode: its attention and
     the attention weights it collects for citations are full attention's (float32 store, and the
-    CPU default's bf16 KV), and end to end the logits match the full cache's."""
+    CPU default's bf16 KV) — with chat's floor, exactly the keys at or above it — and end to end
+    the logits match the full cache's."""
     from ra_cli.engine.mass import AttentionMass
 
     loaded, store = (loaded_fast, small_context_fast) if fast else (loaded, small_context)
@@ -621,6 +622,17 @@ def test_a_layer_reading_every_key_is_full_attention_and_cites_every_key(small_c
         for g in range(3):  # each KV head's weights gather in the row of its first query head
             expected[3 * g] = weights[3 * g: 3 * g + 3].sum(0).numpy()
         expected[:, :1] = 0.0
+        np.testing.assert_allclose(layer.mass.rows, expected, atol=1e-6, rtol=1e-4)
+        # chat's way, with a floor: only the keys at or above it, each KV head's from both halves
+        floor = float(weights.max(-1).values.min()) / 2  # every query head has a key above it
+        layer.mass = AttentionMass(9, n, sinks=1, floor=floor)
+        layer.attend(query, 0.125)
+        heavy = torch.where(weights >= floor, weights, 0.0)
+        expected = np.zeros((9, n))
+        for g in range(3):
+            expected[3 * g] = heavy[3 * g: 3 * g + 3].sum(0).numpy()
+        expected[:, :1] = 0.0
+        assert np.count_nonzero(expected) >= 3
         np.testing.assert_allclose(layer.mass.rows, expected, atol=1e-6, rtol=1e-4)
         layer.mass = None
     full, cache = open_cache(loaded, store, "full"), reading_every_key(open_cache(loaded, store, "retrieval", searched))
