@@ -126,8 +126,9 @@ def decode_attention(query, keys, values, scaling: float, mass=None, kv_offset: 
     if computed is not None:
         out, heavy = computed
         if mass is not None:
+            at, weights = heavy
             for g in range(kv_heads):
-                mass.add(g * (heads // kv_heads), heavy[0][g].ravel() + kv_offset, heavy[1][g].ravel())
+                mass.add(g * (heads // kv_heads), at[g].ravel() + kv_offset, weights[g].ravel())
     else:
         out, weights = matmul_decode_attention(rows, keys[0], values[0], scaling)
         if mass is not None:

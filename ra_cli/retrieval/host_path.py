@@ -78,10 +78,11 @@ class HostMemoryAttention:
             groups = heads // kv_heads
             at, weights = static[2]  # the static set's positions: the sinks from 0, the window from window_start
             at = np.where(at < self.lo, at, at - self.lo + self.window_start)
-            for g in range(kv_heads):
+            indexed_at, indexed_weights = indexed[2]
+            for g in range(kv_heads):  # each half's weights times its share of the merged attention
                 self.mass.add(g * groups, at[g].ravel(), (weights[g] * shares[1][g][:, None]).ravel())
-                self.mass.add(g * groups, indexed[2][0][g].ravel() + self.lo,
-                              (indexed[2][1][g] * shares[0][g][:, None]).ravel())
+                self.mass.add(g * groups, indexed_at[g].ravel() + self.lo,
+                              (indexed_weights[g] * shares[0][g][:, None]).ravel())
         self.stats.attention_seconds += time.perf_counter() - began
         return torch.from_numpy(out.reshape(heads, 1, dim))[None]
 
