@@ -2,9 +2,11 @@
 decode steps. Chat's citations are this, aggregated by page or line: grounded in the model's own
 attention, not in a separate embedding search.
 
-Each attention layer adds the weights it computes anyway (the dense decode softmax, the CPU
-retrieval kernel's, or on an accelerator the static and retrieved halves' after their merge), so
-tracking costs a scatter-add per attended key, and nothing when no one is tracking.
+Each attention layer adds the weights it computes anyway (the CPU retrieval kernel's, the CPU
+dense kernel's keys at or above the floor — picked inside the kernel, so a dense layer never
+writes a weight per key — or on an accelerator the softmax rows and the static and retrieved
+halves' after their merge), so tracking costs a scatter-add per counted key, and nothing when no
+one is tracking.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class AttentionMass:
 
     def add_dense(self, head: int, weights: torch.Tensor, offset: int = 0) -> None:
         """Softmax weights [rows, n] of keys at positions offset..offset+n (rows: query heads and
-        positions of one KV head), into query head `head`'s row."""
+        positions of one KV head), into query head `head`'s row: the torch path's whole rows (an
+        accelerator, or a layout the CPU kernel cannot read); the CPU kernel's picks go to `add`."""
         start, end = max(offset, self.sinks), min(offset + weights.shape[-1], self.limit)
         if end > start:
             part = weights[:, start - offset:end - offset].float()
